@@ -1,0 +1,88 @@
+//! The ABI between the eBPF programs (`gateway-ebpf`) and user space (`gateway`).
+//!
+//! Everything here is `#[repr(C)]` without padding, because both sides read the same bytes out of
+//! the same maps and a silent layout mismatch would turn counters into garbage. Sizes are checked
+//! at compile time below.
+#![no_std]
+
+/// Names of the maps in the object, as user space looks them up.
+pub mod maps {
+    /// `LpmTrie<[u8; 4], u32>`: IPv4 destination prefix → route id.
+    pub const ROUTES_V4: &str = "ROUTES_V4";
+    /// `LpmTrie<[u8; 16], u32>`: IPv6 destination prefix → route id.
+    pub const ROUTES_V6: &str = "ROUTES_V6";
+    /// `PerCpuArray<RouteCounters>` indexed by route id.
+    pub const ROUTE_COUNTERS: &str = "ROUTE_COUNTERS";
+    /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the object.
+pub mod programs {
+    /// TC classifier attached at ingress of the configured interfaces.
+    pub const CLASSIFY: &str = "gw_classify";
+}
+
+/// Capacity of each route trie and of the per-route counter array. Route ids are `0..MAX_ROUTES`.
+pub const MAX_ROUTES: u32 = 1024;
+
+/// Packets and bytes seen for one route. Bytes are counted from the start of the IP header, so
+/// they do not depend on the link layer in front of it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteCounters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Global classifier counters, indices into [`maps::COUNTERS`].
+///
+/// The numbers are part of the ABI: append new variants, never renumber or reuse one, so that
+/// an older daemon reading a newer object (or the reverse) still labels every counter right.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// IP packet whose destination matched a route in a trie.
+    Matched = 0,
+    /// IP packet whose destination matched no route; passed untouched.
+    Unmatched = 1,
+    /// Frame that is not IPv4 or IPv6 (ARP, LLDP, …); passed untouched.
+    NotIp = 2,
+    /// Frame too short for the header it claims, or an IPv4 header with a bad IHL/version.
+    Malformed = 3,
+    /// A trie returned a route id outside `0..MAX_ROUTES`: user space and the object disagree.
+    BadRouteId = 4,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 5] = [
+        Counter::Matched,
+        Counter::Unmatched,
+        Counter::NotIp,
+        Counter::Malformed,
+        Counter::BadRouteId,
+    ];
+
+    /// Stable name used in `gatewayctl status` and its JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Matched => "matched",
+            Counter::Unmatched => "unmatched",
+            Counter::NotIp => "not_ip",
+            Counter::Malformed => "malformed",
+            Counter::BadRouteId => "bad_route_id",
+        }
+    }
+}
+
+/// Size of the [`maps::COUNTERS`] array; larger than [`Counter::ALL`] so new counters can be
+/// added without changing the map's definition.
+pub const COUNTER_SLOTS: u32 = 16;
+
+const _: () = assert!(core::mem::size_of::<RouteCounters>() == 16);
+const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
+
+#[cfg(feature = "user")]
+// SAFETY: RouteCounters is repr(C), two u64 fields, no padding, valid for any bit pattern.
+unsafe impl aya::Pod for RouteCounters {}
