@@ -1,1 +1,16 @@
-//! gateway library.
+//! gateway: an eBPF-accelerated gateway appliance.
+//!
+//! The sans-IO parts (config validation, the route table, status rendering) are plain
+//! functions with unit tests; the IO adapters (the eBPF dataplane, the status socket, the
+//! state directory) stay thin around them.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod dataplane;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod sys;

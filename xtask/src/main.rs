@@ -1,1 +1,272 @@
-fn main() {}
+//! Developer tasks. `cargo xtask --help` lists them.
+//!
+//! Every task that needs tools runs `setup` first, so the README's two commands work on a fresh
+//! Debian machine; setup checks before it installs, so it costs a few seconds when nothing is
+//! missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "gateway developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, the nightly's rust-src, bpf-linker.
+    Setup,
+    /// Build the eBPF programs into target/bpf/gateway-ebpf.o (gatewayd embeds it).
+    BuildEbpf,
+    /// The whole suite, what CI runs: setup, build-ebpf, fmt, clippy, tests.
+    Test,
+    /// Set up, build, and run the lab demo.
+    Demo,
+}
+
+/// Debian packages: LLVM 22 for bpf-linker; the lab's real programs; systemd-analyze;
+/// the C libraries the nftables code links.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libclang-22-dev",
+    "openssh-server",
+    "openssh-client",
+    "dnsutils",
+    "unbound",
+    "iperf3",
+    "iputils-ping",
+    "nftables",
+    "iproute2",
+    "procps",
+    "systemd",
+    "libnftnl-dev",
+    "libmnl-dev",
+    "pkg-config",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root();
+    match Args::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(&root),
+        Task::Test => test(&root),
+        Task::Demo => demo(&root),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(name: &str) {
+    println!("==> {name}");
+}
+
+/// Runs a command, failing with the step's name and the command line if it fails.
+fn run(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    println!("    $ {}", show(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot run {}", show(cmd)))?;
+    if !status.success() {
+        bail!("{what} failed ({status}): {}", show(cmd));
+    }
+    Ok(())
+}
+
+fn show(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn setup() -> anyhow::Result<()> {
+    step("setup: Debian packages");
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        println!("    all {} present", PACKAGES.len());
+    } else {
+        println!("    missing: {}", missing.join(" "));
+        run(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        )?;
+        run(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "-o",
+                    "Dpkg::Options::=--force-confold",
+                ])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get install",
+        )?;
+    }
+
+    step("setup: nightly toolchain with rust-src");
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context(
+        "the nightly toolchain is not installed; eBPF programs need it \
+         (rustup toolchain install nightly --component rust-src)",
+    )?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("    present");
+    } else {
+        run(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add rust-src",
+        )?;
+    }
+
+    step("setup: bpf-linker");
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        println!("    {}", version.trim());
+    } else {
+        run(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                    "--force",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"),
+            "cargo install bpf-linker",
+        )?;
+    }
+    Ok(())
+}
+
+fn build_ebpf(root: &Path) -> anyhow::Result<()> {
+    step("build-ebpf");
+    let dir = root.join("gateway-ebpf");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&dir)
+        .args(["+nightly", "build", "--release"]);
+    // The outer `cargo xtask` runs on stable and exports its choices; the inner build must pick
+    // its own toolchain (gateway-ebpf/rust-toolchain.toml) and flags (.cargo/config.toml).
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    run(
+        &mut cmd,
+        "building gateway-ebpf (run `cargo xtask setup` if tools are missing)",
+    )?;
+    let built = dir.join("target/bpfel-unknown-none/release/gateway-ebpf");
+    let dest_dir = root.join("target/bpf");
+    std::fs::create_dir_all(&dest_dir)
+        .with_context(|| format!("creating {}", dest_dir.display()))?;
+    let dest = dest_dir.join("gateway-ebpf.o");
+    std::fs::copy(&built, &dest)
+        .with_context(|| format!("copying {} to {}", built.display(), dest.display()))?;
+    println!("    {}", dest.display());
+    Ok(())
+}
+
+fn test(root: &Path) -> anyhow::Result<()> {
+    setup()?;
+    build_ebpf(root)?;
+    step("cargo fmt --check");
+    run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["fmt", "--all", "--", "--check"]),
+        "cargo fmt --check (run `cargo fmt --all`)",
+    )?;
+    step("cargo clippy");
+    run(
+        Command::new("cargo").current_dir(root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        "cargo clippy",
+    )?;
+    step("cargo test");
+    run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["test", "--workspace"]),
+        "cargo test",
+    )?;
+    Ok(())
+}
+
+fn demo(root: &Path) -> anyhow::Result<()> {
+    setup()?;
+    build_ebpf(root)?;
+    step("build (release)");
+    run(
+        Command::new("cargo").current_dir(root).args([
+            "build",
+            "--release",
+            "--workspace",
+            "--bins",
+        ]),
+        "cargo build --release",
+    )?;
+    step("lab demo");
+    let bin = root.join("target/release");
+    run(
+        Command::new(bin.join("lab"))
+            .current_dir(root)
+            .arg("demo")
+            .arg("--bin-dir")
+            .arg(&bin),
+        "lab demo",
+    )
+}

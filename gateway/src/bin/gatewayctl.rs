@@ -1,1 +1,130 @@
-fn main() {}
+//! gatewayctl: the operator CLI. Talks to gatewayd over its Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use gateway::api::{self, ClientError, Request, Response};
+use gateway::config::{self, DEFAULT_SOCKET};
+
+/// Exit status when the daemon is not running, so scripts can tell "down" from "broken".
+const EXIT_NOT_RUNNING: u8 = 3;
+const DEFAULT_CONFIG: &str = "/etc/gateway/gateway.toml";
+
+#[derive(Parser)]
+#[command(version, about = "Operate a gateway node")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what the daemon is doing: programs attached, routes and their counters.
+    Status {
+        /// Print the status as JSON (schema in the README).
+        #[arg(long)]
+        json: bool,
+        /// Daemon socket; defaults to [node] socket of --config, then /run/gateway/gatewayd.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Config file to take the socket path from.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file without starting anything; exits non-zero naming file, key and
+    /// reason for every problem.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    match Args::parse().command {
+        Command::Status {
+            json,
+            socket,
+            config,
+        } => status(json, socket, config),
+        Command::CheckConfig { file } => check_config(&file),
+    }
+}
+
+fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    let socket = match resolve_socket(socket, config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gatewayctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match api::request(&socket, &Request::Status, Duration::from_secs(5)) {
+        Ok(Response::Status(s)) => {
+            if json {
+                match serde_json::to_string_pretty(&s) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        eprintln!("gatewayctl: encoding status: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", gateway::cli::render_status(&s));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Error { message }) => {
+            eprintln!("gatewayctl: gatewayd reported an error: {message}");
+            ExitCode::FAILURE
+        }
+        Err(e @ ClientError::NotRunning { .. }) => {
+            eprintln!("gatewayctl: {e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+        Err(e) => {
+            eprintln!("gatewayctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// --socket wins; then the socket of an explicitly named config (which must be valid); then
+/// that of the default config if it exists and parses; then the built-in default.
+fn resolve_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(path) = config {
+        return config::load(&path)
+            .map(|c| c.node.socket)
+            .map_err(|e| format!("invalid config:\n{e}"));
+    }
+    let default = Path::new(DEFAULT_CONFIG);
+    if default.exists()
+        && let Ok(c) = config::load(default)
+    {
+        return Ok(c.node.socket);
+    }
+    Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    let checked = config::load(file).and_then(|c| config::check_system(&c).map(|()| c));
+    match checked {
+        Ok(c) => {
+            println!(
+                "{}: ok (node {}, {} interface(s), {} route(s))",
+                file.display(),
+                c.node.name,
+                c.interfaces.len(),
+                c.routes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for issue in &e.0 {
+                eprintln!("gatewayctl: invalid config: {issue}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! gatewayd: the daemon. Argument parsing and logging setup, then the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a config that does not validate; the systemd unit does not restart on it,
+/// since restarting cannot fix a file.
+const EXIT_BAD_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "gateway daemon: classifies traffic with eBPF and serves status"
+)]
+struct Args {
+    /// Config file (TOML).
+    #[arg(long, default_value = "/etc/gateway/gateway.toml")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+
+    let config = match gateway::config::load(&args.config)
+        .and_then(|c| gateway::config::check_system(&c).map(|()| c))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            for issue in &e.0 {
+                eprintln!("gatewayd: invalid config: {issue}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("gatewayd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(gateway::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("gatewayd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr: journald captures them under systemd, where timestamps and colour
+/// would only be noise. `RUST_LOG` overrides the default `info` level.
+fn init_logging() {
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!journald && std::io::stderr().is_terminal());
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,132 @@
+//! The gateway's eBPF programs.
+//!
+//! `gw_classify` runs at TC ingress (TCX) of the interfaces the daemon is told to watch. It
+//! looks each IP packet's destination up in the route tries that user space fills from the
+//! config and counts it per route. It never drops or rewrites a packet: the verdict is always
+//! "next", so other TCX programs on the same interface still run and the kernel's own
+//! processing carries on as if we were not there.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::{classifier, map},
+    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::TcContext,
+};
+use aya_log_ebpf::warn;
+use gateway_common::{COUNTER_SLOTS, Counter, MAX_ROUTES, RouteCounters};
+
+/// TCX_NEXT (== TC_ACT_UNSPEC): hand the packet to the next program, or to the stack.
+const TCX_NEXT: i32 = -1;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Offset of the destination address inside the IPv4 / IPv6 header.
+const IPV4_DST: usize = 16;
+const IPV6_DST: usize = 24;
+
+#[map(name = "ROUTES_V4")]
+static ROUTES_V4: LpmTrie<[u8; 4], u32> = LpmTrie::with_max_entries(MAX_ROUTES, BPF_F_NO_PREALLOC);
+
+#[map(name = "ROUTES_V6")]
+static ROUTES_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(MAX_ROUTES, BPF_F_NO_PREALLOC);
+
+#[map(name = "ROUTE_COUNTERS")]
+static ROUTE_COUNTERS: PerCpuArray<RouteCounters> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[classifier]
+pub fn gw_classify(ctx: TcContext) -> i32 {
+    let outcome = classify(&ctx);
+    bump(outcome);
+    TCX_NEXT
+}
+
+/// Classifies one frame and, on a route match, bumps that route's counters.
+#[inline(always)]
+fn classify(ctx: &TcContext) -> Counter {
+    // bpf_skb_load_bytes (ctx.load) rather than direct packet access: it also reads headers
+    // that sit in a non-linear part of the skb, and a short frame simply fails the load.
+    let Ok(ethertype) = ctx.load::<[u8; 2]>(12) else {
+        return Counter::Malformed;
+    };
+    match u16::from_be_bytes(ethertype) {
+        ETH_P_IP => {
+            let Ok(version_ihl) = ctx.load::<u8>(ETH_HLEN) else {
+                return Counter::Malformed;
+            };
+            if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
+                return Counter::Malformed;
+            }
+            let Ok(dst) = ctx.load::<[u8; 4]>(ETH_HLEN + IPV4_DST) else {
+                return Counter::Malformed;
+            };
+            match ROUTES_V4.get(&Key::new(32, dst)) {
+                Some(id) => count_route(ctx, *id),
+                None => Counter::Unmatched,
+            }
+        }
+        ETH_P_IPV6 => {
+            let Ok(version) = ctx.load::<u8>(ETH_HLEN) else {
+                return Counter::Malformed;
+            };
+            if version >> 4 != 6 {
+                return Counter::Malformed;
+            }
+            let Ok(dst) = ctx.load::<[u8; 16]>(ETH_HLEN + IPV6_DST) else {
+                return Counter::Malformed;
+            };
+            match ROUTES_V6.get(&Key::new(128, dst)) {
+                Some(id) => count_route(ctx, *id),
+                None => Counter::Unmatched,
+            }
+        }
+        // VLAN-tagged frames land here too: the interfaces we attach to carry untagged IP.
+        _ => Counter::NotIp,
+    }
+}
+
+#[inline(always)]
+fn count_route(ctx: &TcContext, id: u32) -> Counter {
+    if id >= MAX_ROUTES {
+        // User space and the object disagree about the map's size: worth a log line, and rare
+        // enough (never, unless something is broken) to stay off the hot path.
+        warn!(ctx, "route id {} out of range", id);
+        return Counter::BadRouteId;
+    }
+    if let Some(c) = ROUTE_COUNTERS.get_ptr_mut(id) {
+        // Bytes from the IP header on, so the numbers do not depend on the link layer.
+        let bytes = (ctx.len() as u64).saturating_sub(ETH_HLEN as u64);
+        // SAFETY: per-CPU slot, this program is its only writer on this CPU (no preemption
+        // inside a TC program); the pointer comes from the map and is valid.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+    Counter::Matched
+}
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: as in count_route: a per-CPU slot with a single writer.
+        unsafe { *v += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// GPL-compatible, because aya-log's perf event output is a GPL-only helper.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,195 @@
+//! What the daemon and `gatewayctl` say to each other over the status socket.
+//!
+//! One JSON request line, one JSON response line. `gatewayctl status --json` prints exactly
+//! [`Status`]; its fields are documented in the README and only ever added to within a
+//! [`STATUS_SCHEMA`] version.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the [`Status`] JSON. Bumped only when a field changes meaning or disappears.
+pub const STATUS_SCHEMA: u32 = 1;
+
+/// Longest request or response line accepted, so a confused peer cannot make either side
+/// buffer without bound.
+pub const MAX_LINE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Status(Box<Status>),
+    Error { message: String },
+}
+
+/// The daemon's state as `gatewayctl status` shows it. Counters are read from the kernel's maps
+/// at the moment of the request, and attached programs are what the kernel reports, not what
+/// the daemon believes it attached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub schema: u32,
+    /// Version of the running gatewayd.
+    pub version: String,
+    /// `[node] name`.
+    pub node: String,
+    pub pid: u32,
+    /// Absolute path of the config file the daemon runs with.
+    pub config: PathBuf,
+    /// Start time, seconds since the Unix epoch.
+    pub started_at: u64,
+    pub uptime_secs: u64,
+    /// One entry per configured `[dataplane] interfaces`, in config order.
+    pub interfaces: Vec<InterfaceStatus>,
+    /// One entry per `[[route]]`, in config order.
+    pub routes: Vec<RouteStatus>,
+    /// Classifier totals over all interfaces, by counter name (`matched`, `unmatched`,
+    /// `not_ip`, `malformed`, `bad_route_id`).
+    pub classifier: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    /// True when the kernel reports this daemon's classifier at the interface's TCX ingress.
+    pub classifier_attached: bool,
+    /// Every program the kernel reports at TCX ingress, ours and others', in run order.
+    pub programs: Vec<ProgramInfo>,
+    /// Set when the kernel could not be asked (e.g. the interface disappeared).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgramInfo {
+    /// Kernel program id (as in `bpftool prog show id N`).
+    pub id: u32,
+    pub name: String,
+    /// Whether it is this daemon's classifier.
+    pub ours: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    pub id: u32,
+    pub name: String,
+    pub cidr: String,
+    /// Packets whose destination this route matched (longest prefix) at a classified interface.
+    pub packets: u64,
+    /// Their bytes, counted from the IP header on.
+    pub bytes: u64,
+}
+
+/// Why `gatewayctl` got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket: the daemon is not running (or runs with another socket).
+    #[error("gatewayd is not running (no daemon at {socket}: {reason})")]
+    NotRunning { socket: PathBuf, reason: String },
+    /// The socket exists but we may not use it: access control is by file permission.
+    #[error("permission denied on {socket}: the status socket is for root only")]
+    PermissionDenied { socket: PathBuf },
+    #[error("talking to gatewayd at {socket}: {source}")]
+    Io {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gatewayd at {socket} answered something that is not a response: {reason}")]
+    Protocol { socket: PathBuf, reason: String },
+}
+
+/// Sends one request and waits (bounded) for its response.
+pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
+    let io = |source: std::io::Error| ClientError::Io {
+        socket: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ClientError::NotRunning {
+                socket: socket.to_owned(),
+                reason: e.to_string(),
+            }
+        }
+        std::io::ErrorKind::PermissionDenied => ClientError::PermissionDenied {
+            socket: socket.to_owned(),
+        },
+        _ => io(e),
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(req).map_err(|e| ClientError::Protocol {
+        socket: socket.to_owned(),
+        reason: e.to_string(),
+    })?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream.take(MAX_LINE))
+        .read_line(&mut answer)
+        .map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| ClientError::Protocol {
+        socket: socket.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_status() -> Status {
+        Status {
+            schema: STATUS_SCHEMA,
+            version: "0.1.0".into(),
+            node: "lab-op".into(),
+            pid: 42,
+            config: "/etc/gateway/gateway.toml".into(),
+            started_at: 1_700_000_000,
+            uptime_secs: 3725,
+            interfaces: vec![InterfaceStatus {
+                name: "lan0".into(),
+                classifier_attached: true,
+                programs: vec![ProgramInfo {
+                    id: 17,
+                    name: "gw_classify".into(),
+                    ours: true,
+                }],
+                error: None,
+            }],
+            routes: vec![RouteStatus {
+                id: 0,
+                name: "vpc".into(),
+                cidr: "10.128.0.0/16".into(),
+                packets: 5,
+                bytes: 420,
+            }],
+            classifier: BTreeMap::from([("matched".into(), 5), ("unmatched".into(), 2)]),
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_json() {
+        let s = Response::Status(Box::new(sample_status()));
+        let text = serde_json::to_string(&s).expect("serialize");
+        let back: Response = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn request_wire_form_is_stable() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).expect("serialize"),
+            r#"{"request":"status"}"#
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! Configuration: TOML in, a validated [`Config`] out, or every problem found named by file, key
+//! and reason.
+//!
+//! Parsing happens in two passes. Serde checks the shape (unknown keys, wrong types) and
+//! `serde_path_to_error` tells which key it was looking at; then [`validate`] checks meaning
+//! (CIDRs, names, duplicates) and reports all problems at once, so an operator fixes a file in
+//! one round. Whether the named interfaces exist depends on the network namespace the check runs
+//! in, so that lives apart, in [`check_system`].
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use gateway_common::MAX_ROUTES;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::routes::{Route, RouteTable};
+
+/// Where the daemon listens and `gatewayctl` connects when nothing else is said.
+pub const DEFAULT_SOCKET: &str = "/run/gateway/gatewayd.sock";
+/// Where the daemon records what it set up, so a crashed run can be cleaned at the next start.
+pub const DEFAULT_STATE_DIR: &str = "/run/gateway";
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from, for messages and `gatewayctl status`.
+    pub path: PathBuf,
+    pub node: Node,
+    /// Interfaces whose TC ingress gets the classifier.
+    pub interfaces: Vec<String>,
+    pub routes: RouteTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub name: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub file: PathBuf,
+    /// Dotted key path such as `route[1].cidr`, or `line 3, column 7` for a syntax error.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+/// Every problem found in a config file; never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: String,
+    socket: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    #[serde(default)]
+    interfaces: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    cidr: String,
+    name: Option<String>,
+}
+
+/// Reads and validates `path`. Checks nothing outside the file; see [`check_system`].
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(vec![ConfigIssue {
+            file: path.to_owned(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Validates `text` as if read from `path`.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let issue = |key: String, reason: String| ConfigIssue {
+        file: path.to_owned(),
+        key,
+        reason,
+    };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError(vec![issue(location(text, &e), clean_message(&e))]))?;
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if key == "." || key.is_empty() {
+            location(text, &inner)
+        } else {
+            key
+        };
+        ConfigError(vec![issue(key, clean_message(&inner))])
+    })?;
+    validate(path, raw)
+}
+
+/// Line and column of a TOML error, when it has a position.
+fn location(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}")
+        }
+        None => "(document)".into(),
+    }
+}
+
+fn clean_message(e: &toml::de::Error) -> String {
+    e.message().trim().replace('\n', " ")
+}
+
+fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut issues = Vec::new();
+    let mut push = |key: String, reason: String| {
+        issues.push(ConfigIssue {
+            file: path.to_owned(),
+            key,
+            reason,
+        })
+    };
+
+    if let Err(reason) = check_node_name(&raw.node.name) {
+        push("node.name".into(), reason);
+    }
+    let socket = raw
+        .node
+        .socket
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if !socket.is_absolute() {
+        push(
+            "node.socket".into(),
+            format!(
+                "must be an absolute path, got {:?}",
+                socket.display().to_string()
+            ),
+        );
+    }
+    let state_dir = raw
+        .node
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() {
+        push(
+            "node.state_dir".into(),
+            format!(
+                "must be an absolute path, got {:?}",
+                state_dir.display().to_string()
+            ),
+        );
+    }
+
+    let mut seen_ifaces = BTreeSet::new();
+    for (i, name) in raw.dataplane.interfaces.iter().enumerate() {
+        let key = format!("dataplane.interfaces[{i}]");
+        if let Err(reason) = check_interface_name(name) {
+            push(key, reason);
+        } else if !seen_ifaces.insert(name.as_str()) {
+            push(key, format!("interface {name:?} is listed twice"));
+        }
+    }
+
+    let mut routes = Vec::new();
+    if raw.route.len() > MAX_ROUTES as usize {
+        push(
+            "route".into(),
+            format!(
+                "{} routes configured; the classifier holds at most {MAX_ROUTES}",
+                raw.route.len()
+            ),
+        );
+    }
+    for (i, r) in raw.route.iter().enumerate() {
+        let key = format!("route[{i}].cidr");
+        match parse_cidr(&r.cidr) {
+            Err(reason) => push(key, reason),
+            Ok(cidr) => {
+                if let Some(prev) = routes.iter().position(|p: &Route| p.cidr == cidr) {
+                    push(
+                        key,
+                        format!("{cidr} is already configured as route[{prev}]"),
+                    );
+                    continue;
+                }
+                let name = match &r.name {
+                    Some(n) if n.trim().is_empty() => {
+                        push(format!("route[{i}].name"), "must not be empty".into());
+                        continue;
+                    }
+                    Some(n) => n.clone(),
+                    None => cidr.to_string(),
+                };
+                routes.push(Route {
+                    // Bounded by the MAX_ROUTES check above; ids index the counter array.
+                    id: u32::try_from(routes.len()).unwrap_or(u32::MAX),
+                    cidr,
+                    name,
+                });
+            }
+        }
+    }
+
+    if !issues.is_empty() {
+        return Err(ConfigError(issues));
+    }
+    Ok(Config {
+        path: path.to_owned(),
+        node: Node {
+            name: raw.node.name,
+            socket,
+            state_dir,
+        },
+        interfaces: raw.dataplane.interfaces,
+        routes: RouteTable::new(routes),
+    })
+}
+
+/// Parses a CIDR strictly: the address must be the network address, so a typo such as
+/// `10.128.0.1/16` is caught instead of silently widened or narrowed.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not a CIDR (expected ADDRESS/PREFIX, e.g. 10.128.0.0/16 or fd00:128::/64)"
+        )
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s:?} has host bits set; the network is {}",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "must be 1 to 64 characters, got {} characters",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; use letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// The kernel's own rules for interface names (IFNAMSIZ and dev_valid_name()).
+fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "{name:?} is not a valid interface name (1 to 15 bytes)"
+        ));
+    }
+    if name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(format!(
+            "{name:?} is not a valid interface name (no '/', ':' or spaces)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what the file alone cannot tell: that the interfaces exist in this network namespace.
+pub fn check_system(config: &Config) -> Result<(), ConfigError> {
+    let issues: Vec<ConfigIssue> = config
+        .interfaces
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| crate::sys::if_index(name).is_none())
+        .map(|(i, name)| ConfigIssue {
+            file: config.path.clone(),
+            key: format!("dataplane.interfaces[{i}]"),
+            reason: format!("interface {name:?} does not exist in this network namespace"),
+        })
+        .collect();
+    if issues.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError(issues))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("/etc/gateway/test.toml"), text)
+    }
+
+    fn only_issue(text: &str) -> ConfigIssue {
+        let err = parse_str(text).expect_err("config should be rejected");
+        assert_eq!(err.0.len(), 1, "expected one issue, got {err}");
+        err.0.into_iter().next().expect("one issue")
+    }
+
+    const GOOD: &str = r#"
+[node]
+name = "vpc-gw-1"
+socket = "/run/gw/a.sock"
+
+[dataplane]
+interfaces = ["lan0", "eth1"]
+
+[[route]]
+cidr = "10.128.0.0/16"
+
+[[route]]
+cidr = "fd00:128::/64"
+name = "vpc-v6"
+"#;
+
+    #[test]
+    fn accepts_a_good_config_and_numbers_routes_in_order() {
+        let c = parse_str(GOOD).expect("valid");
+        assert_eq!(c.node.name, "vpc-gw-1");
+        assert_eq!(c.node.socket, PathBuf::from("/run/gw/a.sock"));
+        assert_eq!(c.node.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.interfaces, vec!["lan0", "eth1"]);
+        let routes: Vec<_> = c
+            .routes
+            .iter()
+            .map(|r| (r.id, r.cidr.to_string(), r.name.clone()))
+            .collect();
+        assert_eq!(
+            routes,
+            vec![
+                (0, "10.128.0.0/16".to_string(), "10.128.0.0/16".to_string()),
+                (1, "fd00:128::/64".to_string(), "vpc-v6".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn minimal_config_uses_default_paths() {
+        let c = parse_str("[node]\nname = \"n\"\n").expect("valid");
+        assert_eq!(c.node.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert!(c.interfaces.is_empty());
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn rejects_cidr_that_is_not_a_cidr_naming_the_key() {
+        let issue = only_issue("[node]\nname = \"n\"\n[[route]]\ncidr = \"10.128.0.0/33\"\n");
+        assert_eq!(issue.key, "route[0].cidr");
+        assert!(issue.reason.contains("is not a CIDR"), "{}", issue.reason);
+        assert_eq!(issue.file, PathBuf::from("/etc/gateway/test.toml"));
+    }
+
+    #[test]
+    fn rejects_cidr_with_host_bits_and_suggests_the_network() {
+        let issue = only_issue(
+            "[node]\nname = \"n\"\n[[route]]\ncidr = \"10.0.0.0/8\"\n[[route]]\ncidr = \"10.128.0.1/16\"\n",
+        );
+        assert_eq!(issue.key, "route[1].cidr");
+        assert!(issue.reason.contains("10.128.0.0/16"), "{}", issue.reason);
+    }
+
+    #[test]
+    fn rejects_duplicate_cidr() {
+        let issue = only_issue(
+            "[node]\nname = \"n\"\n[[route]]\ncidr = \"fd00::/8\"\n[[route]]\ncidr = \"fd00::/8\"\n",
+        );
+        assert_eq!(issue.key, "route[1].cidr");
+        assert!(issue.reason.contains("route[0]"), "{}", issue.reason);
+    }
+
+    #[test]
+    fn rejects_unknown_key_naming_its_table() {
+        let issue = only_issue("[node]\nname = \"n\"\nsockett = \"/x\"\n");
+        assert_eq!(issue.key, "node.sockett");
+        assert!(
+            issue.reason.contains("unknown field `sockett`"),
+            "{}",
+            issue.reason
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_key_inside_an_array_of_tables() {
+        let issue =
+            only_issue("[node]\nname = \"n\"\n[[route]]\ncidr = \"10.0.0.0/8\"\nvia = \"x\"\n");
+        assert_eq!(issue.key, "route[0].via");
+        assert!(issue.reason.contains("via"), "{}", issue.reason);
+    }
+
+    #[test]
+    fn rejects_unknown_section() {
+        let issue = only_issue("[node]\nname = \"n\"\n[tunel]\nlisten = \"x\"\n");
+        assert!(issue.reason.contains("tunel"), "{}", issue.reason);
+    }
+
+    #[test]
+    fn rejects_wrong_type_naming_the_key() {
+        let issue = only_issue("[node]\nname = \"n\"\n[dataplane]\ninterfaces = \"lan0\"\n");
+        assert_eq!(issue.key, "dataplane.interfaces");
+    }
+
+    #[test]
+    fn syntax_error_names_line_and_column() {
+        let issue = only_issue("[node]\nname = \"n\"\n[[route]\n");
+        assert!(issue.key.starts_with("line 3"), "{}", issue.key);
+    }
+
+    #[test]
+    fn missing_node_section_is_named() {
+        let issue = only_issue("[[route]]\ncidr = \"10.0.0.0/8\"\n");
+        assert!(issue.reason.contains("node"), "{issue}");
+    }
+
+    #[test]
+    fn reports_every_semantic_issue_at_once() {
+        let err = parse_str(
+            "[node]\nname = \"bad name\"\nsocket = \"rel.sock\"\n[dataplane]\ninterfaces = [\"a/b\", \"x\", \"x\"]\n[[route]]\ncidr = \"nope\"\n",
+        )
+        .expect_err("invalid");
+        let keys: Vec<_> = err.0.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "node.name",
+                "node.socket",
+                "dataplane.interfaces[0]",
+                "dataplane.interfaces[2]",
+                "route[0].cidr"
+            ]
+        );
+    }
+
+    #[test]
+    fn display_names_file_key_and_reason() {
+        let err = parse_str("[node]\nname = \"n\"\n[[route]]\ncidr = \"x\"\n").expect_err("bad");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("/etc/gateway/test.toml: route[0].cidr: \"x\" is not a CIDR"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/gateway.toml"
+        ));
+        let c = load(path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn interface_names_follow_kernel_rules() {
+        assert!(check_interface_name("eth0").is_ok());
+        assert!(check_interface_name("a-very-long-nam").is_ok());
+        assert!(check_interface_name("a-very-long-name").is_err());
+        assert!(check_interface_name("").is_err());
+        assert!(check_interface_name("..").is_err());
+        assert!(check_interface_name("eth0:1").is_err());
+    }
+
+    #[test]
+    fn missing_interface_is_reported_by_the_system_check() {
+        let mut c =
+            parse_str("[node]\nname = \"n\"\n[dataplane]\ninterfaces = [\"lo\", \"gwnosuch0\"]\n")
+                .expect("valid file");
+        let err = check_system(&c).expect_err("gwnosuch0 does not exist");
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].key, "dataplane.interfaces[1]");
+        assert!(err.0[0].reason.contains("does not exist"));
+        c.interfaces.pop();
+        assert!(check_system(&c).is_ok(), "lo exists in every namespace");
+    }
+}

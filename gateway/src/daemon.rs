@@ -1,0 +1,243 @@
+//! gatewayd's life: take the state directory, clean what a crashed run left, set up, serve,
+//! and on SIGTERM/SIGINT undo everything in reverse order.
+//!
+//! Setup is all-or-nothing: if any step fails, what the earlier steps did is undone before the
+//! error is returned, so a failed start leaves no program attached and no socket behind.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use gateway_common::{Counter, programs::CLASSIFY};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::api::{
+    InterfaceStatus, ProgramInfo, Request, Response, RouteStatus, STATUS_SCHEMA, Status,
+};
+use crate::config::Config;
+use crate::dataplane::{self, Dataplane};
+use crate::state::{self, Record, StateDir};
+
+/// What the status handler reads; shared with the socket task.
+struct Shared {
+    config: Config,
+    dataplane: Mutex<Dataplane>,
+    started_at: u64,
+    started: Instant,
+}
+
+/// Runs until SIGTERM or SIGINT. Returns an error if setup failed (after undoing it).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    crate::sys::set_private_umask();
+    let (state_dir, leftover) = StateDir::acquire(&config.node.state_dir)?;
+    if let Some(record) = leftover {
+        clean_leftovers(&record);
+    }
+    state::clear_stale_socket(&config.node.socket)?;
+
+    let started_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Written before anything is attached, so a crash in the middle of setup is cleaned too.
+    state_dir.write(&Record {
+        pid: std::process::id(),
+        started_at,
+        socket: config.node.socket.clone(),
+        interfaces: config.interfaces.clone(),
+    })?;
+
+    let (dataplane, listener) = match set_up(&config) {
+        Ok(v) => v,
+        Err(e) => {
+            // The Dataplane, if any was made, was dropped inside set_up and detached its links.
+            remove_socket(&config.node.socket);
+            state_dir.clear()?;
+            return Err(e);
+        }
+    };
+
+    let shared = Arc::new(Shared {
+        config,
+        dataplane: Mutex::new(dataplane),
+        started_at,
+        started: Instant::now(),
+    });
+    let handler = {
+        let shared = shared.clone();
+        Arc::new(move |req: Request| handle(&shared, req))
+    };
+    let server = tokio::spawn(crate::server::serve(listener, handler));
+
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        tracing::debug!(error = %e, "sd_notify READY failed (not under systemd?)");
+    }
+    tracing::info!(
+        node = %shared.config.node.name,
+        socket = %shared.config.node.socket.display(),
+        interfaces = ?shared.config.interfaces,
+        routes = shared.config.routes.len(),
+        "gatewayd ready"
+    );
+
+    wait_for_stop().await?;
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    server.abort();
+    remove_socket(&shared.config.node.socket);
+    let detached = shared
+        .dataplane
+        .lock()
+        .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?
+        .detach_all();
+    if let Err(e) = detached {
+        tracing::error!(error = %e, "detaching the classifier failed");
+    }
+    state_dir.clear()?;
+    tracing::info!("gatewayd stopped; classifier detached, socket removed");
+    Ok(())
+}
+
+fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListener)> {
+    let mut dp = Dataplane::load().context("loading the eBPF classifier")?;
+    dp.set_routes(&config.routes.trie_entries())
+        .context("loading routes into the classifier")?;
+    for iface in &config.interfaces {
+        dp.attach(iface)
+            .with_context(|| format!("attaching the classifier to {iface}"))?;
+        tracing::info!(interface = %iface, "classifier attached at TCX ingress");
+    }
+    let listener = crate::server::bind(&config.node.socket)
+        .with_context(|| format!("binding the status socket {}", config.node.socket.display()))?;
+    Ok((dp, listener))
+}
+
+/// Undoes what a run that did not stop cleanly left. Its TCX links were fd-based, so the kernel
+/// already detached them when the process died; the socket file is what remains.
+fn clean_leftovers(record: &Record) {
+    tracing::warn!(
+        pid = record.pid,
+        "the previous gatewayd did not stop cleanly; cleaning what it left"
+    );
+    match state::clear_stale_socket(&record.socket) {
+        Ok(true) => tracing::info!(socket = %record.socket.display(), "removed stale socket"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "could not remove the previous socket"),
+    }
+    for iface in &record.interfaces {
+        if let Ok(programs) = dataplane::attached_programs(iface)
+            && let Some(p) = programs.iter().find(|p| p.name == CLASSIFY)
+        {
+            tracing::warn!(
+                interface = %iface,
+                program_id = p.id,
+                "a gw_classify program is still attached (not by a link this daemon can own); \
+                 it will run beside the new one until removed"
+            );
+        }
+    }
+}
+
+fn remove_socket(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %path.display(), error = %e, "could not remove socket");
+    }
+}
+
+async fn wait_for_stop() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP: reloading is not supported yet; restart gatewayd to apply config changes");
+            }
+        }
+    }
+}
+
+fn handle(shared: &Shared, req: Request) -> Response {
+    match req {
+        Request::Status => match status(shared) {
+            Ok(s) => Response::Status(Box::new(s)),
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+            },
+        },
+    }
+}
+
+fn status(shared: &Shared) -> anyhow::Result<Status> {
+    let dp = shared
+        .dataplane
+        .lock()
+        .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
+    let ours = dp.program_id();
+    let interfaces = shared
+        .config
+        .interfaces
+        .iter()
+        .map(|name| match dataplane::attached_programs(name) {
+            Ok(programs) => {
+                let programs: Vec<ProgramInfo> = programs
+                    .into_iter()
+                    .map(|p| ProgramInfo {
+                        ours: p.id == ours,
+                        id: p.id,
+                        name: p.name,
+                    })
+                    .collect();
+                InterfaceStatus {
+                    name: name.clone(),
+                    classifier_attached: programs.iter().any(|p| p.ours),
+                    programs,
+                    error: None,
+                }
+            }
+            Err(e) => InterfaceStatus {
+                name: name.clone(),
+                classifier_attached: false,
+                programs: vec![],
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for r in shared.config.routes.iter() {
+        let c = dp.route_counters(r.id)?;
+        routes.push(RouteStatus {
+            id: r.id,
+            name: r.name.clone(),
+            cidr: r.cidr.to_string(),
+            packets: c.packets,
+            bytes: c.bytes,
+        });
+    }
+    let classifier = dp
+        .counters()?
+        .into_iter()
+        .map(|(c, v): (Counter, u64)| (c.name().to_string(), v))
+        .collect();
+    Ok(Status {
+        schema: STATUS_SCHEMA,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node: shared.config.node.name.clone(),
+        pid: std::process::id(),
+        config: absolute(&shared.config.path),
+        started_at: shared.started_at,
+        uptime_secs: shared.started.elapsed().as_secs(),
+        interfaces,
+        routes,
+        classifier,
+    })
+}
+
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}

@@ -1,0 +1,335 @@
+//! The eBPF dataplane: a thin adapter over aya that loads the embedded object, keeps the route
+//! tries in step with the config, attaches the classifier and reads its counters.
+//!
+//! The arithmetic (prefix → trie key, which keys to remove, per-CPU sums) is in small pure
+//! functions below with their own tests; everything else is one aya call each.
+
+use std::collections::BTreeSet;
+
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use aya::programs::tc::{SchedClassifierLinkId, TcAttachType};
+use aya::programs::{ProgramError, SchedClassifier};
+use gateway_common::{Counter, MAX_ROUTES, RouteCounters, maps, programs::CLASSIFY};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The kernel refused the object (verifier, missing capability, no BTF).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// The object lacks a map or program this daemon expects: built from another version.
+    #[error("the eBPF object has no {0}; rebuild it with `cargo xtask build-ebpf`")]
+    Missing(String),
+    #[error("eBPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("classifier program: {0}")]
+    Program(#[from] ProgramError),
+    #[error("attaching the classifier to {iface}: {source}")]
+    Attach { iface: String, source: ProgramError },
+    #[error("querying the programs attached to {iface}: {source}")]
+    Query { iface: String, source: ProgramError },
+    #[error("route id {0} is out of range (at most {MAX_ROUTES} routes)")]
+    RouteId(u32),
+    #[error("counting CPUs: {0}")]
+    Cpus(std::io::Error),
+}
+
+/// A program the kernel reports at an interface's TCX ingress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub id: u32,
+    pub name: String,
+    pub tag: String,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    links: Vec<(String, SchedClassifierLinkId)>,
+    program_id: u32,
+    _logger: Option<aya_log::EbpfLogger>,
+}
+
+impl Dataplane {
+    /// Loads the embedded object and starts forwarding the programs' logs to `log`/`tracing`.
+    /// Must run inside a tokio runtime (aya-log reads its perf buffers from tasks).
+    pub fn load() -> Result<Self, DataplaneError> {
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "eBPF logs will not be forwarded");
+                None
+            }
+        };
+        let program = classifier(&mut ebpf)?;
+        program.load()?;
+        let program_id = program.info()?.id();
+        Ok(Self {
+            ebpf,
+            links: Vec::new(),
+            program_id,
+            _logger: logger,
+        })
+    }
+
+    /// Kernel id of the loaded classifier, to tell ours from other programs on an interface.
+    pub fn program_id(&self) -> u32 {
+        self.program_id
+    }
+
+    /// Makes the tries hold exactly `routes` and zeroes those routes' counters, so a route id
+    /// reused for another prefix starts from nothing.
+    pub fn set_routes(&mut self, routes: &[(u32, IpNet)]) -> Result<(), DataplaneError> {
+        if let Some((id, _)) = routes.iter().find(|(id, _)| *id >= MAX_ROUTES) {
+            return Err(DataplaneError::RouteId(*id));
+        }
+        let mut v4: Vec<(u32, [u8; 4], u32)> = Vec::new();
+        let mut v6: Vec<(u32, [u8; 16], u32)> = Vec::new();
+        for (id, net) in routes {
+            match net {
+                IpNet::V4(n) => v4.push((u32::from(n.prefix_len()), n.network().octets(), *id)),
+                IpNet::V6(n) => v6.push((u32::from(n.prefix_len()), n.network().octets(), *id)),
+            }
+        }
+        sync_trie(&mut self.ebpf, maps::ROUTES_V4, &v4)?;
+        sync_trie(&mut self.ebpf, maps::ROUTES_V6, &v6)?;
+
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let mut counters = self.route_counter_map()?;
+        for (id, _) in routes {
+            let zero = PerCpuValues::try_from(vec![RouteCounters::default(); cpus])
+                .map_err(DataplaneError::Cpus)?;
+            counters
+                .set(*id, zero, 0)
+                .map_err(|source| DataplaneError::Map {
+                    map: maps::ROUTE_COUNTERS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the classifier at ingress of `iface`; on kernels >= 6.6 aya does this with a
+    /// TCX link, which the kernel drops by itself if this process dies.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let link = classifier(&mut self.ebpf)?
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                source,
+            })?;
+        self.links.push((iface.to_string(), link));
+        Ok(())
+    }
+
+    /// Detaches every link this dataplane made; tries all of them and reports the first error.
+    pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
+        let links = std::mem::take(&mut self.links);
+        let program = classifier(&mut self.ebpf)?;
+        let mut first_error = None;
+        for (iface, link) in links {
+            if let Err(e) = program.detach(link) {
+                tracing::warn!(interface = %iface, error = %e, "detaching the classifier failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// One route's counters, summed over all CPUs.
+    pub fn route_counters(&self, id: u32) -> Result<RouteCounters, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::ROUTE_COUNTERS)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::ROUTE_COUNTERS)))?;
+        let array: PerCpuArray<&MapData, RouteCounters> =
+            PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+                map: maps::ROUTE_COUNTERS,
+                source,
+            })?;
+        let values = array.get(&id, 0).map_err(|source| DataplaneError::Map {
+            map: maps::ROUTE_COUNTERS,
+            source,
+        })?;
+        Ok(sum_route_counters(&values))
+    }
+
+    /// The classifier's global counters, summed over all CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map(maps::COUNTERS)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::COUNTERS)))?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+                map: maps::COUNTERS,
+                source,
+            })?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let values = array
+                    .get(&(*c as u32), 0)
+                    .map_err(|source| DataplaneError::Map {
+                        map: maps::COUNTERS,
+                        source,
+                    })?;
+                Ok((*c, values.iter().copied().fold(0u64, u64::wrapping_add)))
+            })
+            .collect()
+    }
+
+    fn route_counter_map(
+        &mut self,
+    ) -> Result<PerCpuArray<&mut MapData, RouteCounters>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ROUTE_COUNTERS)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::ROUTE_COUNTERS)))?;
+        PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
+            map: maps::ROUTE_COUNTERS,
+            source,
+        })
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if !self.links.is_empty() {
+            let _ = self.detach_all();
+        }
+    }
+}
+
+fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    let program = ebpf
+        .program_mut(CLASSIFY)
+        .ok_or_else(|| DataplaneError::Missing(format!("program {CLASSIFY}")))?;
+    Ok(program.try_into()?)
+}
+
+/// Writes `entries` (prefix length, address bytes, route id) into the trie and removes every
+/// key that is not among them. Inserts go first so a prefix that stays never disappears.
+fn sync_trie<const N: usize>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(u32, [u8; N], u32)],
+) -> Result<(), DataplaneError>
+where
+    [u8; N]: aya::Pod,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("map {name}")))?;
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u32> =
+        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })?;
+    let err = |source| DataplaneError::Map { map: name, source };
+    for (prefix, addr, id) in entries {
+        trie.insert(&Key::new(*prefix, *addr), *id, 0)
+            .map_err(err)?;
+    }
+    let present: Vec<(u32, [u8; N])> = trie
+        .keys()
+        .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    let wanted: Vec<(u32, [u8; N])> = entries.iter().map(|(p, a, _)| (*p, *a)).collect();
+    for (prefix, addr) in stale_keys(&present, &wanted) {
+        trie.remove(&Key::new(prefix, addr)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Keys present in a trie that are not wanted any more.
+fn stale_keys<K: Ord + Copy>(present: &[K], wanted: &[K]) -> Vec<K> {
+    let wanted: BTreeSet<K> = wanted.iter().copied().collect();
+    present
+        .iter()
+        .copied()
+        .filter(|k| !wanted.contains(k))
+        .collect()
+}
+
+/// Per-CPU slots are written without atomics by one CPU each; the sum is the total.
+fn sum_route_counters(per_cpu: &[RouteCounters]) -> RouteCounters {
+    per_cpu
+        .iter()
+        .fold(RouteCounters::default(), |acc, c| RouteCounters {
+            packets: acc.packets.wrapping_add(c.packets),
+            bytes: acc.bytes.wrapping_add(c.bytes),
+        })
+}
+
+/// What the kernel reports at TCX ingress of `iface`: every program, ours and others', in the
+/// order they run.
+pub fn attached_programs(iface: &str) -> Result<Vec<AttachedProgram>, DataplaneError> {
+    let (_revision, programs) =
+        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|source| {
+            DataplaneError::Query {
+                iface: iface.to_string(),
+                source,
+            }
+        })?;
+    Ok(programs
+        .iter()
+        .map(|p| AttachedProgram {
+            id: p.id(),
+            name: p.name_as_str().unwrap_or("").to_string(),
+            tag: format!("{:016x}", p.tag()),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_counters_over_cpus() {
+        let per_cpu = [
+            RouteCounters {
+                packets: 2,
+                bytes: 168,
+            },
+            RouteCounters {
+                packets: 3,
+                bytes: 252,
+            },
+        ];
+        assert_eq!(
+            sum_route_counters(&per_cpu),
+            RouteCounters {
+                packets: 5,
+                bytes: 420
+            }
+        );
+        assert_eq!(sum_route_counters(&[]), RouteCounters::default());
+    }
+
+    #[test]
+    fn removes_only_keys_no_longer_wanted() {
+        let present = [
+            (16, [10, 128, 0, 0]),
+            (8, [10, 0, 0, 0]),
+            (32, [10, 128, 0, 10]),
+        ];
+        let wanted = [(16, [10, 128, 0, 0]), (24, [192, 0, 2, 0])];
+        assert_eq!(
+            stale_keys(&present, &wanted),
+            vec![(8, [10, 0, 0, 0]), (32, [10, 128, 0, 10])]
+        );
+        assert!(stale_keys(&wanted, &wanted).is_empty());
+    }
+}
