@@ -1,1 +1,699 @@
-//! The lab.
+//! The lab: PRODUCT.md's topology in network namespaces, with real servers.
+//!
+//! ```text
+//!  office ──────── op ──────────── ul ───────────── gw ──────────── vpc
+//!  eth0     lan0 (site gw)  wan0   op0 (underlay) gw0   wan0 (VPC gw) vpc0   eth0 (hosts)
+//!  192.0.2.10  192.0.2.1   198.51.100.10/.1      203.0.113.1/.10     10.128.0.1   10.128.0.10
+//!                                  .53 resolver                                   .61 .130 resolvers
+//! ```
+//!
+//! Every lab gets namespace names unique to its process and instance, so tests run in
+//! parallel, and [`Lab`]'s `Drop` kills what runs inside and deletes the namespaces, also when a
+//! test panics. Namespaces left by a killed test run are swept at the next start. Nothing here
+//! touches the host's own links, addresses, routes, firewall or sysctls: veth pairs are created
+//! directly inside the namespaces, sysctls are set inside them.
+//!
+//! Test support shells out to `ip`, `sysctl` and the servers; the product itself uses netlink.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Addresses of the lab's hosts.
+pub mod addr {
+    pub const OFFICE: &str = "192.0.2.10";
+    pub const OFFICE_V6: &str = "2001:db8:2::10";
+    pub const OP_LAN: &str = "192.0.2.1";
+    pub const OP_LAN_V6: &str = "2001:db8:2::1";
+    pub const OP_WAN: &str = "198.51.100.10";
+    pub const OP_WAN_V6: &str = "2001:db8:51::10";
+    pub const UL_OP: &str = "198.51.100.1";
+    pub const UL_OP_V6: &str = "2001:db8:51::1";
+    /// The operator's normal ("public") resolver, in the underlay.
+    pub const PUBLIC_DNS: &str = "198.51.100.53";
+    pub const UL_GW: &str = "203.0.113.1";
+    pub const UL_GW_V6: &str = "2001:db8:113::1";
+    /// The VPC gateway's public address.
+    pub const GW_WAN: &str = "203.0.113.10";
+    pub const GW_WAN_V6: &str = "2001:db8:113::10";
+    pub const GW_VPC: &str = "10.128.0.1";
+    pub const GW_VPC_V6: &str = "fd00:128::1";
+    /// The VPC host running sshd and iperf3.
+    pub const VPC_HOST: &str = "10.128.0.10";
+    pub const VPC_HOST_V6: &str = "fd00:128::10";
+    pub const RESOLVER_PRIMARY: &str = "10.128.0.61";
+    pub const RESOLVER_SECONDARY: &str = "10.128.0.130";
+    pub const VPC_CIDR: &str = "10.128.0.0/16";
+    pub const VPC_CIDR_V6: &str = "fd00:128::/64";
+}
+
+/// The private zone the VPC resolvers serve, and what they answer.
+pub mod zone {
+    pub const DOMAIN: &str = "hoge-vpc.com";
+    /// `db.hoge-vpc.com A` from the VPC resolvers.
+    pub const DB_PRIVATE: &str = "10.128.0.20";
+    /// `db.hoge-vpc.com A` from the public resolver: what leaks without split DNS.
+    pub const DB_PUBLIC: &str = "203.0.113.80";
+    pub const WWW_EXAMPLE: &str = "203.0.113.81";
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Host {
+    Office,
+    Operator,
+    Underlay,
+    VpcGateway,
+    Vpc,
+}
+
+impl Host {
+    pub const ALL: [Host; 5] = [
+        Host::Office,
+        Host::Operator,
+        Host::Underlay,
+        Host::VpcGateway,
+        Host::Vpc,
+    ];
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Host::Office => "office",
+            Host::Operator => "op",
+            Host::Underlay => "ul",
+            Host::VpcGateway => "gw",
+            Host::Vpc => "vpc",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The underlay routes the VPC's prefixes to the VPC gateway. Tunnel tests turn it off so
+    /// the tunnel is the only way in.
+    pub direct_vpc_route: bool,
+    /// Start sshd, iperf3 and the resolvers.
+    pub servers: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            direct_vpc_route: true,
+            servers: true,
+        }
+    }
+}
+
+/// Prefix of every lab namespace: `gwl<pid>x<n>-<host>`.
+const PREFIX: &str = "gwl";
+static INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+pub struct Lab {
+    id: String,
+    dir: PathBuf,
+    created: Vec<String>,
+    children: Vec<Child>,
+    ssh_key: PathBuf,
+}
+
+impl Lab {
+    pub fn start(opts: LabOptions) -> anyhow::Result<Lab> {
+        sweep();
+        let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{PREFIX}{}x{n}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("gateway-lab-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut lab = Lab {
+            ssh_key: dir.join("id_ed25519"),
+            id,
+            dir,
+            created: Vec::new(),
+            children: Vec::new(),
+        };
+        // On error `lab` drops here and removes whatever was built.
+        lab.build(&opts)?;
+        if opts.servers {
+            lab.start_servers()?;
+        }
+        Ok(lab)
+    }
+
+    pub fn ns(&self, h: Host) -> String {
+        format!("{}-{}", self.id, h.suffix())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A command that runs inside `h`'s network namespace.
+    pub fn command(&self, h: Host, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(h), program]);
+        c
+    }
+
+    /// Runs `argv` in `h` and returns its output whatever its exit status.
+    pub fn run(&self, h: Host, argv: &[&str]) -> anyhow::Result<Output> {
+        let (program, args) = argv.split_first().context("empty argv")?;
+        self.command(h, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {argv:?} in {}", self.ns(h)))
+    }
+
+    /// Runs `argv` in `h`; an error (with its output) unless it exits 0. Returns stdout.
+    pub fn run_ok(&self, h: Host, argv: &[&str]) -> anyhow::Result<String> {
+        let out = self.run(h, argv)?;
+        if !out.status.success() {
+            bail!(
+                "{argv:?} in {} exited with {}\nstdout:\n{}\nstderr:\n{}",
+                self.ns(h),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `argv` in `h` in the background, stdout and stderr to `dir/log_name`.
+    pub fn spawn(&self, h: Host, argv: &[&str], log_name: &str) -> anyhow::Result<Spawned> {
+        let (child, log) = self.spawn_child(h, argv, log_name)?;
+        Ok(Spawned {
+            child,
+            log,
+            done: None,
+        })
+    }
+
+    fn spawn_child(
+        &self,
+        h: Host,
+        argv: &[&str],
+        log_name: &str,
+    ) -> anyhow::Result<(Child, PathBuf)> {
+        let (program, args) = argv.split_first().context("empty argv")?;
+        let log = self.dir.join(log_name);
+        let out = fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = self
+            .command(h, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {argv:?} in {}", self.ns(h)))?;
+        Ok((child, log))
+    }
+
+    /// `ssh` arguments that log into the lab's sshd at `target` as root with the lab's key.
+    pub fn ssh_argv(&self, target: &str, remote_cmd: &str) -> Vec<String> {
+        vec![
+            "ssh".into(),
+            "-i".into(),
+            self.ssh_key.display().to_string(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ConnectTimeout=5".into(),
+            format!("root@{target}"),
+            remote_cmd.into(),
+        ]
+    }
+
+    fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn sysctl(&self, h: Host, key: &str, value: &str) -> anyhow::Result<()> {
+        self.run_ok(h, &["sysctl", "-q", "-w", &format!("{key}={value}")])
+            .map(drop)
+    }
+
+    /// Creates a veth pair with one end in each namespace, never in the host's.
+    fn link(&self, a: Host, a_if: &str, b: Host, b_if: &str) -> anyhow::Result<()> {
+        let (na, nb) = (self.ns(a), self.ns(b));
+        self.ip(&[
+            "-n", &na, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &nb,
+        ])?;
+        self.ip(&["-n", &na, "link", "set", a_if, "up"])?;
+        self.ip(&["-n", &nb, "link", "set", b_if, "up"])
+    }
+
+    fn addr(&self, h: Host, dev: &str, cidr: &str) -> anyhow::Result<()> {
+        let ns = self.ns(h);
+        if cidr.contains(':') {
+            self.ip(&["-n", &ns, "addr", "add", cidr, "dev", dev, "nodad"])
+        } else {
+            self.ip(&["-n", &ns, "addr", "add", cidr, "dev", dev])
+        }
+    }
+
+    fn route(&self, h: Host, dst: &str, via: &str) -> anyhow::Result<()> {
+        let ns = self.ns(h);
+        let family = if via.contains(':') { "-6" } else { "-4" };
+        self.ip(&[family, "-n", &ns, "route", "add", dst, "via", via])
+    }
+
+    fn build(&mut self, opts: &LabOptions) -> anyhow::Result<()> {
+        use Host::*;
+        for h in Host::ALL {
+            let ns = self.ns(h);
+            self.ip(&["netns", "add", &ns])?;
+            self.created.push(ns.clone());
+            self.ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            // Router solicitations and DAD only add noise and delay inside the lab.
+            self.sysctl(h, "net.ipv6.conf.all.accept_dad", "0")?;
+            self.sysctl(h, "net.ipv6.conf.default.accept_dad", "0")?;
+        }
+        self.link(Office, "eth0", Operator, "lan0")?;
+        self.link(Operator, "wan0", Underlay, "op0")?;
+        self.link(Underlay, "gw0", VpcGateway, "wan0")?;
+        self.link(VpcGateway, "vpc0", Vpc, "eth0")?;
+
+        self.addr(Office, "eth0", "192.0.2.10/24")?;
+        self.addr(Office, "eth0", "2001:db8:2::10/64")?;
+        self.addr(Operator, "lan0", "192.0.2.1/24")?;
+        self.addr(Operator, "lan0", "2001:db8:2::1/64")?;
+        self.addr(Operator, "wan0", "198.51.100.10/24")?;
+        self.addr(Operator, "wan0", "2001:db8:51::10/64")?;
+        self.addr(Underlay, "op0", "198.51.100.1/24")?;
+        self.addr(Underlay, "op0", "198.51.100.53/24")?;
+        self.addr(Underlay, "op0", "2001:db8:51::1/64")?;
+        self.addr(Underlay, "gw0", "203.0.113.1/24")?;
+        self.addr(Underlay, "gw0", "2001:db8:113::1/64")?;
+        self.addr(VpcGateway, "wan0", "203.0.113.10/24")?;
+        self.addr(VpcGateway, "wan0", "2001:db8:113::10/64")?;
+        self.addr(VpcGateway, "vpc0", "10.128.0.1/16")?;
+        self.addr(VpcGateway, "vpc0", "fd00:128::1/64")?;
+        self.addr(Vpc, "eth0", "10.128.0.10/16")?;
+        self.addr(Vpc, "eth0", "10.128.0.61/16")?;
+        self.addr(Vpc, "eth0", "10.128.0.130/16")?;
+        self.addr(Vpc, "eth0", "fd00:128::10/64")?;
+
+        self.route(Office, "default", addr::OP_LAN)?;
+        self.route(Office, "default", addr::OP_LAN_V6)?;
+        self.route(Operator, "default", addr::UL_OP)?;
+        self.route(Operator, "default", addr::UL_OP_V6)?;
+        self.route(Underlay, "192.0.2.0/24", addr::OP_WAN)?;
+        self.route(Underlay, "2001:db8:2::/64", addr::OP_WAN_V6)?;
+        if opts.direct_vpc_route {
+            self.route(Underlay, addr::VPC_CIDR, addr::GW_WAN)?;
+            self.route(Underlay, addr::VPC_CIDR_V6, addr::GW_WAN_V6)?;
+        }
+        self.route(VpcGateway, "default", addr::UL_GW)?;
+        self.route(VpcGateway, "default", addr::UL_GW_V6)?;
+        self.route(Vpc, "default", addr::GW_VPC)?;
+        self.route(Vpc, "default", addr::GW_VPC_V6)?;
+
+        for h in [Operator, Underlay, VpcGateway] {
+            self.sysctl(h, "net.ipv4.ip_forward", "1")?;
+            self.sysctl(h, "net.ipv6.conf.all.forwarding", "1")?;
+        }
+
+        // `ip netns exec` bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf: the
+        // office and operator hosts use the underlay's "public" resolver, as a workstation would.
+        for h in [Office, Operator] {
+            let d = PathBuf::from("/etc/netns").join(self.ns(h));
+            fs::create_dir_all(&d)?;
+            fs::write(
+                d.join("resolv.conf"),
+                format!("nameserver {}\n", addr::PUBLIC_DNS),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> anyhow::Result<()> {
+        self.start_sshd()?;
+        self.start_unbound(
+            Host::Vpc,
+            "primary",
+            addr::RESOLVER_PRIMARY,
+            &[(zone::DOMAIN, "static")],
+            &[
+                format!("db.{} A {}", zone::DOMAIN, zone::DB_PRIVATE),
+                format!("ssh.{} A {}", zone::DOMAIN, addr::VPC_HOST),
+                format!("which.{} TXT \"primary\"", zone::DOMAIN),
+            ],
+        )?;
+        self.start_unbound(
+            Host::Vpc,
+            "secondary",
+            addr::RESOLVER_SECONDARY,
+            &[(zone::DOMAIN, "static")],
+            &[
+                format!("db.{} A {}", zone::DOMAIN, zone::DB_PRIVATE),
+                format!("ssh.{} A {}", zone::DOMAIN, addr::VPC_HOST),
+                format!("which.{} TXT \"secondary\"", zone::DOMAIN),
+            ],
+        )?;
+        self.start_unbound(
+            Host::Underlay,
+            "public",
+            addr::PUBLIC_DNS,
+            &[(zone::DOMAIN, "static"), ("example.com", "static")],
+            &[
+                format!("db.{} A {}", zone::DOMAIN, zone::DB_PUBLIC),
+                format!("www.example.com A {}", zone::WWW_EXAMPLE),
+            ],
+        )?;
+        let iperf = self.spawn_server(
+            Host::Vpc,
+            &["iperf3", "-s", "-B", addr::VPC_HOST],
+            "iperf3.log",
+        )?;
+        self.children.push(iperf);
+        self.wait_tcp(Host::Vpc, addr::VPC_HOST, 5201)?;
+        Ok(())
+    }
+
+    fn spawn_server(&self, h: Host, argv: &[&str], log_name: &str) -> anyhow::Result<Child> {
+        self.spawn_child(h, argv, log_name).map(|(child, _)| child)
+    }
+
+    fn start_sshd(&mut self) -> anyhow::Result<()> {
+        let host_key = self.dir.join("ssh_host_ed25519_key");
+        for key in [&host_key, &self.ssh_key] {
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(key)
+                .stdin(Stdio::null())
+                .output()
+                .context("running ssh-keygen")?;
+            if !out.status.success() {
+                bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let authorized = self.dir.join("authorized_keys");
+        fs::copy(self.ssh_key.with_extension("pub"), &authorized)?;
+        let config = self.dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "ListenAddress {}\nListenAddress [{}]\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
+                 PidFile {}\nSubsystem sftp internal-sftp\n",
+                addr::VPC_HOST,
+                addr::VPC_HOST_V6,
+                host_key.display(),
+                authorized.display(),
+                self.dir.join("sshd.pid").display(),
+            ),
+        )?;
+        // sshd insists on its privilege separation directory.
+        fs::create_dir_all("/run/sshd")?;
+        let sshd = self.spawn_server(
+            Host::Vpc,
+            &[
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                config.to_str().context("utf-8 path")?,
+            ],
+            "sshd.log",
+        )?;
+        self.children.push(sshd);
+        self.wait_tcp(Host::Vpc, addr::VPC_HOST, 22)
+    }
+
+    fn start_unbound(
+        &mut self,
+        h: Host,
+        name: &str,
+        listen: &str,
+        zones: &[(&str, &str)],
+        data: &[String],
+    ) -> anyhow::Result<()> {
+        let dir = self.dir.join(format!("unbound-{name}"));
+        fs::create_dir_all(&dir)?;
+        let mut conf = format!(
+            "server:\n  interface: {listen}\n  port: 53\n  do-daemonize: no\n  chroot: \"\"\n  \
+             username: \"\"\n  directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  \
+             logfile: \"{d}/unbound.log\"\n  use-syslog: no\n  log-queries: yes\n  \
+             verbosity: 1\n  access-control: 0.0.0.0/0 allow\n  access-control: ::/0 allow\n  \
+             do-ip6: yes\n  num-threads: 1\n  \
+             # Never recurse to the outside world: the lab has no internet.\n  \
+             do-not-query-localhost: yes\n",
+            d = dir.display()
+        );
+        for (zone, kind) in zones {
+            conf.push_str(&format!("  local-zone: \"{zone}.\" {kind}\n"));
+        }
+        for record in data {
+            conf.push_str(&format!("  local-data: '{record}'\n"));
+        }
+        // With no root hints reachable and no forwarders, anything outside the local zones
+        // fails fast instead of leaving the lab.
+        conf.push_str("  local-zone: \".\" refuse\n");
+        let path = dir.join("unbound.conf");
+        fs::write(&path, conf)?;
+        let child = self.spawn_server(
+            h,
+            &["unbound", "-d", "-c", path.to_str().context("utf-8 path")?],
+            &format!("unbound-{name}.stderr"),
+        )?;
+        self.children.push(child);
+        let probe = zones
+            .first()
+            .map(|(z, _)| format!("probe.{z}"))
+            .unwrap_or_else(|| "probe.".into());
+        self.wait_dns(h, listen, &probe)
+    }
+
+    fn wait_tcp(&self, h: Host, ip: &str, port: u16) -> anyhow::Result<()> {
+        // A connect from inside the namespace: bash's /dev/tcp avoids needing nc.
+        let target = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        wait_until(Duration::from_secs(10), || {
+            self.run(h, &["bash", "-c", &target])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .with_context(|| format!("{ip}:{port} in {} did not accept connections", self.ns(h)))
+    }
+
+    fn wait_dns(&self, h: Host, server: &str, name: &str) -> anyhow::Result<()> {
+        let at = format!("@{server}");
+        wait_until(Duration::from_secs(10), || {
+            self.run(h, &["dig", "+time=1", "+tries=1", &at, name])
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .with_context(|| format!("resolver {server} in {} did not answer", self.ns(h)))
+    }
+
+    fn teardown(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        for ns in self.created.drain(..).rev() {
+            kill_namespace_processes(&ns);
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stdin(Stdio::null())
+                .output();
+            let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(&ns));
+        }
+        if std::env::var_os("GATEWAY_LAB_KEEP").is_some() {
+            eprintln!(
+                "lab {}: logs and configs kept in {}",
+                self.id,
+                self.dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A background process in the lab. Killed on drop; the lab kills whatever else runs inside
+/// its namespaces when it goes.
+pub struct Spawned {
+    child: Child,
+    log: PathBuf,
+    done: Option<ExitStatus>,
+}
+
+impl Spawned {
+    /// PID of the program itself: `ip netns exec` execs it in place, so this is not a wrapper.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) -> anyhow::Result<()> {
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        if rc != 0 {
+            bail!("kill: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGTERM)
+    }
+
+    pub fn kill(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGKILL)
+    }
+
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        if self.done.is_none() {
+            self.done = self.child.try_wait()?;
+        }
+        Ok(self.done)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                bail!("pid {} still running after {timeout:?}", self.child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything it wrote so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if self.done.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ok() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// SIGKILLs every process whose network namespace is `ns`.
+fn kill_namespace_processes(ns: &str) {
+    let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    for pid in String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2) has no memory-safety requirements.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Removes namespaces of labs whose process is gone (a test run killed before its Drop ran).
+pub fn sweep() {
+    let Ok(out) = Command::new("ip")
+        .args(["netns", "list"])
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(ns) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(owner) = lab_owner(ns) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        kill_namespace_processes(ns);
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stdin(Stdio::null())
+            .output();
+        let _ = fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
+        let dir = ns.rsplit_once('-').map(|(id, _)| id).unwrap_or(ns);
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(format!("gateway-lab-{dir}")));
+    }
+}
+
+/// The pid in a lab namespace name `gwl<pid>x<n>-<host>`, if it is one.
+fn lab_owner(ns: &str) -> Option<u32> {
+    let rest = ns.strip_prefix(PREFIX)?;
+    let (id, _host) = rest.split_once('-')?;
+    let (pid, n) = id.split_once('x')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_owner_pid_from_lab_namespace_names() {
+        assert_eq!(lab_owner("gwl1234x0-office"), Some(1234));
+        assert_eq!(lab_owner("gwl1234x17-vpc"), Some(1234));
+        assert_eq!(lab_owner("gwl1234-office"), None);
+        assert_eq!(lab_owner("other-ns"), None);
+        assert_eq!(lab_owner("gwlx1-op"), None);
+    }
+}

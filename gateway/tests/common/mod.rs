@@ -1,0 +1,132 @@
+//! Support shared by the daemon's integration tests: a gatewayd running in a lab namespace,
+//! and a look at what the kernel has attached, asked from inside that namespace.
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of this module"
+)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use gateway::api::Status;
+use gateway::dataplane::AttachedProgram;
+use gateway_lab::{Host, Lab, Spawned};
+
+pub const GATEWAYD: &str = env!("CARGO_BIN_EXE_gatewayd");
+pub const GATEWAYCTL: &str = env!("CARGO_BIN_EXE_gatewayctl");
+
+/// A config for the operator host with the classifier on its LAN interface. `extra` is appended
+/// verbatim (routes, usually).
+pub fn write_config(lab: &Lab, name: &str, interfaces: &[&str], extra: &str) -> PathBuf {
+    let dir = lab.dir();
+    let path = dir.join(format!("{name}.toml"));
+    let ifaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+    let text = format!(
+        "[node]\nname = \"{name}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n[dataplane]\ninterfaces = [{}]\n\n{extra}",
+        socket_path(lab, name).display(),
+        dir.join(format!("{name}-state")).display(),
+        ifaces.join(", ")
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+pub fn socket_path(lab: &Lab, name: &str) -> PathBuf {
+    lab.dir().join(format!("{name}.sock"))
+}
+
+/// Starts gatewayd in `host`'s namespace and waits (bounded) until its socket answers.
+pub fn start_daemon(lab: &Lab, host: Host, config: &Path, socket: &Path, log: &str) -> Spawned {
+    let mut daemon = lab
+        .spawn(
+            host,
+            &[GATEWAYD, "--config", config.to_str().expect("utf-8 path")],
+            log,
+        )
+        .expect("spawn gatewayd");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return daemon;
+        }
+        if let Some(status) = daemon.try_wait().expect("poll gatewayd") {
+            panic!(
+                "gatewayd exited with {status} before it was ready; log:\n{}",
+                daemon.log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gatewayd not ready within 15 s; log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn gatewayctl(lab: &Lab, host: Host, args: &[&str]) -> Output {
+    let mut argv = vec![GATEWAYCTL];
+    argv.extend_from_slice(args);
+    lab.run(host, &argv).expect("run gatewayctl")
+}
+
+/// `gatewayctl status --json`, parsed back into the type the daemon serialised.
+pub fn status_json(lab: &Lab, host: Host, socket: &Path) -> Status {
+    let out = gatewayctl(
+        lab,
+        host,
+        &[
+            "status",
+            "--json",
+            "--socket",
+            socket.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "gatewayctl status --json failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json is not a Status ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Programs the kernel reports at TCX ingress of `iface` inside namespace `ns`. Asked from a
+/// thread that enters the namespace, because network namespaces are per thread; the test's
+/// other threads stay where they were.
+pub fn tcx_ingress_programs(ns: &str, iface: &str) -> Vec<AttachedProgram> {
+    let ns_path = format!("/var/run/netns/{ns}");
+    let iface = iface.to_string();
+    std::thread::spawn(move || {
+        let f = File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {ns_path}: {}",
+            std::io::Error::last_os_error()
+        );
+        gateway::dataplane::attached_programs(&iface).expect("query tcx")
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+pub fn classifier_count(ns: &str, iface: &str) -> usize {
+    tcx_ingress_programs(ns, iface)
+        .iter()
+        .filter(|p| p.name == gateway_common::programs::CLASSIFY)
+        .count()
+}
+
+pub fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
