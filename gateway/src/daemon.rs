@@ -29,6 +29,14 @@ struct Shared {
 
 /// Runs until SIGTERM or SIGINT. Returns an error if setup failed (after undoing it).
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let missing = crate::sys::missing_capabilities().context("reading capabilities")?;
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "missing capabilities {}: run gatewayd as root, or with the capabilities \
+             systemd/gatewayd.service grants",
+            missing.join(", ")
+        );
+    }
     crate::sys::set_private_umask();
     let (state_dir, leftover) = StateDir::acquire(&config.node.state_dir)?;
     if let Some(record) = leftover {

@@ -36,3 +36,51 @@ pub fn set_private_umask() {
         libc::umask(0o077);
     }
 }
+
+/// Capabilities gatewayd needs: CAP_BPF and CAP_PERFMON to load programs and maps,
+/// CAP_NET_ADMIN to attach them, CAP_SYS_ADMIN to ask the kernel which programs are attached
+/// (bpf_prog_get_fd_by_id). Numbers from linux/capability.h.
+pub const REQUIRED_CAPABILITIES: [(&str, u32); 4] = [
+    ("CAP_NET_ADMIN", 12),
+    ("CAP_SYS_ADMIN", 21),
+    ("CAP_PERFMON", 38),
+    ("CAP_BPF", 39),
+];
+
+/// Which of [`REQUIRED_CAPABILITIES`] this process lacks in its effective set, read from
+/// /proc/self/status so a missing one is named up front instead of surfacing as a verifier
+/// error about a bad file descriptor.
+pub fn missing_capabilities() -> io::Result<Vec<&'static str>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let effective = parse_cap_eff(&status)
+        .ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))?;
+    Ok(REQUIRED_CAPABILITIES
+        .iter()
+        .filter(|(_, bit)| effective & (1u64 << bit) == 0)
+        .map(|(name, _)| *name)
+        .collect())
+}
+
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_effective_capability_mask() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000000c000201000\n";
+        let eff = parse_cap_eff(status).expect("parsed");
+        for (name, bit) in REQUIRED_CAPABILITIES {
+            assert!(eff & (1 << bit) != 0, "{name}");
+        }
+        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+        assert_eq!(parse_cap_eff("Name: x\n"), None);
+    }
+}
