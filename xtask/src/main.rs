@@ -27,6 +27,8 @@ enum Task {
     Test,
     /// Set up, build, and run the lab demo.
     Demo,
+    /// Print the licences of what the binaries link, as the README's table.
+    Licences,
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; the lab's real programs; systemd-analyze;
@@ -59,6 +61,10 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::Licences => {
+            print!("{}", licence_table(&root)?);
+            Ok(())
+        }
     }
 }
 
@@ -224,6 +230,16 @@ fn test(root: &Path) -> anyhow::Result<()> {
             .args(["fmt", "--all", "--", "--check"]),
         "cargo fmt --check (run `cargo fmt --all`)",
     )?;
+    step("README licence table matches cargo tree");
+    let table = licence_table(root)?;
+    let readme = std::fs::read_to_string(root.join("README.md")).context("reading README.md")?;
+    if !readme.contains(&table) {
+        bail!(
+            "the README's licence table is out of date: replace it with the output of \
+             `cargo xtask licences`"
+        );
+    }
+    println!("    up to date");
     step("cargo clippy");
     run(
         Command::new("cargo").current_dir(root).args([
@@ -269,4 +285,51 @@ fn demo(root: &Path) -> anyhow::Result<()> {
             .arg(&bin),
         "lab demo",
     )
+}
+
+/// Markdown rows `| licence | crates |` for every crate the `gateway` binaries link, from
+/// `cargo tree`, so the README's list cannot drift from the lock file.
+fn licence_table(root: &Path) -> anyhow::Result<String> {
+    let tree = output(Command::new("cargo").current_dir(root).args([
+        "tree", "-p", "gateway", "-e", "normal", "--prefix", "none", "--format", "{p}|{l}",
+    ]))
+    .context("cargo tree failed")?;
+    let mut by_licence: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for line in tree.lines() {
+        let Some((package, licence)) = line.split_once('|') else {
+            continue;
+        };
+        let name = package.split_whitespace().next().unwrap_or_default();
+        if name.is_empty() || name.starts_with("gateway") {
+            continue;
+        }
+        by_licence
+            .entry(normalise_licence(licence))
+            .or_default()
+            .insert(name.to_string());
+    }
+    let mut rows: Vec<_> = by_licence.into_iter().collect();
+    rows.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    let mut out = String::from("| licence | crates |\n|---|---|\n");
+    for (licence, crates) in rows {
+        let crates: Vec<_> = crates.into_iter().collect();
+        out.push_str(&format!("| {licence} | {} |\n", crates.join(", ")));
+    }
+    Ok(out)
+}
+
+/// `MIT/Apache-2.0` and `Apache-2.0 OR MIT` are the same choice; write them one way.
+fn normalise_licence(licence: &str) -> String {
+    let licence = licence
+        .trim()
+        .trim_end_matches("(*)")
+        .trim()
+        .replace('/', " OR ");
+    if licence.contains(" AND ") || licence.contains('(') {
+        return licence;
+    }
+    let mut parts: Vec<&str> = licence.split(" OR ").map(str::trim).collect();
+    parts.sort_unstable();
+    parts.join(" OR ")
 }
