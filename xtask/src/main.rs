@@ -253,13 +253,61 @@ fn test(root: &Path) -> anyhow::Result<()> {
         "cargo clippy",
     )?;
     step("cargo test");
-    run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args(["test", "--workspace"]),
-        "cargo test",
-    )?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root).args(["test", "--workspace"]);
+    let totals = run_tests(&mut cmd)?;
+    // One closing line over every suite: cargo's own last line is the last doc-test run's,
+    // which says nothing about the rest.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.failed > 0 {
+        bail!("{} test(s) failed", totals.failed);
+    }
     Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs cargo test, echoing its output, and adds up its `test result:` lines.
+fn run_tests(cmd: &mut Command) -> anyhow::Result<Totals> {
+    use std::io::BufRead;
+    println!("    $ {}", show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = Totals::default();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next(), words.next()) {
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => totals.passed += n,
+                        "failed" => totals.failed += n,
+                        "ignored" => totals.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && totals.failed == 0 {
+        bail!("cargo test failed ({status}) before running every test");
+    }
+    Ok(totals)
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
