@@ -40,13 +40,19 @@ pub fn socket_path(lab: &Lab, name: &str) -> PathBuf {
 
 /// Starts gatewayd in `host`'s namespace and waits (bounded) until its socket answers.
 pub fn start_daemon(lab: &Lab, host: Host, config: &Path, socket: &Path, log: &str) -> Spawned {
-    let mut daemon = lab
-        .spawn(
-            host,
-            &[GATEWAYD, "--config", config.to_str().expect("utf-8 path")],
-            log,
-        )
-        .expect("spawn gatewayd");
+    let argv = [GATEWAYD, "--config", config.to_str().expect("utf-8 path")];
+    start_daemon_argv(lab, host, &argv, socket, log)
+}
+
+/// Like [`start_daemon`], for a gatewayd started through a wrapper (setpriv, env).
+pub fn start_daemon_argv(
+    lab: &Lab,
+    host: Host,
+    argv: &[&str],
+    socket: &Path,
+    log: &str,
+) -> Spawned {
+    let mut daemon = lab.spawn(host, argv, log).expect("spawn gatewayd");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
