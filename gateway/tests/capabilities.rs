@@ -60,17 +60,7 @@ fn runs_with_exactly_the_units_capabilities() {
     let config_s = config.to_str().expect("utf-8");
     let socket = socket_path(&lab, "op");
     let argv = setpriv_argv(&bounding, config_s);
-    let mut daemon = lab
-        .spawn(Host::Operator, &argv, "gatewayd.log")
-        .expect("spawn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if let Some(s) = daemon.try_wait().expect("poll") {
-            panic!("gatewayd with {bounding} exited {s}:\n{}", daemon.log());
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut daemon = start_daemon_argv(&lab, Host::Operator, &argv, &socket, "gatewayd.log");
     let status = status_json(&lab, Host::Operator, &socket);
     assert!(
         status.interfaces[0].classifier_attached,
