@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
+pub mod pki;
 pub mod routes;
 pub mod server;
 pub mod state;

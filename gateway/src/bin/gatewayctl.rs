@@ -36,6 +36,26 @@ enum Command {
     /// Validate a config file without starting anything; exits non-zero naming file, key and
     /// reason for every problem.
     CheckConfig { file: PathBuf },
+    /// The tunnel's private CA: create it, issue node and client certificates.
+    Pki {
+        #[command(subcommand)]
+        command: Pki,
+    },
+}
+
+#[derive(Subcommand)]
+enum Pki {
+    /// Create DIR/ca.pem and DIR/ca.key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue DIR/NAME.pem and DIR/NAME.key signed by DIR's CA; NAME is the identity.
+    Issue {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +66,7 @@ fn main() -> ExitCode {
             config,
         } => status(json, socket, config),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Pki { command } => pki(command),
     }
 }
 
@@ -124,6 +145,27 @@ fn check_config(file: &Path) -> ExitCode {
             for issue in &e.0 {
                 eprintln!("gatewayctl: invalid config: {issue}");
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki(command: Pki) -> ExitCode {
+    let result = match &command {
+        Pki::Init { dir } => gateway::pki::init(dir),
+        Pki::Issue { name, dir } => gateway::pki::issue(dir, name),
+    };
+    match result {
+        Ok((cert, key)) => {
+            println!(
+                "wrote {}\nwrote {} (mode 0600)",
+                cert.display(),
+                key.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatewayctl: pki: {e}");
             ExitCode::FAILURE
         }
     }
