@@ -12,7 +12,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use gateway_common::MAX_ROUTES;
-use ipnet::IpNet;
+use std::net::SocketAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::routes::{Route, RouteTable};
@@ -31,6 +33,55 @@ pub struct Config {
     /// Interfaces whose TC ingress gets the classifier.
     pub interfaces: Vec<String>,
     pub routes: RouteTable,
+    /// The tunnel, when this node is a connector or a client; `None` for a classifier only.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// What a node does in the tunnel, from which of `[tunnel] listen` / `connect` is set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts clients on `listen` and forwards their packets into the VPC.
+    Connector { listen: SocketAddr },
+    /// Dials the connector at `connect` (`HOST:PORT`), expecting its certificate to name
+    /// `server_name`.
+    Client {
+        connect: Vec<String>,
+        server_name: String,
+        source_port: u16,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tunnel {
+    pub role: Role,
+    /// Name of the TUN device the daemon creates (and the kernel removes when it exits).
+    pub tun: String,
+    /// Connector: the overlay prefixes clients get addresses from; the first address is the
+    /// connector's own.
+    pub overlay_v4: Ipv4Net,
+    pub overlay_v6: Ipv6Net,
+    pub tls: TlsPaths,
+    /// Client: interfaces whose traffic to tunnelled routes the classifier redirects into the
+    /// TUN (an office LAN behind a site gateway).
+    pub lan: Vec<String>,
+    /// Client: prefixes behind it (its LANs), announced so the connector routes replies back.
+    pub advertise: Vec<IpNet>,
+    /// Connector: who may reach what.
+    pub policy: Vec<PolicyEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One `[[policy]]` entry as written; parsed into rules by `core::policy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyEntry {
+    pub identity: String,
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +130,48 @@ struct RawConfig {
     dataplane: RawDataplane,
     #[serde(default)]
     route: Vec<RawRoute>,
+    tunnel: Option<RawTunnel>,
+    tls: Option<RawTls>,
+    client: Option<RawClient>,
+    #[serde(default)]
+    policy: Vec<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    listen: Option<String>,
+    connect: Option<Vec<String>>,
+    server_name: Option<String>,
+    source_port: Option<u16>,
+    tun: Option<String>,
+    overlay: Option<String>,
+    overlay_v6: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClient {
+    #[serde(default)]
+    lan: Vec<String>,
+    #[serde(default)]
+    advertise: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    identity: String,
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -244,10 +337,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let tunnel = validate_tunnel(raw.tunnel, raw.tls, raw.client, raw.policy, &mut |k, r| {
+        push(k, r)
+    });
+
     if !issues.is_empty() {
         return Err(ConfigError(issues));
     }
     Ok(Config {
+        tunnel,
         path: path.to_owned(),
         node: Node {
             name: raw.node.name,
@@ -256,6 +354,213 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         },
         interfaces: raw.dataplane.interfaces,
         routes: RouteTable::new(routes),
+    })
+}
+
+/// Default overlay prefixes; RFC 6598 shared space and a ULA, unlikely to clash with a VPC.
+pub const DEFAULT_OVERLAY_V4: &str = "100.64.0.0/24";
+pub const DEFAULT_OVERLAY_V6: &str = "fd00:64::/64";
+pub const DEFAULT_TUN: &str = "gateway0";
+
+fn validate_tunnel(
+    tunnel: Option<RawTunnel>,
+    tls: Option<RawTls>,
+    client: Option<RawClient>,
+    policy: Vec<RawPolicy>,
+    push: &mut dyn FnMut(String, String),
+) -> Option<Tunnel> {
+    let Some(t) = tunnel else {
+        if tls.is_some() {
+            push(
+                "tls".into(),
+                "set, but there is no [tunnel] to use it".into(),
+            );
+        }
+        if client.is_some() {
+            push("client".into(), "set, but there is no [tunnel]".into());
+        }
+        if !policy.is_empty() {
+            push("policy".into(), "set, but there is no [tunnel]".into());
+        }
+        return None;
+    };
+    let mut ok = true;
+    let mut bad = |k: &str, r: String, ok: &mut bool| {
+        *ok = false;
+        push(k.into(), r)
+    };
+    let role = match (&t.listen, &t.connect) {
+        (Some(_), Some(_)) => {
+            bad("tunnel.connect", "set together with tunnel.listen: a node either listens (connector) or connects (client)".into(), &mut ok);
+            None
+        }
+        (None, None) => {
+            bad(
+                "tunnel",
+                "needs listen (connector) or connect (client)".into(),
+                &mut ok,
+            );
+            None
+        }
+        (Some(listen), None) => match listen.parse::<SocketAddr>() {
+            Ok(listen) => Some(Role::Connector { listen }),
+            Err(_) => {
+                bad(
+                    "tunnel.listen",
+                    format!("{listen:?} is not ADDRESS:PORT, e.g. 0.0.0.0:7844"),
+                    &mut ok,
+                );
+                None
+            }
+        },
+        (None, Some(connect)) => {
+            let mut hosts = Vec::new();
+            for (i, c) in connect.iter().enumerate() {
+                match c.rsplit_once(':') {
+                    Some((host, port))
+                        if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                    {
+                        hosts.push(host.trim_matches(['[', ']']).to_string())
+                    }
+                    _ => bad(
+                        &format!("tunnel.connect[{i}]"),
+                        format!("{c:?} is not HOST:PORT"),
+                        &mut ok,
+                    ),
+                }
+            }
+            if connect.is_empty() {
+                bad("tunnel.connect", "is empty".into(), &mut ok);
+            }
+            let server_name = match (&t.server_name, hosts.first()) {
+                (Some(n), _) => Some(n.clone()),
+                (None, Some(h)) if h.parse::<std::net::IpAddr>().is_err() => Some(h.clone()),
+                (None, Some(_)) => {
+                    bad("tunnel.server_name", "required when connect uses an IP address: the name in the connector's certificate".into(), &mut ok);
+                    None
+                }
+                (None, None) => None,
+            };
+            server_name.map(|server_name| Role::Client {
+                connect: connect.clone(),
+                server_name,
+                source_port: t.source_port.unwrap_or(0),
+            })
+        }
+    };
+    if t.source_port.is_some() && t.listen.is_some() {
+        bad(
+            "tunnel.source_port",
+            "only for clients; a connector answers from its listen port".into(),
+            &mut ok,
+        );
+    }
+    let tun = t.tun.unwrap_or_else(|| DEFAULT_TUN.into());
+    if let Err(r) = check_interface_name(&tun) {
+        bad("tunnel.tun", r, &mut ok);
+    }
+    let overlay_v4 = match parse_cidr(t.overlay.as_deref().unwrap_or(DEFAULT_OVERLAY_V4)) {
+        Ok(IpNet::V4(n)) if n.prefix_len() <= 30 => Some(n),
+        Ok(_) => {
+            bad(
+                "tunnel.overlay",
+                "must be an IPv4 prefix of /30 or shorter".into(),
+                &mut ok,
+            );
+            None
+        }
+        Err(r) => {
+            bad("tunnel.overlay", r, &mut ok);
+            None
+        }
+    };
+    let overlay_v6 = match parse_cidr(t.overlay_v6.as_deref().unwrap_or(DEFAULT_OVERLAY_V6)) {
+        Ok(IpNet::V6(n)) if n.prefix_len() <= 120 => Some(n),
+        Ok(_) => {
+            bad(
+                "tunnel.overlay_v6",
+                "must be an IPv6 prefix of /120 or shorter".into(),
+                &mut ok,
+            );
+            None
+        }
+        Err(r) => {
+            bad("tunnel.overlay_v6", r, &mut ok);
+            None
+        }
+    };
+    let Some(tls) = tls else {
+        bad(
+            "tls",
+            "the tunnel needs [tls] ca, cert and key".into(),
+            &mut ok,
+        );
+        return None;
+    };
+    let client = client.unwrap_or_default();
+    let is_connector = t.listen.is_some();
+    if is_connector && (!client.lan.is_empty() || !client.advertise.is_empty()) {
+        bad(
+            "client",
+            "only for clients (this node listens: it is a connector)".into(),
+            &mut ok,
+        );
+    }
+    for (i, name) in client.lan.iter().enumerate() {
+        if let Err(r) = check_interface_name(name) {
+            bad(&format!("client.lan[{i}]"), r, &mut ok);
+        }
+    }
+    let mut advertise = Vec::new();
+    for (i, c) in client.advertise.iter().enumerate() {
+        match parse_cidr(c) {
+            Ok(n) => advertise.push(n),
+            Err(r) => bad(&format!("client.advertise[{i}]"), r, &mut ok),
+        }
+    }
+    if !is_connector && !policy.is_empty() {
+        bad(
+            "policy",
+            "only for connectors: they decide what clients may reach".into(),
+            &mut ok,
+        );
+    }
+    let mut entries = Vec::new();
+    for (i, p) in policy.into_iter().enumerate() {
+        if p.identity.trim().is_empty() {
+            bad(
+                &format!("policy[{i}].identity"),
+                "must not be empty".into(),
+                &mut ok,
+            );
+        }
+        for (j, rule) in p.allow.iter().enumerate() {
+            if let Err(r) = crate::core::policy::Rule::parse(rule) {
+                bad(&format!("policy[{i}].allow[{j}]"), r, &mut ok);
+            }
+        }
+        entries.push(PolicyEntry {
+            identity: p.identity,
+            allow: p.allow,
+        });
+    }
+    let (Some(role), Some(overlay_v4), Some(overlay_v6), true) = (role, overlay_v4, overlay_v6, ok)
+    else {
+        return None;
+    };
+    Some(Tunnel {
+        role,
+        tun,
+        overlay_v4,
+        overlay_v6,
+        tls: TlsPaths {
+            ca: tls.ca,
+            cert: tls.cert,
+            key: tls.key,
+        },
+        lan: client.lan,
+        advertise,
+        policy: entries,
     })
 }
 
