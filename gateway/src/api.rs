@@ -25,7 +25,7 @@ pub enum Request {
     Status,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Status(Box<Status>),
@@ -35,7 +35,7 @@ pub enum Response {
 /// The daemon's state as `gatewayctl status` shows it. Counters are read from the kernel's maps
 /// at the moment of the request, and attached programs are what the kernel reports, not what
 /// the daemon believes it attached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub schema: u32,
     /// Version of the running gatewayd.
@@ -55,6 +55,59 @@ pub struct Status {
     /// Classifier totals over all interfaces, by counter name (`matched`, `unmatched`,
     /// `not_ip`, `malformed`, `bad_route_id`).
     pub classifier: BTreeMap<String, u64>,
+    /// Present when the node runs a tunnel (connector or client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    /// `connector` or `client`.
+    pub role: String,
+    /// Name of the TUN device.
+    pub tun: String,
+    /// Current TUN MTU: the largest packet one QUIC datagram carries (0 before any peer).
+    pub mtu: u32,
+    /// One line: listening, connected, or why it is reconnecting.
+    pub state: String,
+    pub peers: Vec<PeerStatus>,
+    /// The latest refused connections (newest last), with why.
+    pub refusals: Vec<Refusal>,
+    /// Packets dropped by the tunnel, by reason (`policy`, `spoofed_source`, `too_big`, ...).
+    pub drops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer's certificate name.
+    pub identity: String,
+    pub remote: String,
+    /// `quic`.
+    pub transport: String,
+    /// The client's overlay addresses.
+    pub address_v4: String,
+    pub address_v6: String,
+    pub rtt_ms: f64,
+    /// Seconds since the Unix epoch.
+    pub connected_since: u64,
+    /// Stays the same for as long as the QUIC connection lives.
+    pub connection_id: u64,
+    pub max_datagram: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Packets from this peer that its policy did not allow.
+    pub policy_drops: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub identity: Option<String>,
+    pub remote: String,
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +227,7 @@ mod tests {
                 bytes: 420,
             }],
             classifier: BTreeMap::from([("matched".into(), 5), ("unmatched".into(), 2)]),
+            tunnel: None,
         }
     }
 

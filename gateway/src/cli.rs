@@ -190,6 +190,7 @@ mod tests {
                 },
             ],
             classifier: BTreeMap::from([("matched".into(), 17), ("unmatched".into(), 3)]),
+            tunnel: None,
         };
         let expected = "\
 gatewayd 0.1.0 on node lab-op (pid 42), up 1m 5s

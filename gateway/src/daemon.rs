@@ -22,6 +22,7 @@ use crate::state::{self, Record, StateDir};
 /// What the status handler reads; shared with the socket task.
 struct Shared {
     config: Config,
+    tunnel: Option<Arc<crate::tunnel::engine::Shared>>,
     dataplane: Mutex<Dataplane>,
     started_at: u64,
     started: Instant,
@@ -66,7 +67,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let tunnel = match &config.tunnel {
+        None => None,
+        Some(t) => {
+            let offered = config.routes.iter().map(|r| r.cidr).collect();
+            match crate::tunnel::start(t, offered).await {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    drop(dataplane);
+                    remove_socket(&config.node.socket);
+                    state_dir.clear()?;
+                    return Err(e.context("starting the tunnel"));
+                }
+            }
+        }
+    };
+
     let shared = Arc::new(Shared {
+        tunnel: tunnel.as_ref().map(|t| t.shared.clone()),
         config,
         dataplane: Mutex::new(dataplane),
         started_at,
@@ -94,6 +112,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
     remove_socket(&shared.config.node.socket);
+    if let Some(t) = tunnel {
+        t.stop().await;
+        tracing::info!("tunnel stopped; TUN device and its routes removed");
+    }
     let detached = shared
         .dataplane
         .lock()
@@ -243,6 +265,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         interfaces,
         routes,
         classifier,
+        tunnel: shared.tunnel.as_ref().map(|t| t.status()),
     })
 }
 

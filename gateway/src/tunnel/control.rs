@@ -1,0 +1,124 @@
+//! Control messages on the tunnel's QUIC stream: hello, welcome or refusal, keepalives.
+//!
+//! Each message is a JSON object behind a 4-byte big-endian length. Control is rare, so
+//! readability beats compactness; packets never travel here (they are DATAGRAM frames).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Bumped when a message changes meaning; a peer with another version is refused with a
+/// message that says so.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// No control message comes near this; more is a broken or hostile peer.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    Hello {
+        version: u32,
+        node: String,
+        /// Prefixes behind the client (its LANs), routed back to it by the connector.
+        advertise: Vec<IpNet>,
+    },
+    Welcome {
+        version: u32,
+        node: String,
+        address_v4: Ipv4Addr,
+        address_v6: Ipv6Addr,
+        /// Prefix lengths of the overlay the addresses come from.
+        prefix_v4: u8,
+        prefix_v6: u8,
+        /// Destinations the client should send into the tunnel.
+        routes: Vec<IpNet>,
+        keepalive_secs: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    Keepalive {
+        seq: u64,
+    },
+    /// A message type from a newer peer: skipped, not fatal.
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control message of {0} bytes exceeds {MAX_MESSAGE}")]
+    TooLong(usize),
+    #[error("control stream: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("control stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("control message is not valid: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+pub fn encode(msg: &Control) -> Result<Vec<u8>, ControlError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_MESSAGE {
+        return Err(ControlError::TooLong(body.len()));
+    }
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub fn decode(body: &[u8]) -> Result<Control, ControlError> {
+    Ok(serde_json::from_slice(body)?)
+}
+
+pub async fn send(stream: &mut quinn::SendStream, msg: &Control) -> Result<(), ControlError> {
+    stream.write_all(&encode(msg)?).await?;
+    Ok(())
+}
+
+pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Control, ControlError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(ControlError::TooLong(len));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    decode(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_with_their_length_prefix() {
+        let hello = Control::Hello {
+            version: PROTOCOL_VERSION,
+            node: "ops-alice".into(),
+            advertise: vec!["192.0.2.0/24".parse().expect("net")],
+        };
+        let bytes = encode(&hello).expect("encode");
+        let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(decode(&bytes[4..]).expect("decode"), hello);
+    }
+
+    #[test]
+    fn unknown_types_from_newer_peers_are_skippable() {
+        assert_eq!(
+            decode(br#"{"type":"route_update","routes":[]}"#).expect("decode"),
+            Control::Unknown
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(decode(b"\xff\x00").is_err());
+        assert!(decode(br#"{"type":"hello"}"#).is_err());
+        assert!(decode(b"").is_err());
+    }
+}

@@ -1,0 +1,784 @@
+//! The tunnel's tasks: TUN pump, QUIC endpoint, per-peer datagram pumps, reconnection.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use quinn::{Endpoint, TransportConfig, VarInt};
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tun_rs::AsyncDevice;
+
+use super::control::{self, Control, PROTOCOL_VERSION};
+use super::{net, tls};
+use crate::api::{PeerStatus, Refusal, TunnelStatus};
+use crate::config::{Role, Tunnel};
+use crate::core::packet;
+use crate::core::policy::{Decision, Policy};
+
+/// Largest IP packet the TUN can hand us; buffers are this big.
+const MAX_PACKET: usize = 65_535;
+/// UDP payload size QUIC starts with: its datagrams then hold 1362-byte packets, above IPv6's
+/// 1280 minimum, so the TUN can carry IPv6 from the first packet. MTU discovery raises it.
+const INITIAL_MTU: u16 = 1400;
+/// Ceiling for MTU discovery on a 1500-byte path (1500 - 20 IPv4 - 8 UDP).
+const MTU_CEILING: u16 = 1472;
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A connector that vanished is noticed within this, and the client starts reconnecting.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REFUSALS: usize = 20;
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Default)]
+struct Counters {
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    policy_drops: AtomicU64,
+}
+
+impl Counters {
+    fn add(count: &AtomicU64, bytes: &AtomicU64, n: usize) {
+        count.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+struct Peer {
+    identity: String,
+    conn: quinn::Connection,
+    address_v4: Ipv4Addr,
+    address_v6: Ipv6Addr,
+    /// Sources this peer may send from and destinations routed to it.
+    owns: Vec<IpNet>,
+    connected_since: u64,
+    counters: Arc<Counters>,
+}
+
+/// What `gatewayctl status` reads; shared by every task of the tunnel.
+pub struct Shared {
+    role: &'static str,
+    tun: String,
+    mtu: AtomicU32,
+    peers: Mutex<Vec<Arc<Peer>>>,
+    refusals: Mutex<VecDeque<Refusal>>,
+    drops: Mutex<HashMap<String, u64>>,
+    state: Mutex<String>,
+}
+
+impl Shared {
+    fn drop_packet(&self, reason: &str) {
+        if let Ok(mut d) = self.drops.lock() {
+            *d.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    fn refuse(&self, identity: Option<String>, remote: SocketAddr, reason: String) {
+        tracing::warn!(?identity, %remote, %reason, "peer refused");
+        if let Ok(mut r) = self.refusals.lock() {
+            if r.len() == MAX_REFUSALS {
+                r.pop_front();
+            }
+            r.push_back(Refusal {
+                identity,
+                remote: remote.to_string(),
+                reason,
+                at: now_unix(),
+            });
+        }
+    }
+
+    fn set_state(&self, s: impl Into<String>) {
+        if let Ok(mut st) = self.state.lock() {
+            *st = s.into();
+        }
+    }
+
+    fn peer_for(&self, dst: IpAddr) -> Option<Arc<Peer>> {
+        let peers = self.peers.lock().ok()?;
+        peers
+            .iter()
+            .filter_map(|p| {
+                p.owns
+                    .iter()
+                    .filter(|n| n.contains(&dst))
+                    .map(|n| n.prefix_len())
+                    .max()
+                    .map(|len| (len, p))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, p)| p.clone())
+    }
+
+    pub fn status(&self) -> TunnelStatus {
+        let peers = self
+            .peers
+            .lock()
+            .map(|peers| {
+                peers
+                    .iter()
+                    .map(|p| PeerStatus {
+                        identity: p.identity.clone(),
+                        remote: p.conn.remote_address().to_string(),
+                        transport: "quic".into(),
+                        address_v4: p.address_v4.to_string(),
+                        address_v6: p.address_v6.to_string(),
+                        rtt_ms: p.conn.rtt().as_secs_f64() * 1000.0,
+                        connected_since: p.connected_since,
+                        connection_id: p.conn.stable_id() as u64,
+                        max_datagram: p.conn.max_datagram_size().unwrap_or(0) as u64,
+                        tx_packets: p.counters.tx_packets.load(Ordering::Relaxed),
+                        tx_bytes: p.counters.tx_bytes.load(Ordering::Relaxed),
+                        rx_packets: p.counters.rx_packets.load(Ordering::Relaxed),
+                        rx_bytes: p.counters.rx_bytes.load(Ordering::Relaxed),
+                        policy_drops: p.counters.policy_drops.load(Ordering::Relaxed),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        TunnelStatus {
+            role: self.role.into(),
+            tun: self.tun.clone(),
+            mtu: self.mtu.load(Ordering::Relaxed),
+            state: self.state.lock().map(|s| s.clone()).unwrap_or_default(),
+            peers,
+            refusals: self
+                .refusals
+                .lock()
+                .map(|r| r.iter().cloned().collect())
+                .unwrap_or_default(),
+            drops: self
+                .drops
+                .lock()
+                .map(|d| d.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A running tunnel. Dropping it stops every task; the TUN device, and with it every route
+/// through it, disappears when the last task holding it ends.
+pub struct TunnelHandle {
+    pub shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    endpoint: Endpoint,
+    sysctls: Vec<(String, String)>,
+}
+
+impl TunnelHandle {
+    pub async fn stop(mut self) {
+        self.endpoint
+            .close(VarInt::from_u32(0), b"gatewayd stopping");
+        self.tasks.shutdown().await;
+        net::restore(&mut self.sysctls);
+    }
+}
+
+fn transport() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.initial_mtu(INITIAL_MTU);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_CEILING);
+    t.mtu_discovery_config(Some(mtud));
+    t.keep_alive_interval(Some(KEEPALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t
+}
+
+async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .build_async()
+        .with_context(|| format!("creating TUN device {name}"))?;
+    let handle = net::connect()?;
+    let index = net::link_index(&handle, name).await?;
+    // No router solicitations or MLD reports into the tunnel (NOTES-datapath.md).
+    if let Err(e) = net::sysctl_set(&format!("net.ipv6.conf.{name}.addr_gen_mode"), "1") {
+        tracing::warn!(error = %e, "could not disable IPv6 address generation on the TUN");
+    }
+    net::set_up(&handle, index, u32::from(INITIAL_MTU)).await?;
+    Ok((Arc::new(dev), index, handle))
+}
+
+/// Starts the tunnel for this node's role. `routes` are the prefixes a connector offers.
+pub async fn start(cfg: &Tunnel, routes: Vec<IpNet>) -> anyhow::Result<TunnelHandle> {
+    match &cfg.role {
+        Role::Connector { listen } => start_connector(cfg, *listen, routes).await,
+        Role::Client {
+            connect,
+            server_name,
+            source_port,
+        } => start_client(cfg, connect.clone(), server_name.clone(), *source_port).await,
+    }
+}
+
+fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
+    Arc::new(Shared {
+        role,
+        tun: tun.into(),
+        mtu: AtomicU32::new(0),
+        peers: Mutex::new(Vec::new()),
+        refusals: Mutex::new(VecDeque::new()),
+        drops: Mutex::new(HashMap::new()),
+        state: Mutex::new(state.into()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connector
+
+async fn start_connector(
+    cfg: &Tunnel,
+    listen: SocketAddr,
+    routes: Vec<IpNet>,
+) -> anyhow::Result<TunnelHandle> {
+    let mut sysctls = Vec::new();
+    let result = async {
+        net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
+        net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
+        let crypto = tls::server_config(&cfg.tls)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport()));
+        let (tun, index, handle) = create_tun(&cfg.tun).await?;
+        let own_v4 = nth_v4(cfg.overlay_v4, 1).context("overlay too small")?;
+        let own_v6 = nth_v6(cfg.overlay_v6, 1);
+        net::add_address(&handle, index, own_v4.into(), cfg.overlay_v4.prefix_len()).await?;
+        net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
+        let endpoint = Endpoint::server(server, listen)
+            .with_context(|| format!("listening on UDP {listen}"))?;
+        anyhow::Ok((tun, index, handle, endpoint))
+    }
+    .await;
+    let (tun, index, handle, endpoint) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            net::restore(&mut sysctls);
+            return Err(e);
+        }
+    };
+
+    let shared = shared("connector", &cfg.tun, &format!("listening on {listen}"));
+    let policy = Arc::new(Policy::new(
+        &cfg.policy
+            .iter()
+            .map(|p| (p.identity.clone(), p.allow.clone()))
+            .collect::<Vec<_>>(),
+    ));
+    let connector = Arc::new(Connector {
+        shared: shared.clone(),
+        tun: tun.clone(),
+        tun_index: index,
+        netlink: handle.clone(),
+        policy,
+        overlay_v4: cfg.overlay_v4,
+        overlay_v6: cfg.overlay_v6,
+        routes,
+        leases: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = JoinSet::new();
+    tasks.spawn(tun_to_peers(shared.clone(), tun));
+    tasks.spawn(follow_mtu(shared.clone(), handle, index));
+    let ep = endpoint.clone();
+    tasks.spawn(async move {
+        let mut clients = JoinSet::new();
+        while let Some(incoming) = ep.accept().await {
+            let c = connector.clone();
+            clients.spawn(async move { c.serve(incoming).await });
+        }
+    });
+    Ok(TunnelHandle {
+        shared,
+        tasks,
+        endpoint,
+        sysctls,
+    })
+}
+
+struct Connector {
+    shared: Arc<Shared>,
+    tun: Arc<AsyncDevice>,
+    tun_index: u32,
+    netlink: rtnetlink::Handle,
+    policy: Arc<Policy>,
+    overlay_v4: Ipv4Net,
+    overlay_v6: Ipv6Net,
+    routes: Vec<IpNet>,
+    /// Overlay host number per identity, so a reconnecting client keeps its address.
+    leases: Mutex<HashMap<String, u32>>,
+}
+
+impl Connector {
+    async fn serve(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.shared
+                    .refuse(None, remote, format!("TLS handshake failed: {e}"));
+                return;
+            }
+            Err(_) => {
+                self.shared
+                    .refuse(None, remote, "handshake timed out".into());
+                return;
+            }
+        };
+        let Some(identity) = tls::peer_identity(&conn) else {
+            self.shared
+                .refuse(None, remote, "certificate carries no name".into());
+            conn.close(VarInt::from_u32(1), b"no identity");
+            return;
+        };
+        if let Err(e) = self.session(&conn, &identity).await {
+            tracing::info!(%identity, %remote, error = %format!("{e:#}"), "client session ended");
+        }
+        let id = conn.stable_id();
+        if let Ok(mut peers) = self.shared.peers.lock() {
+            peers.retain(|p| p.conn.stable_id() != id);
+        }
+    }
+
+    async fn session(&self, conn: &quinn::Connection, identity: &str) -> anyhow::Result<()> {
+        let remote = conn.remote_address();
+        let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+            .await
+            .context("no control stream")??;
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv(&mut recv))
+            .await
+            .context("no hello")??;
+        let Control::Hello {
+            version, advertise, ..
+        } = hello
+        else {
+            bail!("first message was not a hello");
+        };
+        if version != PROTOCOL_VERSION {
+            let reason =
+                format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");
+            self.refuse(conn, &mut send, identity, reason).await;
+            return Ok(());
+        }
+        if !self.policy.knows(identity) {
+            let reason = format!("no [[policy]] entry matches identity {identity:?}");
+            self.refuse(conn, &mut send, identity, reason).await;
+            return Ok(());
+        }
+        let host = self.lease(identity);
+        let (Some(address_v4), address_v6) =
+            (nth_v4(self.overlay_v4, host), nth_v6(self.overlay_v6, host))
+        else {
+            let reason = "overlay address pool exhausted".to_string();
+            self.refuse(conn, &mut send, identity, reason).await;
+            return Ok(());
+        };
+        let mut owns = vec![
+            IpNet::from(IpAddr::V4(address_v4)),
+            IpNet::from(IpAddr::V6(address_v6)),
+        ];
+        for net in advertise {
+            net::replace_route(&self.netlink, net, self.tun_index)
+                .await
+                .with_context(|| format!("routing {net} to {identity}"))?;
+            owns.push(net);
+        }
+        control::send(
+            &mut send,
+            &Control::Welcome {
+                version: PROTOCOL_VERSION,
+                node: identity.to_string(),
+                address_v4,
+                address_v6,
+                prefix_v4: self.overlay_v4.prefix_len(),
+                prefix_v6: self.overlay_v6.prefix_len(),
+                routes: self.routes.clone(),
+                keepalive_secs: KEEPALIVE.as_secs(),
+            },
+        )
+        .await?;
+        let peer = Arc::new(Peer {
+            identity: identity.to_string(),
+            conn: conn.clone(),
+            address_v4,
+            address_v6,
+            owns,
+            connected_since: now_unix(),
+            counters: Arc::new(Counters::default()),
+        });
+        if let Ok(mut peers) = self.shared.peers.lock() {
+            // A client that reconnects replaces its old, dead connection.
+            for old in peers.iter().filter(|p| p.identity == identity) {
+                old.conn
+                    .close(VarInt::from_u32(3), b"replaced by a new connection");
+            }
+            peers.retain(|p| p.identity != identity);
+            peers.push(peer.clone());
+        }
+        tracing::info!(%identity, %remote, %address_v4, %address_v6, "client connected");
+        self.pump_from_peer(&peer).await
+    }
+
+    /// Tells the client why, records it for status, and closes the connection.
+    async fn refuse(
+        &self,
+        conn: &quinn::Connection,
+        send: &mut quinn::SendStream,
+        identity: &str,
+        reason: String,
+    ) {
+        self.shared.refuse(
+            Some(identity.to_string()),
+            conn.remote_address(),
+            reason.clone(),
+        );
+        let _ = control::send(send, &Control::Refused { reason }).await;
+        let _ = send.finish();
+        // Give the refusal a moment to reach the client before the close overtakes it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conn.close(VarInt::from_u32(2), b"refused");
+    }
+
+    fn lease(&self, identity: &str) -> u32 {
+        let Ok(mut leases) = self.leases.lock() else {
+            return 2;
+        };
+        let next = leases.values().max().map_or(2, |m| m + 1);
+        *leases.entry(identity.to_string()).or_insert(next)
+    }
+
+    /// Datagrams from a client: parse, check the source belongs to it, check policy, deliver.
+    async fn pump_from_peer(&self, peer: &Peer) -> anyhow::Result<()> {
+        loop {
+            let dgram = peer.conn.read_datagram().await?;
+            Counters::add(
+                &peer.counters.rx_packets,
+                &peer.counters.rx_bytes,
+                dgram.len(),
+            );
+            let meta = match packet::parse(&dgram) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.shared.drop_packet(&format!("malformed_{}", e.name()));
+                    continue;
+                }
+            };
+            if !peer.owns.iter().any(|n| n.contains(&meta.src)) {
+                self.shared.drop_packet("spoofed_source");
+                continue;
+            }
+            match self.policy.decide(&peer.identity, &meta) {
+                Decision::Allow => {
+                    if let Err(e) = self.tun.send(&dgram).await {
+                        tracing::debug!(error = %e, "TUN write failed");
+                        self.shared.drop_packet("tun_write");
+                    }
+                }
+                Decision::DenyNoRule | Decision::DenyUnknownIdentity => {
+                    peer.counters.policy_drops.fetch_add(1, Ordering::Relaxed);
+                    self.shared.drop_packet("policy");
+                }
+            }
+        }
+    }
+}
+
+/// Packets the kernel routed into the TUN go to the peer that owns their destination.
+async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let n = match tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the TUN failed; tunnel stopped");
+                shared.set_state(format!("TUN read failed: {e}"));
+                return;
+            }
+        };
+        let pkt = &buf[..n];
+        let Ok(meta) = packet::parse(pkt) else {
+            shared.drop_packet("malformed_from_tun");
+            continue;
+        };
+        let Some(peer) = shared.peer_for(meta.dst) else {
+            shared.drop_packet("no_peer");
+            continue;
+        };
+        send_to(&shared, &peer.conn, &peer.counters, pkt);
+    }
+}
+
+fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &[u8]) {
+    match conn.send_datagram(Bytes::copy_from_slice(pkt)) {
+        Ok(()) => Counters::add(&counters.tx_packets, &counters.tx_bytes, pkt.len()),
+        Err(quinn::SendDatagramError::TooLarge) => shared.drop_packet("too_big"),
+        Err(_) => shared.drop_packet("send_failed"),
+    }
+}
+
+/// Keeps the TUN's MTU at what one datagram carries; MTU discovery raises it after start.
+async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let smallest = shared.peers.lock().ok().and_then(|peers| {
+            peers
+                .iter()
+                .filter_map(|p| p.conn.max_datagram_size())
+                .min()
+        });
+        let Some(size) = smallest else { continue };
+        let mtu = u32::try_from(size.min(MAX_PACKET)).unwrap_or(u32::from(INITIAL_MTU));
+        if shared.mtu.swap(mtu, Ordering::Relaxed) != mtu {
+            match net::set_mtu(&netlink, index, mtu).await {
+                Ok(()) => tracing::info!(mtu, "TUN MTU follows the tunnel's datagram size"),
+                Err(e) => tracing::warn!(mtu, error = %e, "could not set TUN MTU"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+async fn start_client(
+    cfg: &Tunnel,
+    connect: Vec<String>,
+    server_name: String,
+    source_port: u16,
+) -> anyhow::Result<TunnelHandle> {
+    let mut sysctls = Vec::new();
+    let result = async {
+        if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
+            // A site gateway forwards its LAN's replies from the TUN to the LAN.
+            net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
+            net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
+        }
+        let crypto = tls::client_config(&cfg.tls)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(transport()));
+        let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port));
+        let mut endpoint =
+            Endpoint::client(bind).with_context(|| format!("binding UDP source port {bind}"))?;
+        endpoint.set_default_client_config(client);
+        let (tun, index, handle) = create_tun(&cfg.tun).await?;
+        anyhow::Ok((tun, index, handle, endpoint))
+    }
+    .await;
+    let (tun, index, handle, endpoint) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            net::restore(&mut sysctls);
+            return Err(e);
+        }
+    };
+    let shared = shared("client", &cfg.tun, "connecting");
+    let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(tun_to_connector(shared.clone(), tun.clone(), current_rx));
+    tasks.spawn(follow_mtu(shared.clone(), handle.clone(), index));
+    let client = Client {
+        shared: shared.clone(),
+        endpoint: endpoint.clone(),
+        tun,
+        tun_index: index,
+        netlink: handle,
+        connect,
+        server_name,
+        advertise: cfg.advertise.clone(),
+        current: current_tx,
+    };
+    tasks.spawn(client.run());
+    Ok(TunnelHandle {
+        shared,
+        tasks,
+        endpoint,
+        sysctls,
+    })
+}
+
+struct Client {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    tun: Arc<AsyncDevice>,
+    tun_index: u32,
+    netlink: rtnetlink::Handle,
+    connect: Vec<String>,
+    server_name: String,
+    advertise: Vec<IpNet>,
+    current: watch::Sender<Option<Arc<Peer>>>,
+}
+
+impl Client {
+    /// Connects, serves until the connection dies, and again, with backoff and jitter so a
+    /// fleet of clients does not reconnect in lockstep.
+    async fn run(self) {
+        let mut failures: u32 = 0;
+        loop {
+            for target in &self.connect {
+                match self.session(target).await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        let e = format!("{e:#}");
+                        tracing::warn!(%target, error = %e, "tunnel down");
+                        self.shared.set_state(format!("reconnecting: {e}"));
+                        failures = failures.saturating_add(1);
+                    }
+                }
+                self.current.send_replace(None);
+                if let Ok(mut p) = self.shared.peers.lock() {
+                    p.clear();
+                }
+                let base = Duration::from_millis(250)
+                    .saturating_mul(1u32 << failures.min(4))
+                    .min(Duration::from_secs(4));
+                let jitter = rand::rng().random_range(0..=base.as_millis() as u64 / 2);
+                tokio::time::sleep(base + Duration::from_millis(jitter)).await;
+            }
+        }
+    }
+
+    async fn session(&self, target: &str) -> anyhow::Result<()> {
+        let addr = tokio::net::lookup_host(target)
+            .await
+            .with_context(|| format!("resolving {target}"))?
+            .next()
+            .ok_or_else(|| anyhow!("{target} resolves to nothing"))?;
+        let conn = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            self.endpoint.connect(addr, &self.server_name)?,
+        )
+        .await
+        .context("no QUIC handshake")??;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        control::send(
+            &mut send,
+            &Control::Hello {
+                version: PROTOCOL_VERSION,
+                node: self.server_name.clone(),
+                advertise: self.advertise.clone(),
+            },
+        )
+        .await?;
+        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv(&mut recv))
+            .await
+            .context("no answer to hello")??;
+        let (address_v4, address_v6, prefix_v4, prefix_v6, routes, node) = match welcome {
+            Control::Welcome {
+                address_v4,
+                address_v6,
+                prefix_v4,
+                prefix_v6,
+                routes,
+                node,
+                ..
+            } => (address_v4, address_v6, prefix_v4, prefix_v6, routes, node),
+            Control::Refused { reason } => {
+                self.shared
+                    .refuse(Some(self.server_name.clone()), addr, reason.clone());
+                bail!("refused by the connector: {reason}");
+            }
+            other => bail!("unexpected answer to hello: {other:?}"),
+        };
+        net::add_address(&self.netlink, self.tun_index, address_v4.into(), prefix_v4).await?;
+        net::add_address(&self.netlink, self.tun_index, address_v6.into(), prefix_v6).await?;
+        for r in &routes {
+            net::replace_route(&self.netlink, *r, self.tun_index)
+                .await
+                .with_context(|| format!("route {r} into the tunnel"))?;
+        }
+        let peer = Arc::new(Peer {
+            identity: self.server_name.clone(),
+            conn: conn.clone(),
+            address_v4,
+            address_v6,
+            owns: routes.clone(),
+            connected_since: now_unix(),
+            counters: Arc::new(Counters::default()),
+        });
+        if let Ok(mut p) = self.shared.peers.lock() {
+            *p = vec![peer.clone()];
+        }
+        self.current.send_replace(Some(peer.clone()));
+        self.shared.set_state(format!("connected to {addr}"));
+        tracing::info!(%addr, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
+        loop {
+            let dgram = conn.read_datagram().await?;
+            Counters::add(
+                &peer.counters.rx_packets,
+                &peer.counters.rx_bytes,
+                dgram.len(),
+            );
+            if let Err(e) = self.tun.send(&dgram).await {
+                tracing::debug!(error = %e, "TUN write failed");
+                self.shared.drop_packet("tun_write");
+            }
+        }
+    }
+}
+
+/// Everything routed into the client's TUN goes to the connector, while there is one.
+async fn tun_to_connector(
+    shared: Arc<Shared>,
+    tun: Arc<AsyncDevice>,
+    current: watch::Receiver<Option<Arc<Peer>>>,
+) {
+    let mut buf = vec![0u8; MAX_PACKET];
+    loop {
+        let n = match tun.recv(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the TUN failed; tunnel stopped");
+                shared.set_state(format!("TUN read failed: {e}"));
+                return;
+            }
+        };
+        let peer = current.borrow().clone();
+        match peer {
+            Some(p) => send_to(&shared, &p.conn, &p.counters, &buf[..n]),
+            None => shared.drop_packet("tunnel_down"),
+        }
+    }
+}
+
+/// The `n`th address of a prefix (0 is the network address).
+fn nth_v4(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
+    let size = 1u64 << (32 - u32::from(net.prefix_len()));
+    if u64::from(n) >= size.saturating_sub(1) {
+        return None;
+    }
+    Some(Ipv4Addr::from(u32::from(net.network()).wrapping_add(n)))
+}
+
+fn nth_v6(net: Ipv6Net, n: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(net.network()).wrapping_add(u128::from(n)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_hosts_skip_network_and_broadcast() {
+        let net: Ipv4Net = "100.64.0.0/30".parse().expect("net");
+        assert_eq!(nth_v4(net, 1), Some(Ipv4Addr::new(100, 64, 0, 1)));
+        assert_eq!(nth_v4(net, 2), Some(Ipv4Addr::new(100, 64, 0, 2)));
+        assert_eq!(nth_v4(net, 3), None, "broadcast");
+        let v6: Ipv6Net = "fd00:64::/64".parse().expect("net");
+        assert_eq!(nth_v6(v6, 2), "fd00:64::2".parse::<Ipv6Addr>().expect("ip"));
+    }
+}

@@ -1,0 +1,18 @@
+//! The tunnel: IP packets in QUIC DATAGRAM frames between a client and a connector, through a
+//! TUN device on each end.
+//!
+//! ```text
+//!  client host                                        connector (VPC gateway)
+//!  app ─ route ─▶ TUN ─▶ datagram ══ QUIC/UDP ══▶ policy ─▶ TUN ─▶ kernel forwards ─▶ VPC
+//!  app ◀────────── TUN ◀─ datagram ◀══════════════ peer by dst ◀─ TUN ◀─ route (overlay) ◀─ VPC
+//! ```
+//!
+//! Control (hello, welcome or refusal) travels on one bidirectional stream per connection.
+//! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
+
+pub mod control;
+pub mod engine;
+pub mod net;
+pub mod tls;
+
+pub use engine::{TunnelHandle, start};
