@@ -170,3 +170,255 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
     assert_eq!(tunnel.peers[0].policy_drops, 0);
     let _ = (&t.pki, &t.connector, &t.client);
 }
+
+#[test]
+fn big_pings_and_a_bulk_scp_fit_the_tunnel_mtu() {
+    let t = start();
+    let lab = &t.lab;
+    // Let MTU discovery settle; the TUN MTU follows it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while status_json(lab, Host::Operator, &t.client_socket)
+        .tunnel
+        .map(|s| s.mtu)
+        .unwrap_or(0)
+        < 1428
+    {
+        assert!(Instant::now() < deadline, "tunnel MTU stayed below 1428");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.run_ok(
+        Host::Operator,
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-s",
+            "1400",
+            addr::VPC_HOST,
+        ],
+    )
+    .expect("1400-byte ping");
+
+    let src = lab.dir().join("bulk.bin");
+    let dst = lab.dir().join("bulk.copy");
+    let data: Vec<u8> = (0..20u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&src, &data).expect("write 20 MB");
+    let mut argv = lab.ssh_argv(addr::VPC_HOST, "");
+    argv.truncate(argv.len() - 2); // drop user@host and the command: scp takes its own
+    argv[0] = "scp".into();
+    argv.push("-q".into());
+    argv.push(src.display().to_string());
+    argv.push(format!("root@{}:{}", addr::VPC_HOST, dst.display()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    lab.run_ok(Host::Operator, &argv)
+        .expect("scp 20 MB through the tunnel");
+    assert!(std::fs::read(&dst).expect("copy") == data, "copy differs");
+}
+
+#[test]
+fn refuses_foreign_certificates_and_identities_without_policy_and_says_so() {
+    let t = start();
+    let lab = &t.lab;
+
+    // A client certificate from another CA: the handshake fails.
+    let rogue = lab.dir().join("rogue");
+    let r = rogue.to_str().expect("utf-8");
+    assert!(
+        gatewayctl(lab, Host::Operator, &["pki", "init", "--dir", r])
+            .status
+            .success()
+    );
+    assert!(
+        gatewayctl(
+            lab,
+            Host::Operator,
+            &["pki", "issue", "ops-eve", "--dir", r]
+        )
+        .status
+        .success()
+    );
+    std::fs::copy(t.pki.join("ca.pem"), rogue.join("trusted-ca.pem")).expect("copy ca");
+    let eve = write_config(
+        lab,
+        "ops-eve",
+        &[],
+        &format!(
+            "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\ntun = \"evetun\"\n\n\
+             [tls]\nca = \"{r}/trusted-ca.pem\"\ncert = \"{r}/ops-eve.pem\"\nkey = \"{r}/ops-eve.key\"\n",
+            addr::GW_WAN
+        ),
+    );
+    let eve_socket = socket_path(lab, "ops-eve");
+    let _eve = start_daemon(lab, Host::Operator, &eve, &eve_socket, "eve.log");
+
+    // A certificate from the right CA for an identity no policy names.
+    let d = t.pki.to_str().expect("utf-8");
+    assert!(
+        gatewayctl(
+            lab,
+            Host::Operator,
+            &["pki", "issue", "dev-bob", "--dir", d]
+        )
+        .status
+        .success()
+    );
+    let bob = write_config(
+        lab,
+        "dev-bob",
+        &[],
+        &format!(
+            "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\ntun = \"bobtun\"\n\n{}",
+            addr::GW_WAN,
+            tls(&t.pki, "dev-bob")
+        ),
+    );
+    let bob_socket = socket_path(lab, "dev-bob");
+    let _bob = start_daemon(lab, Host::Operator, &bob, &bob_socket, "bob.log");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refusals = loop {
+        let s = status_json(lab, Host::VpcGateway, &t.connector_socket);
+        let r = s.tunnel.expect("tunnel").refusals;
+        let tls_refused = r
+            .iter()
+            .any(|x| x.identity.is_none() && x.reason.contains("TLS"));
+        let bob_refused = r.iter().any(|x| {
+            x.identity.as_deref() == Some("dev-bob") && x.reason.contains("no [[policy]]")
+        });
+        if tls_refused && bob_refused {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "refusals not reported: {r:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!refusals.is_empty());
+    let bob_status = status_json(lab, Host::Operator, &bob_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        bob_status.state.contains("no [[policy]]"),
+        "{}",
+        bob_status.state
+    );
+    assert!(bob_status.peers.is_empty());
+    let connector = status_json(lab, Host::VpcGateway, &t.connector_socket)
+        .tunnel
+        .expect("tunnel");
+    let ids: Vec<_> = connector
+        .peers
+        .iter()
+        .map(|p| p.identity.as_str())
+        .collect();
+    assert_eq!(ids, ["ops-alice"], "only the allowed client is a peer");
+
+    // An allowed identity sending what its policy does not allow: dropped and counted.
+    let out = lab
+        .run(
+            Host::Operator,
+            &[
+                "timeout",
+                "2",
+                "bash",
+                "-c",
+                "exec 3<>/dev/tcp/10.128.0.10/80",
+            ],
+        )
+        .expect("run");
+    assert!(!out.status.success());
+    let connector = status_json(lab, Host::VpcGateway, &t.connector_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        connector.peers[0].policy_drops >= 1,
+        "{:?}",
+        connector.peers[0]
+    );
+    assert!(connector.drops.get("policy").copied().unwrap_or(0) >= 1);
+}
+
+#[test]
+fn client_reconnects_by_itself_after_the_connector_is_killed_and_restarted() {
+    let mut t = start();
+    let lab = &t.lab;
+    assert_eq!(ssh_ok(lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    t.connector.kill().expect("SIGKILL connector");
+    t.connector
+        .wait_timeout(Duration::from_secs(5))
+        .expect("connector died");
+    let cc = lab.dir().join("lab-gw.toml");
+    let restarted = Instant::now();
+    let _connector = start_daemon(
+        lab,
+        Host::VpcGateway,
+        &cc,
+        &t.connector_socket,
+        "connector2.log",
+    );
+    // ssh works again within 10 s of the restart, with no manual step.
+    loop {
+        let argv = lab.ssh_argv(addr::VPC_HOST, "echo back");
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = lab.run(Host::Operator, &argv).expect("ssh");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(10),
+            "no ssh within 10 s of the restart; client log:\n{}",
+            t.client.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
+    let mut t = start();
+    let lab = &t.lab;
+    let forward_before = lab
+        .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
+        .expect("sysctl");
+    for (daemon, host, tun) in [
+        (&mut t.client, Host::Operator, "optun"),
+        (&mut t.connector, Host::VpcGateway, "gwtun"),
+    ] {
+        assert!(
+            lab.run(host, &["ip", "link", "show", tun])
+                .expect("ip")
+                .status
+                .success()
+        );
+        daemon.terminate().expect("SIGTERM");
+        assert!(
+            daemon
+                .wait_timeout(Duration::from_secs(10))
+                .expect("exit")
+                .success(),
+            "{}",
+            daemon.log()
+        );
+        let out = lab.run(host, &["ip", "link", "show", tun]).expect("ip");
+        assert!(!out.status.success(), "{tun} still exists");
+    }
+    let routes = lab
+        .run_ok(Host::Operator, &["ip", "route", "show", addr::VPC_CIDR])
+        .expect("ip route");
+    assert!(routes.trim().is_empty(), "route left: {routes}");
+    let routes6 = lab
+        .run_ok(
+            Host::Operator,
+            &["ip", "-6", "route", "show", addr::VPC_CIDR_V6],
+        )
+        .expect("ip route");
+    assert!(routes6.trim().is_empty(), "route left: {routes6}");
+    let forward_after = lab
+        .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
+        .expect("sysctl");
+    assert_eq!(forward_before, forward_after);
+}
