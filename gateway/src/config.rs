@@ -68,6 +68,18 @@ pub struct Tunnel {
     pub advertise: Vec<IpNet>,
     /// Connector: who may reach what.
     pub policy: Vec<PolicyEntry>,
+    /// Connector: source NAT of tunnelled traffic leaving into the VPC.
+    pub egress: Option<Egress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    /// The VPC-facing interface.
+    pub interface: String,
+    /// Inclusive source-port range for TCP and UDP leaving through it.
+    pub ports: (u16, u16),
+    /// The daemon's nftables table (family inet).
+    pub table: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +147,15 @@ struct RawConfig {
     client: Option<RawClient>,
     #[serde(default)]
     policy: Vec<RawPolicy>,
+    egress: Option<RawEgress>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    interface: String,
+    port_range: String,
+    table: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,9 +358,16 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
-    let tunnel = validate_tunnel(raw.tunnel, raw.tls, raw.client, raw.policy, &mut |k, r| {
-        push(k, r)
-    });
+    let node_name = raw.node.name.clone();
+    let tunnel = validate_tunnel(
+        &node_name,
+        raw.egress,
+        raw.tunnel,
+        raw.tls,
+        raw.client,
+        raw.policy,
+        &mut |k, r| push(k, r),
+    );
 
     if !issues.is_empty() {
         return Err(ConfigError(issues));
@@ -362,7 +390,10 @@ pub const DEFAULT_OVERLAY_V4: &str = "100.64.0.0/24";
 pub const DEFAULT_OVERLAY_V6: &str = "fd00:64::/64";
 pub const DEFAULT_TUN: &str = "gateway0";
 
+#[allow(clippy::too_many_arguments, reason = "one argument per config section")]
 fn validate_tunnel(
+    node_name: &str,
+    egress: Option<RawEgress>,
     tunnel: Option<RawTunnel>,
     tls: Option<RawTls>,
     client: Option<RawClient>,
@@ -381,6 +412,9 @@ fn validate_tunnel(
         }
         if !policy.is_empty() {
             push("policy".into(), "set, but there is no [tunnel]".into());
+        }
+        if egress.is_some() {
+            push("egress".into(), "set, but there is no [tunnel]".into());
         }
         return None;
     };
@@ -544,6 +578,43 @@ fn validate_tunnel(
             allow: p.allow,
         });
     }
+    let egress = match egress {
+        None => None,
+        Some(_) if !is_connector => {
+            bad("egress", "only for connectors".into(), &mut ok);
+            None
+        }
+        Some(e) => {
+            if let Err(r) = check_interface_name(&e.interface) {
+                bad("egress.interface", r, &mut ok);
+            }
+            let ports = match parse_port_range(&e.port_range) {
+                Ok(p) => Some(p),
+                Err(r) => {
+                    bad("egress.port_range", r, &mut ok);
+                    None
+                }
+            };
+            let table = e
+                .table
+                .unwrap_or_else(|| format!("gateway_{}", node_name.replace(['-', '.'], "_")));
+            if table.is_empty()
+                || table.len() > 64
+                || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                bad(
+                    "egress.table",
+                    format!("{table:?}: use 1-64 letters, digits and '_'"),
+                    &mut ok,
+                );
+            }
+            ports.map(|ports| Egress {
+                interface: e.interface,
+                ports,
+                table,
+            })
+        }
+    };
     let (Some(role), Some(overlay_v4), Some(overlay_v6), true) = (role, overlay_v4, overlay_v6, ok)
     else {
         return None;
@@ -561,7 +632,27 @@ fn validate_tunnel(
         lan: client.lan,
         advertise,
         policy: entries,
+        egress,
     })
+}
+
+/// `LOW-HIGH`, both in 1024-65535: pinned ports live above the privileged ones.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not LOW-HIGH, e.g. 40000-40999"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p >= 1024)
+            .ok_or_else(|| format!("{p:?} is not a port in 1024-65535"))
+    };
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("{s:?} is backwards"));
+    }
+    Ok((lo, hi))
 }
 
 /// Parses a CIDR strictly: the address must be the network address, so a typo such as
@@ -620,17 +711,46 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 
 /// Checks what the file alone cannot tell: that the interfaces exist in this network namespace.
 pub fn check_system(config: &Config) -> Result<(), ConfigError> {
-    let issues: Vec<ConfigIssue> = config
+    let mut named: Vec<(String, &str)> = config
         .interfaces
         .iter()
         .enumerate()
-        .filter(|(_, name)| crate::sys::if_index(name).is_none())
-        .map(|(i, name)| ConfigIssue {
-            file: config.path.clone(),
-            key: format!("dataplane.interfaces[{i}]"),
-            reason: format!("interface {name:?} does not exist in this network namespace"),
-        })
+        .map(|(i, n)| (format!("dataplane.interfaces[{i}]"), n.as_str()))
         .collect();
+    let mut issues = Vec::new();
+    if let Some(t) = &config.tunnel {
+        named.extend(
+            t.lan
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("client.lan[{i}]"), n.as_str())),
+        );
+        if let Some(e) = &t.egress {
+            named.push(("egress.interface".into(), e.interface.as_str()));
+        }
+        for (key, path) in [
+            ("tls.ca", &t.tls.ca),
+            ("tls.cert", &t.tls.cert),
+            ("tls.key", &t.tls.key),
+        ] {
+            if let Err(e) = std::fs::File::open(path) {
+                issues.push(ConfigIssue {
+                    file: config.path.clone(),
+                    key: key.into(),
+                    reason: format!("cannot read {}: {e}", path.display()),
+                });
+            }
+        }
+    }
+    for (key, name) in named {
+        if crate::sys::if_index(name).is_none() {
+            issues.push(ConfigIssue {
+                file: config.path.clone(),
+                key,
+                reason: format!("interface {name:?} does not exist in this network namespace"),
+            });
+        }
+    }
     if issues.is_empty() {
         Ok(())
     } else {

@@ -50,12 +50,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     // Written before anything is attached, so a crash in the middle of setup is cleaned too.
-    state_dir.write(&Record {
+    let mut record = Record {
         pid: std::process::id(),
         started_at,
         socket: config.node.socket.clone(),
         interfaces: config.interfaces.clone(),
-    })?;
+        nft_tables: config
+            .tunnel
+            .iter()
+            .filter_map(|t| t.egress.as_ref().map(|e| e.table.clone()))
+            .collect(),
+        sysctls: Vec::new(),
+    };
+    state_dir.write(&record)?;
 
     let (dataplane, listener) = match set_up(&config) {
         Ok(v) => v,
@@ -72,7 +79,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Some(t) => {
             let offered = config.routes.iter().map(|r| r.cidr).collect();
             match crate::tunnel::start(t, offered).await {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    record.sysctls = handle.changed_sysctls().to_vec();
+                    state_dir.write(&record)?;
+                    Some(handle)
+                }
                 Err(e) => {
                     drop(dataplane);
                     remove_socket(&config.node.socket);
@@ -154,6 +165,20 @@ fn clean_leftovers(record: &Record) {
         Ok(true) => tracing::info!(socket = %record.socket.display(), "removed stale socket"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, "could not remove the previous socket"),
+    }
+    for table in &record.nft_tables {
+        match crate::tunnel::nat::remove(table) {
+            Ok(()) => tracing::info!(%table, "removed the previous run's nftables table"),
+            Err(e) => tracing::warn!(%table, error = %e, "could not remove nftables table"),
+        }
+    }
+    for (key, old) in record.sysctls.iter().rev() {
+        match crate::tunnel::net::sysctl_set(key, old) {
+            Ok(()) => {
+                tracing::info!(%key, value = %old, "restored sysctl the previous run changed")
+            }
+            Err(e) => tracing::warn!(%key, error = %e, "could not restore sysctl"),
+        }
     }
     for iface in &record.interfaces {
         if let Ok(programs) = dataplane::attached_programs(iface)

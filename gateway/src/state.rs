@@ -24,6 +24,12 @@ pub struct Record {
     pub socket: PathBuf,
     /// Interfaces the classifier was attached to.
     pub interfaces: Vec<String>,
+    /// nftables tables (family inet) the run owns.
+    #[serde(default)]
+    pub nft_tables: Vec<String>,
+    /// Sysctls the run changed, with the values to put back.
+    #[serde(default)]
+    pub sysctls: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +174,8 @@ mod tests {
             started_at: 1,
             socket: dir.join("s.sock"),
             interfaces: vec!["lan0".into()],
+            nft_tables: vec!["gateway_t".into()],
+            sysctls: vec![("net.ipv4.ip_forward".into(), "0".into())],
         }
     }
 

@@ -51,6 +51,7 @@ fn connector_config(lab: &Lab, pki: &std::path::Path) -> PathBuf {
         &[],
         &format!(
             "[tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
+             [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
              [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}",
             tls(pki, "lab-gw"),
             addr::VPC_CIDR,
@@ -135,6 +136,20 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
     let lab = &t.lab;
 
     assert_eq!(ssh_ok(lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    // The VPC host sees the connector's VPC address, from the pinned port range.
+    let argv = lab.ssh_argv(addr::VPC_HOST, "echo $SSH_CLIENT");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let seen = lab.run_ok(Host::Operator, &argv).expect("ssh");
+    let words: Vec<&str> = seen.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&addr::GW_VPC), "{seen}");
+    let port: u16 = words
+        .get(1)
+        .and_then(|p| p.parse().ok())
+        .expect("source port");
+    assert!(
+        (40000..=40999).contains(&port),
+        "source port {port} outside 40000-40999"
+    );
     for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
         lab.run_ok(
             Host::Operator,
@@ -384,6 +399,11 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
     let forward_before = lab
         .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");
+    lab.run_ok(
+        Host::VpcGateway,
+        &["nft", "list", "table", "inet", "gateway_lab_gw"],
+    )
+    .expect("the connector's nftables table exists while it runs");
     for (daemon, host, tun) in [
         (&mut t.client, Host::Operator, "optun"),
         (&mut t.connector, Host::VpcGateway, "gwtun"),
@@ -417,6 +437,13 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
         )
         .expect("ip route");
     assert!(routes6.trim().is_empty(), "route left: {routes6}");
+    let out = lab
+        .run(
+            Host::VpcGateway,
+            &["nft", "list", "table", "inet", "gateway_lab_gw"],
+        )
+        .expect("nft");
+    assert!(!out.status.success(), "nftables table left behind");
     let forward_after = lab
         .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");

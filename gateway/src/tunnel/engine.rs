@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
 use super::control::{self, Control, PROTOCOL_VERSION};
-use super::{net, tls};
+use super::{nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
 use crate::config::{Role, Tunnel};
 use crate::core::packet;
@@ -177,13 +177,24 @@ pub struct TunnelHandle {
     tasks: JoinSet<()>,
     endpoint: Endpoint,
     sysctls: Vec<(String, String)>,
+    nat_table: Option<String>,
 }
 
 impl TunnelHandle {
+    /// Sysctls the tunnel changed, with their old values, for the crash record.
+    pub fn changed_sysctls(&self) -> &[(String, String)] {
+        &self.sysctls
+    }
+
     pub async fn stop(mut self) {
         self.endpoint
             .close(VarInt::from_u32(0), b"gatewayd stopping");
         self.tasks.shutdown().await;
+        if let Some(table) = &self.nat_table
+            && let Err(e) = nat::remove(table)
+        {
+            tracing::error!(error = %e, "removing the nftables table failed");
+        }
         net::restore(&mut self.sysctls);
     }
 }
@@ -262,12 +273,24 @@ async fn start_connector(
         net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
         let endpoint = Endpoint::server(server, listen)
             .with_context(|| format!("listening on UDP {listen}"))?;
+        if let Some(e) = &cfg.egress {
+            nat::apply(&nat::NatSpec {
+                table: e.table.clone(),
+                tun: cfg.tun.clone(),
+                egress: e.interface.clone(),
+                ports: e.ports,
+            })?;
+            tracing::info!(table = %e.table, interface = %e.interface, ports = ?e.ports, "source NAT into the VPC");
+        }
         anyhow::Ok((tun, index, handle, endpoint))
     }
     .await;
     let (tun, index, handle, endpoint) = match result {
         Ok(v) => v,
         Err(e) => {
+            if let Some(eg) = &cfg.egress {
+                let _ = nat::remove(&eg.table);
+            }
             net::restore(&mut sysctls);
             return Err(e);
         }
@@ -307,6 +330,7 @@ async fn start_connector(
         tasks,
         endpoint,
         sysctls,
+        nat_table: cfg.egress.as_ref().map(|e| e.table.clone()),
     })
 }
 
@@ -608,6 +632,7 @@ async fn start_client(
         tasks,
         endpoint,
         sysctls,
+        nat_table: None,
     })
 }
 

@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod engine;
+pub mod nat;
 pub mod net;
 pub mod tls;
 

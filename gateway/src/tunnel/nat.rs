@@ -1,0 +1,169 @@
+//! The connector's one nftables table: source NAT of tunnelled traffic into the VPC, from a
+//! pinned port range, so the VPC's ACLs need to let back only that range.
+//!
+//! The table is written over netlink (nftnl + mnl, not by running `nft`) in one batch that adds,
+//! deletes and re-adds it, so applying is atomic and idempotent, and [`remove`] is too.
+
+use std::ffi::CString;
+use std::io;
+use std::ptr;
+
+use nftnl::expr::{Expression, Immediate, Register};
+use nftnl::{Batch, Chain, FinalizedBatch, MsgType, ProtoFamily, Rule, Table, nft_expr};
+
+/// NF_NAT_RANGE_PROTO_SPECIFIED: without it the kernel accepts the range, `nft` even prints it,
+/// and ports are silently not remapped (NOTES-datapath.md).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+/// srcnat priority of the postrouting hook.
+const SRCNAT: i32 = 100;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatSpec {
+    pub table: String,
+    /// Packets coming out of this TUN...
+    pub tun: String,
+    /// ...and leaving through this interface are masqueraded...
+    pub egress: String,
+    /// ...to source ports in this inclusive range (TCP and UDP).
+    pub ports: (u16, u16),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    #[error("nftables name {0:?} contains a NUL byte")]
+    Name(String),
+    #[error("nftables table {table}: {source}")]
+    Netlink { table: String, source: io::Error },
+}
+
+/// `masquerade to :MIN-MAX` with the ports loaded into registers 1 and 2 beforehand.
+struct MasqueradeRange;
+
+impl Expression for MasqueradeRange {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<nftnl_sys::nftnl_expr> {
+        // SAFETY: plain libnftnl allocation and setters on an expression we own until the rule
+        // takes it; a null allocation aborts, as nftnl's own expressions do.
+        unsafe {
+            let expr = nftnl_sys::nftnl_expr_alloc(c"masq".as_ptr());
+            let Some(expr) = ptr::NonNull::new(expr) else {
+                std::process::abort();
+            };
+            nftnl_sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                nftnl_sys::NFTNL_EXPR_MASQ_FLAGS as u16,
+                NF_NAT_RANGE_PROTO_SPECIFIED,
+            );
+            nftnl_sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                nftnl_sys::NFTNL_EXPR_MASQ_REG_PROTO_MIN as u16,
+                Register::Reg1.to_raw(),
+            );
+            nftnl_sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                nftnl_sys::NFTNL_EXPR_MASQ_REG_PROTO_MAX as u16,
+                Register::Reg2.to_raw(),
+            );
+            expr
+        }
+    }
+}
+
+fn cstring(s: &str) -> Result<CString, NatError> {
+    CString::new(s).map_err(|_| NatError::Name(s.into()))
+}
+
+/// Interface names compare as NUL-padded 16-byte strings in nftables.
+fn ifname(name: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (o, b) in out.iter_mut().zip(name.bytes().take(15)) {
+        *o = b;
+    }
+    out
+}
+
+/// Creates (or replaces) the table.
+pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
+    let name = cstring(&spec.table)?;
+    let table = Table::new(&name, ProtoFamily::Inet);
+    let mut batch = Batch::new();
+    batch.add(&table, MsgType::Add);
+    batch.add(&table, MsgType::Del);
+    batch.add(&table, MsgType::Add);
+    let chain_name = cstring("postrouting")?;
+    let mut chain = Chain::new(&chain_name, &table);
+    chain.set_hook(nftnl::Hook::PostRouting, SRCNAT);
+    chain.set_type(nftnl::ChainType::Nat);
+    batch.add(&chain, MsgType::Add);
+
+    let (tun, egress) = (ifname(&spec.tun), ifname(&spec.egress));
+    let matching = |rule: &mut Rule| {
+        rule.add_expr(&nft_expr!(meta iifname));
+        rule.add_expr(&nft_expr!(cmp == &tun[..]));
+        rule.add_expr(&nft_expr!(meta oifname));
+        rule.add_expr(&nft_expr!(cmp == &egress[..]));
+    };
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        let mut rule = Rule::new(&chain);
+        matching(&mut rule);
+        rule.add_expr(&nft_expr!(meta l4proto));
+        rule.add_expr(&nft_expr!(cmp == proto));
+        rule.add_expr(&Immediate::new(spec.ports.0.to_be(), Register::Reg1));
+        rule.add_expr(&Immediate::new(spec.ports.1.to_be(), Register::Reg2));
+        rule.add_expr(&MasqueradeRange);
+        batch.add(&rule, MsgType::Add);
+    }
+    // ICMP and the rest have no ports: plain masquerade.
+    let mut rule = Rule::new(&chain);
+    matching(&mut rule);
+    rule.add_expr(&nft_expr!(masquerade));
+    batch.add(&rule, MsgType::Add);
+    send(&batch.finalize()).map_err(|source| NatError::Netlink {
+        table: spec.table.clone(),
+        source,
+    })
+}
+
+/// Deletes the table; succeeds when it does not exist.
+pub fn remove(table: &str) -> Result<(), NatError> {
+    let name = cstring(table)?;
+    let t = Table::new(&name, ProtoFamily::Inet);
+    let mut batch = Batch::new();
+    batch.add(&t, MsgType::Add);
+    batch.add(&t, MsgType::Del);
+    send(&batch.finalize()).map_err(|source| NatError::Netlink {
+        table: table.into(),
+        source,
+    })
+}
+
+fn send(batch: &FinalizedBatch) -> io::Result<()> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    let portid = socket.portid();
+    socket.send_all(batch)?;
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    let mut expected = batch.sequence_numbers();
+    while !expected.is_empty() {
+        for message in socket.recv(&mut buffer[..])? {
+            let message = message?;
+            let Some(seq) = expected.next() else {
+                return Err(io::Error::other("unexpected netlink acknowledgement"));
+            };
+            mnl::cb_run(message, seq, portid)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_nul_padded_and_truncated_like_the_kernels() {
+        assert_eq!(&ifname("gwtun")[..6], b"gwtun\0");
+        assert_eq!(ifname("gwtun")[15], 0);
+        assert_eq!(ifname("a-very-long-interface")[15], 0, "15 bytes at most");
+    }
+}
