@@ -15,7 +15,13 @@ pub mod maps {
     pub const ROUTE_COUNTERS: &str = "ROUTE_COUNTERS";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `HashMap<u32, u32>`: ingress ifindex → ifindex to redirect matched packets to (the TUN).
+    /// An interface without an entry only counts.
+    pub const REDIRECT: &str = "REDIRECT";
 }
+
+/// Capacity of [`maps::REDIRECT`]: LAN interfaces one node steers.
+pub const MAX_REDIRECTS: u32 = 64;
 
 /// Names of the programs in the object.
 pub mod programs {
@@ -52,16 +58,22 @@ pub enum Counter {
     Malformed = 3,
     /// A trie returned a route id outside `0..MAX_ROUTES`: user space and the object disagree.
     BadRouteId = 4,
+    /// Matched and handed to the TUN with bpf_redirect (a subset of `Matched`).
+    Redirected = 5,
+    /// Matched, but bpf_redirect refused (the TUN vanished); passed to the stack instead.
+    RedirectFailed = 6,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Matched,
         Counter::Unmatched,
         Counter::NotIp,
         Counter::Malformed,
         Counter::BadRouteId,
+        Counter::Redirected,
+        Counter::RedirectFailed,
     ];
 
     /// Stable name used in `gatewayctl status` and its JSON.
@@ -72,6 +84,8 @@ impl Counter {
             Counter::NotIp => "not_ip",
             Counter::Malformed => "malformed",
             Counter::BadRouteId => "bad_route_id",
+            Counter::Redirected => "redirected",
+            Counter::RedirectFailed => "redirect_failed",
         }
     }
 }

@@ -11,14 +11,16 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::{classifier, map},
-    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
-use gateway_common::{COUNTER_SLOTS, Counter, MAX_ROUTES, RouteCounters};
+use gateway_common::{COUNTER_SLOTS, Counter, MAX_REDIRECTS, MAX_ROUTES, RouteCounters};
 
 /// TCX_NEXT (== TC_ACT_UNSPEC): hand the packet to the next program, or to the stack.
 const TCX_NEXT: i32 = -1;
+/// TC_ACT_REDIRECT: the packet went where bpf_redirect said.
+const TC_ACT_REDIRECT: i32 = 7;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -37,6 +39,9 @@ static ROUTES_V6: LpmTrie<[u8; 16], u32> =
 #[map(name = "ROUTE_COUNTERS")]
 static ROUTE_COUNTERS: PerCpuArray<RouteCounters> = PerCpuArray::with_max_entries(MAX_ROUTES, 0);
 
+#[map(name = "REDIRECT")]
+static REDIRECT: HashMap<u32, u32> = HashMap::with_max_entries(MAX_REDIRECTS, 0);
+
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
@@ -44,7 +49,26 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 pub fn gw_classify(ctx: TcContext) -> i32 {
     let outcome = classify(&ctx);
     bump(outcome);
-    TCX_NEXT
+    if outcome != Counter::Matched {
+        return TCX_NEXT;
+    }
+    // On a site gateway's LAN interface, matched packets go straight into the TUN: no
+    // routing, no TTL change (NOTES-datapath.md). Elsewhere they are only counted.
+    // SAFETY: reading a field of the context's own __sk_buff.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a plain map lookup; the value is copied out at once.
+    let Some(target) = (unsafe { REDIRECT.get(&ingress) }).copied() else {
+        return TCX_NEXT;
+    };
+    // SAFETY: bpf_redirect takes an ifindex and flags and touches no memory of ours.
+    let verdict = unsafe { aya_ebpf::helpers::bpf_redirect(target, 0) };
+    if verdict == i64::from(TC_ACT_REDIRECT) {
+        bump(Counter::Redirected);
+        TC_ACT_REDIRECT
+    } else {
+        bump(Counter::RedirectFailed);
+        TCX_NEXT
+    }
 }
 
 /// Classifies one frame and, on a route match, bumps that route's counters.

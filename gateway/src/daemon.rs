@@ -17,13 +17,16 @@ use crate::api::{
 };
 use crate::config::Config;
 use crate::dataplane::{self, Dataplane};
+use crate::routes::{Route, RouteTable};
 use crate::state::{self, Record, StateDir};
 
 /// What the status handler reads; shared with the socket task.
 struct Shared {
+    /// Routes the classifier holds: the config's, or on a client those the connector sent.
+    routes: Arc<Mutex<RouteTable>>,
     config: Config,
     tunnel: Option<Arc<crate::tunnel::engine::Shared>>,
-    dataplane: Mutex<Dataplane>,
+    dataplane: Arc<Mutex<Dataplane>>,
     started_at: u64,
     started: Instant,
 }
@@ -74,11 +77,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let dataplane = Arc::new(Mutex::new(dataplane));
+    let routes = Arc::new(Mutex::new(config.routes.clone()));
     let tunnel = match &config.tunnel {
         None => None,
         Some(t) => {
             let offered = config.routes.iter().map(|r| r.cidr).collect();
-            match crate::tunnel::start(t, offered).await {
+            let hook = learned_routes_hook(dataplane.clone(), routes.clone(), t.lan.clone());
+            match crate::tunnel::start(t, offered, hook).await {
                 Ok(handle) => {
                     record.sysctls = handle.changed_sysctls().to_vec();
                     state_dir.write(&record)?;
@@ -97,7 +103,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         tunnel: tunnel.as_ref().map(|t| t.shared.clone()),
         config,
-        dataplane: Mutex::new(dataplane),
+        dataplane,
+        routes,
         started_at,
         started: Instant::now(),
     });
@@ -140,11 +147,54 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// On a client, routes arrive from the connector: load them into the classifier and make
+/// the LAN interfaces redirect matching packets into the TUN.
+fn learned_routes_hook(
+    dataplane: Arc<Mutex<Dataplane>>,
+    routes: Arc<Mutex<RouteTable>>,
+    lan: Vec<String>,
+) -> crate::tunnel::RoutesHook {
+    Arc::new(move |learned: &[ipnet::IpNet], tun_index: u32| {
+        let table = RouteTable::new(
+            learned
+                .iter()
+                .take(gateway_common::MAX_ROUTES as usize)
+                .enumerate()
+                .map(|(i, net)| Route {
+                    id: i as u32,
+                    cidr: *net,
+                    name: net.to_string(),
+                })
+                .collect(),
+        );
+        let mut dp = dataplane
+            .lock()
+            .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
+        dp.set_routes(&table.trie_entries())?;
+        for iface in &lan {
+            let index = crate::sys::if_index(iface)
+                .ok_or_else(|| anyhow::anyhow!("LAN interface {iface} disappeared"))?;
+            dp.set_redirect(index, tun_index)?;
+        }
+        if let Ok(mut r) = routes.lock() {
+            *r = table;
+        }
+        Ok(())
+    })
+}
+
 fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListener)> {
     let mut dp = Dataplane::load().context("loading the eBPF classifier")?;
     dp.set_routes(&config.routes.trie_entries())
         .context("loading routes into the classifier")?;
-    for iface in &config.interfaces {
+    let lan = config.tunnel.iter().flat_map(|t| t.lan.iter());
+    let mut attach: Vec<&String> = config.interfaces.iter().collect();
+    for l in lan {
+        if !attach.contains(&l) {
+            attach.push(l);
+        }
+    }
+    for iface in attach {
         dp.attach(iface)
             .with_context(|| format!("attaching the classifier to {iface}"))?;
         tracing::info!(interface = %iface, "classifier attached at TCX ingress");
@@ -263,8 +313,13 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             },
         })
         .collect();
+    let table = shared
+        .routes
+        .lock()
+        .map_err(|_| anyhow::anyhow!("routes lock poisoned"))?
+        .clone();
     let mut routes = Vec::new();
-    for r in shared.config.routes.iter() {
+    for r in table.iter() {
         let c = dp.route_counters(r.id)?;
         routes.push(RouteStatus {
             id: r.id,

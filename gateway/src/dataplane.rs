@@ -148,6 +148,26 @@ impl Dataplane {
         }
     }
 
+    /// Makes the classifier on `ingress` (an ifindex) hand matched packets to `target` with
+    /// bpf_redirect instead of passing them on.
+    pub fn set_redirect(&mut self, ingress: u32, target: u32) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::REDIRECT)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::REDIRECT)))?;
+        let mut redirect: aya::maps::HashMap<&mut MapData, u32, u32> =
+            aya::maps::HashMap::try_from(map).map_err(|source| DataplaneError::Map {
+                map: maps::REDIRECT,
+                source,
+            })?;
+        redirect
+            .insert(ingress, target, 0)
+            .map_err(|source| DataplaneError::Map {
+                map: maps::REDIRECT,
+                source,
+            })
+    }
+
     /// One route's counters, summed over all CPUs.
     pub fn route_counters(&self, id: u32) -> Result<RouteCounters, DataplaneError> {
         let map = self

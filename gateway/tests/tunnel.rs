@@ -60,14 +60,20 @@ fn connector_config(lab: &Lab, pki: &std::path::Path) -> PathBuf {
     )
 }
 
-fn client_config(lab: &Lab, pki: &std::path::Path, name: &str) -> PathBuf {
+/// The operator host's client; as a site gateway it also steers its office LAN.
+fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> PathBuf {
+    let lan = if site {
+        "[client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n"
+    } else {
+        ""
+    };
     write_config(
         lab,
         name,
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}",
+             tun = \"optun\"\n\n{}\n{lan}",
             addr::GW_WAN,
             tls(pki, name)
         ),
@@ -95,6 +101,10 @@ fn wait_connected(lab: &Lab, socket: &std::path::Path, within: Duration) -> gate
 }
 
 fn start() -> TunnelLab {
+    start_with(false)
+}
+
+fn start_with(site: bool) -> TunnelLab {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: false,
         servers: true,
@@ -110,7 +120,7 @@ fn start() -> TunnelLab {
         &connector_socket,
         "connector.log",
     );
-    let oc = client_config(&lab, &pki, "ops-alice");
+    let oc = client_config(&lab, &pki, "ops-alice", site);
     let client_socket = socket_path(&lab, "ops-alice");
     let client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
     wait_connected(&lab, &client_socket, Duration::from_secs(10));
@@ -184,6 +194,47 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
     assert_eq!(tunnel.peers[0].identity, "ops-alice");
     assert_eq!(tunnel.peers[0].policy_drops, 0);
     let _ = (&t.pki, &t.connector, &t.client);
+}
+
+#[test]
+fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
+    let t = start_with(true);
+    let lab = &t.lab;
+    assert_eq!(ssh_ok(lab, Host::Office, addr::VPC_HOST), "tunnelled-42");
+    for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
+        lab.run_ok(
+            Host::Office,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", target],
+        )
+        .expect("ping from the office through the tunnel");
+    }
+    let at = format!("@{}", addr::RESOLVER_PRIMARY);
+    let db = format!("db.{}", zone::DOMAIN);
+    let out = lab
+        .run_ok(Host::Office, &["dig", "+short", "+time=2", &at, &db])
+        .expect("dig");
+    assert_eq!(out.trim(), zone::DB_PRIVATE);
+    for reverse in [false, true] {
+        let mut argv = vec!["iperf3", "-c", addr::VPC_HOST, "-t", "1"];
+        if reverse {
+            argv.push("-R");
+        }
+        lab.run_ok(Host::Office, &argv)
+            .expect("iperf3 from the office");
+    }
+    // The office's packets were steered by the classifier on lan0, not routed.
+    let status = status_json(lab, Host::Operator, &t.client_socket);
+    let redirected = status.classifier.get("redirected").copied().unwrap_or(0);
+    assert!(
+        redirected > 100,
+        "classifier redirected {redirected}: {status:?}"
+    );
+    let vpc = status
+        .routes
+        .iter()
+        .find(|r| r.cidr == addr::VPC_CIDR)
+        .expect("learned route in status");
+    assert!(vpc.packets > 100, "{vpc:?}");
 }
 
 #[test]

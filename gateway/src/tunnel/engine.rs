@@ -19,8 +19,8 @@ use super::control::{self, Control, PROTOCOL_VERSION};
 use super::{nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
 use crate::config::{Role, Tunnel};
-use crate::core::packet;
 use crate::core::policy::{Decision, Policy};
+use crate::core::{mss, packet};
 
 /// Largest IP packet the TUN can hand us; buffers are this big.
 const MAX_PACKET: usize = 65_535;
@@ -228,14 +228,27 @@ async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetl
 }
 
 /// Starts the tunnel for this node's role. `routes` are the prefixes a connector offers.
-pub async fn start(cfg: &Tunnel, routes: Vec<IpNet>) -> anyhow::Result<TunnelHandle> {
+pub async fn start(
+    cfg: &Tunnel,
+    routes: Vec<IpNet>,
+    on_routes: super::RoutesHook,
+) -> anyhow::Result<TunnelHandle> {
     match &cfg.role {
         Role::Connector { listen } => start_connector(cfg, *listen, routes).await,
         Role::Client {
             connect,
             server_name,
             source_port,
-        } => start_client(cfg, connect.clone(), server_name.clone(), *source_port).await,
+        } => {
+            start_client(
+                cfg,
+                connect.clone(),
+                server_name.clone(),
+                *source_port,
+                on_routes,
+            )
+            .await
+        }
     }
 }
 
@@ -533,8 +546,7 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
                 return;
             }
         };
-        let pkt = &buf[..n];
-        let Ok(meta) = packet::parse(pkt) else {
+        let Ok(meta) = packet::parse(&buf[..n]) else {
             shared.drop_packet("malformed_from_tun");
             continue;
         };
@@ -542,11 +554,15 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             shared.drop_packet("no_peer");
             continue;
         };
-        send_to(&shared, &peer.conn, &peer.counters, pkt);
+        send_to(&shared, &peer.conn, &peer.counters, &mut buf[..n]);
     }
 }
 
-fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &[u8]) {
+/// Clamps a SYN's MSS to what one datagram carries, then sends the packet as a datagram.
+fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &mut [u8]) {
+    if let Some(max) = conn.max_datagram_size() {
+        mss::clamp(pkt, max);
+    }
     match conn.send_datagram(Bytes::copy_from_slice(pkt)) {
         Ok(()) => Counters::add(&counters.tx_packets, &counters.tx_bytes, pkt.len()),
         Err(quinn::SendDatagramError::TooLarge) => shared.drop_packet("too_big"),
@@ -584,6 +600,7 @@ async fn start_client(
     connect: Vec<String>,
     server_name: String,
     source_port: u16,
+    on_routes: super::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
     let mut sysctls = Vec::new();
     let result = async {
@@ -625,6 +642,7 @@ async fn start_client(
         server_name,
         advertise: cfg.advertise.clone(),
         current: current_tx,
+        on_routes,
     };
     tasks.spawn(client.run());
     Ok(TunnelHandle {
@@ -646,6 +664,7 @@ struct Client {
     server_name: String,
     advertise: Vec<IpNet>,
     current: watch::Sender<Option<Arc<Peer>>>,
+    on_routes: super::RoutesHook,
 }
 
 impl Client {
@@ -726,6 +745,7 @@ impl Client {
                 .await
                 .with_context(|| format!("route {r} into the tunnel"))?;
         }
+        (self.on_routes)(&routes, self.tun_index).context("loading routes into the classifier")?;
         let peer = Arc::new(Peer {
             identity: self.server_name.clone(),
             conn: conn.clone(),
@@ -774,7 +794,7 @@ async fn tun_to_connector(
         };
         let peer = current.borrow().clone();
         match peer {
-            Some(p) => send_to(&shared, &p.conn, &p.counters, &buf[..n]),
+            Some(p) => send_to(&shared, &p.conn, &p.counters, &mut buf[..n]),
             None => shared.drop_packet("tunnel_down"),
         }
     }

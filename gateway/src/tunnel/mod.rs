@@ -17,3 +17,8 @@ pub mod net;
 pub mod tls;
 
 pub use engine::{TunnelHandle, start};
+
+/// Called on a client with the routes the connector sent and the TUN's ifindex, so the
+/// classifier can count them and steer LAN traffic into the TUN.
+pub type RoutesHook =
+    std::sync::Arc<dyn Fn(&[ipnet::IpNet], u32) -> anyhow::Result<()> + Send + Sync>;
