@@ -222,6 +222,56 @@ fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
         lab.run_ok(Host::Office, &argv)
             .expect("iperf3 from the office");
     }
+    // Too big for one datagram, with DF: the office host is told the tunnel's MTU and its
+    // next attempt is refused locally with that MTU, instead of vanishing.
+    let _ = lab
+        .run(
+            Host::Office,
+            &[
+                "ping",
+                "-M",
+                "do",
+                "-s",
+                "1460",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                addr::VPC_HOST,
+            ],
+        )
+        .expect("ping");
+    let out = lab
+        .run(
+            Host::Office,
+            &[
+                "ping",
+                "-M",
+                "do",
+                "-s",
+                "1460",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                addr::VPC_HOST,
+            ],
+        )
+        .expect("ping");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mtu = status_json(lab, Host::Operator, &t.client_socket)
+        .tunnel
+        .expect("tunnel")
+        .mtu;
+    assert!(
+        text.contains(&format!("mtu={mtu}")) || text.contains(&format!("mtu = {mtu}")),
+        "{text}"
+    );
+
     // The office's packets were steered by the classifier on lan0, not routed.
     let status = status_json(lab, Host::Operator, &t.client_socket);
     let redirected = status.classifier.get("redirected").copied().unwrap_or(0);

@@ -20,7 +20,7 @@ use super::{nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
 use crate::config::{Role, Tunnel};
 use crate::core::policy::{Decision, Policy};
-use crate::core::{mss, packet};
+use crate::core::{icmp, mss, packet};
 
 /// Largest IP packet the TUN can hand us; buffers are this big.
 const MAX_PACKET: usize = 65_535;
@@ -78,6 +78,9 @@ pub struct Shared {
     refusals: Mutex<VecDeque<Refusal>>,
     drops: Mutex<HashMap<String, u64>>,
     state: Mutex<String>,
+    /// Client: the connector's overlay addresses, the far end of the tunnel, from which its
+    /// ICMP "too big" messages come (an address of this node would be dropped as a martian).
+    far_end: Mutex<(Ipv4Addr, Ipv6Addr)>,
 }
 
 impl Shared {
@@ -261,6 +264,7 @@ fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
         refusals: Mutex::new(VecDeque::new()),
         drops: Mutex::new(HashMap::new()),
         state: Mutex::new(state.into()),
+        far_end: Mutex::new((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)),
     })
 }
 
@@ -537,6 +541,7 @@ impl Connector {
 /// Packets the kernel routed into the TUN go to the peer that owns their destination.
 async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
     let mut buf = vec![0u8; MAX_PACKET];
+    let mut reply = vec![0u8; 1500];
     loop {
         let n = match tun.recv(&mut buf).await {
             Ok(n) => n,
@@ -554,19 +559,61 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             shared.drop_packet("no_peer");
             continue;
         };
-        send_to(&shared, &peer.conn, &peer.counters, &mut buf[..n]);
+        if send_to(&shared, &peer.conn, &peer.counters, &mut buf[..n]) == Sent::TooBig {
+            // Toward the VPC the far end is the client.
+            let from = (peer.address_v4, peer.address_v6);
+            answer_too_big(&shared, &tun, &peer.conn, from, &buf[..n], &mut reply).await;
+        }
     }
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Sent {
+    Ok,
+    TooBig,
+    Dropped,
+}
+
 /// Clamps a SYN's MSS to what one datagram carries, then sends the packet as a datagram.
-fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &mut [u8]) {
+fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &mut [u8]) -> Sent {
     if let Some(max) = conn.max_datagram_size() {
         mss::clamp(pkt, max);
     }
     match conn.send_datagram(Bytes::copy_from_slice(pkt)) {
-        Ok(()) => Counters::add(&counters.tx_packets, &counters.tx_bytes, pkt.len()),
-        Err(quinn::SendDatagramError::TooLarge) => shared.drop_packet("too_big"),
-        Err(_) => shared.drop_packet("send_failed"),
+        Ok(()) => {
+            Counters::add(&counters.tx_packets, &counters.tx_bytes, pkt.len());
+            Sent::Ok
+        }
+        Err(quinn::SendDatagramError::TooLarge) => Sent::TooBig,
+        Err(_) => {
+            shared.drop_packet("send_failed");
+            Sent::Dropped
+        }
+    }
+}
+
+/// A packet too big for a datagram is answered, never silently dropped: the sender gets
+/// "fragmentation needed" / "packet too big" with the tunnel's MTU, through the TUN.
+async fn answer_too_big(
+    shared: &Shared,
+    tun: &AsyncDevice,
+    conn: &quinn::Connection,
+    (v4, v6): (Ipv4Addr, Ipv6Addr),
+    pkt: &[u8],
+    reply: &mut [u8],
+) {
+    let mtu = conn
+        .max_datagram_size()
+        .and_then(|m| u16::try_from(m).ok())
+        .unwrap_or(1280);
+    match icmp::too_big(pkt, mtu, v4, v6, reply) {
+        Some(n) => {
+            shared.drop_packet("too_big_answered");
+            if let Err(e) = tun.send(&reply[..n]).await {
+                tracing::debug!(error = %e, "writing ICMP too-big to the TUN failed");
+            }
+        }
+        None => shared.drop_packet("too_big_no_df"),
     }
 }
 
@@ -758,6 +805,13 @@ impl Client {
         if let Ok(mut p) = self.shared.peers.lock() {
             *p = vec![peer.clone()];
         }
+        let far_v4 = Ipv4Net::new(address_v4, prefix_v4)
+            .ok()
+            .and_then(|n| nth_v4(n.trunc(), 1));
+        let far_v6 = Ipv6Net::new(address_v6, prefix_v6).map(|n| nth_v6(n.trunc(), 1));
+        if let (Some(v4), Ok(v6), Ok(mut far)) = (far_v4, far_v6, self.shared.far_end.lock()) {
+            *far = (v4, v6);
+        }
         self.current.send_replace(Some(peer.clone()));
         self.shared.set_state(format!("connected to {addr}"));
         tracing::info!(%addr, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
@@ -783,6 +837,7 @@ async fn tun_to_connector(
     current: watch::Receiver<Option<Arc<Peer>>>,
 ) {
     let mut buf = vec![0u8; MAX_PACKET];
+    let mut reply = vec![0u8; 1500];
     loop {
         let n = match tun.recv(&mut buf).await {
             Ok(n) => n,
@@ -794,7 +849,16 @@ async fn tun_to_connector(
         };
         let peer = current.borrow().clone();
         match peer {
-            Some(p) => send_to(&shared, &p.conn, &p.counters, &mut buf[..n]),
+            Some(p) => {
+                if send_to(&shared, &p.conn, &p.counters, &mut buf[..n]) == Sent::TooBig {
+                    let from = shared
+                        .far_end
+                        .lock()
+                        .map(|f| *f)
+                        .unwrap_or((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED));
+                    answer_too_big(&shared, &tun, &p.conn, from, &buf[..n], &mut reply).await;
+                }
+            }
             None => shared.drop_packet("tunnel_down"),
         }
     }
