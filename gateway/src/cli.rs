@@ -128,7 +128,69 @@ pub fn render_status(s: &Status) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     let _ = writeln!(out, "classifier packets: {}", counters.join(", "));
+    if let Some(t) = &s.tunnel {
+        render_tunnel(&mut out, t, s.started_at + s.uptime_secs);
+    }
     out
+}
+
+fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "tunnel: {} on {} (mtu {}), {}",
+        t.role, t.tun, t.mtu, t.state
+    );
+    if t.peers.is_empty() {
+        out.push_str("peers: none\n");
+    } else {
+        let rows: Vec<Vec<String>> = t
+            .peers
+            .iter()
+            .map(|p| {
+                vec![
+                    p.identity.clone(),
+                    p.remote.clone(),
+                    p.transport.clone(),
+                    p.address_v4.clone(),
+                    format!("{:.1} ms", p.rtt_ms),
+                    human_duration(now.saturating_sub(p.connected_since)),
+                    format!("{}/{}", p.tx_packets, p.tx_bytes),
+                    format!("{}/{}", p.rx_packets, p.rx_bytes),
+                    p.policy_drops.to_string(),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                "PEER",
+                "REMOTE",
+                "TRANSPORT",
+                "ADDRESS",
+                "RTT",
+                "CONNECTED",
+                "TX PKTS/BYTES",
+                "RX PKTS/BYTES",
+                "POLICY DROPS",
+            ],
+            &rows,
+            &[false, false, false, false, true, true, true, true, true],
+        );
+    }
+    for r in &t.refusals {
+        let _ = writeln!(
+            out,
+            "refused: {} from {}: {}",
+            r.identity.as_deref().unwrap_or("(no identity)"),
+            r.remote,
+            r.reason
+        );
+    }
+    if !t.drops.is_empty() {
+        let drops: Vec<String> = t.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "tunnel drops: {}", drops.join(", "));
+    }
 }
 
 #[cfg(test)]
@@ -136,6 +198,49 @@ mod tests {
     use super::*;
     use crate::api::{InterfaceStatus, ProgramInfo, RouteStatus, STATUS_SCHEMA};
     use std::collections::BTreeMap;
+
+    #[test]
+    fn tunnel_section_lists_peers_refusals_and_drops() {
+        let t = crate::api::TunnelStatus {
+            role: "connector".into(),
+            tun: "gwtun".into(),
+            mtu: 1434,
+            state: "listening on 0.0.0.0:7844".into(),
+            peers: vec![crate::api::PeerStatus {
+                identity: "ops-alice".into(),
+                remote: "198.51.100.10:7844".into(),
+                transport: "quic".into(),
+                address_v4: "100.64.0.2".into(),
+                address_v6: "fd00:64::2".into(),
+                rtt_ms: 0.25,
+                connected_since: 100,
+                connection_id: 1,
+                max_datagram: 1434,
+                tx_packets: 10,
+                tx_bytes: 1000,
+                rx_packets: 12,
+                rx_bytes: 1200,
+                policy_drops: 1,
+            }],
+            refusals: vec![crate::api::Refusal {
+                identity: Some("dev-bob".into()),
+                remote: "198.51.100.10:40000".into(),
+                reason: "no [[policy]] entry matches identity \"dev-bob\"".into(),
+                at: 150,
+            }],
+            drops: BTreeMap::from([("policy".into(), 1)]),
+        };
+        let mut out = String::new();
+        render_tunnel(&mut out, &t, 165);
+        let expected = "
+tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
+PEER       REMOTE              TRANSPORT  ADDRESS        RTT  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
+ops-alice  198.51.100.10:7844  quic       100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
+refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
+tunnel drops: policy 1
+";
+        assert_eq!(out, expected);
+    }
 
     #[test]
     fn durations_read_like_a_person_says_them() {

@@ -57,7 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         pid: std::process::id(),
         started_at,
         socket: config.node.socket.clone(),
-        interfaces: config.interfaces.clone(),
+        interfaces: classified_interfaces(&config),
         nft_tables: config
             .tunnel
             .iter()
@@ -183,19 +183,23 @@ fn learned_routes_hook(
     })
 }
 
+/// `[dataplane] interfaces` and, on a site gateway, `[client] lan`: where the classifier runs.
+fn classified_interfaces(config: &Config) -> Vec<String> {
+    let mut all = config.interfaces.clone();
+    for l in config.tunnel.iter().flat_map(|t| t.lan.iter()) {
+        if !all.contains(l) {
+            all.push(l.clone());
+        }
+    }
+    all
+}
+
 fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListener)> {
     let mut dp = Dataplane::load().context("loading the eBPF classifier")?;
     dp.set_routes(&config.routes.trie_entries())
         .context("loading routes into the classifier")?;
-    let lan = config.tunnel.iter().flat_map(|t| t.lan.iter());
-    let mut attach: Vec<&String> = config.interfaces.iter().collect();
-    for l in lan {
-        if !attach.contains(&l) {
-            attach.push(l);
-        }
-    }
-    for iface in attach {
-        dp.attach(iface)
+    for iface in classified_interfaces(config) {
+        dp.attach(&iface)
             .with_context(|| format!("attaching the classifier to {iface}"))?;
         tracing::info!(interface = %iface, "classifier attached at TCX ingress");
     }
@@ -284,9 +288,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         .lock()
         .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
     let ours = dp.program_id();
-    let interfaces = shared
-        .config
-        .interfaces
+    let interfaces = classified_interfaces(&shared.config)
         .iter()
         .map(|name| match dataplane::attached_programs(name) {
             Ok(programs) => {

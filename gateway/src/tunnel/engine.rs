@@ -518,6 +518,11 @@ impl Connector {
                     continue;
                 }
             };
+            if meta.dst.is_multicast() {
+                // The kernel's own MLD/IGMP chatter on the peer's TUN: nothing to forward.
+                self.shared.drop_packet("multicast");
+                continue;
+            }
             if !peer.owns.iter().any(|n| n.contains(&meta.src)) {
                 self.shared.drop_packet("spoofed_source");
                 continue;
@@ -555,6 +560,10 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             shared.drop_packet("malformed_from_tun");
             continue;
         };
+        if meta.dst.is_multicast() {
+            shared.drop_packet("multicast");
+            continue;
+        }
         let Some(peer) = shared.peer_for(meta.dst) else {
             shared.drop_packet("no_peer");
             continue;
@@ -847,6 +856,10 @@ async fn tun_to_connector(
                 return;
             }
         };
+        if packet::parse(&buf[..n]).is_ok_and(|m| m.dst.is_multicast()) {
+            shared.drop_packet("multicast");
+            continue;
+        }
         let peer = current.borrow().clone();
         match peer {
             Some(p) => {

@@ -86,32 +86,181 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
             );
         }
     }
-    println!("building the lab: office - operator - underlay - VPC gateway - VPC hosts");
-    let lab = Lab::start(LabOptions::default())?;
-    let socket = lab.dir().join("gatewayd.sock");
-    let config = lab.dir().join("gateway.toml");
-    std::fs::write(
-        &config,
+    let (gatewayd, gatewayctl) = (path_str(&gatewayd)?, path_str(&gatewayctl)?);
+    println!("building the lab: office - operator host - underlay - VPC gateway - VPC hosts");
+    println!("(the underlay has no route to 10.128.0.0/16: the tunnel is the only way in)");
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })?;
+    let dir = lab.dir().to_path_buf();
+    let pki = dir.join("pki");
+    let pki_s = path_str(&pki)?;
+    show(
+        &lab,
+        Host::Operator,
+        &[gatewayctl, "pki", "init", "--dir", pki_s],
+    )?;
+    show(
+        &lab,
+        Host::Operator,
+        &[gatewayctl, "pki", "issue", "lab-gw", "--dir", pki_s],
+    )?;
+    show(
+        &lab,
+        Host::Operator,
+        &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s],
+    )?;
+
+    let tls = |name: &str| {
         format!(
-            "[node]\nname = \"lab-op\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [dataplane]\ninterfaces = [\"lan0\"]\n\n\
-             [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n\
-             [[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n",
-            socket.display(),
-            lab.dir().join("state").display(),
+            "[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\n",
+            p = pki.display()
+        )
+    };
+    let connector_sock = dir.join("connector.sock");
+    let connector_cfg = dir.join("connector.toml");
+    std::fs::write(
+        &connector_cfg,
+        format!(
+            "[node]\nname = \"lab-gw\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+             [tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
+             [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
+             [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
+             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
+             \"10.128.0.0/16 udp/53\", \"fd00:128::/64\"]\n",
+            connector_sock.display(),
+            dir.join("connector-state").display(),
+            tls("lab-gw"),
             addr::VPC_CIDR,
             addr::VPC_CIDR_V6,
         ),
     )?;
-    println!("\n[operator host] gatewayd --config {}", config.display());
-    print!("{}", std::fs::read_to_string(&config)?);
-    let mut daemon = lab.spawn(
-        Host::Operator,
-        &[path_str(&gatewayd)?, "--config", path_str(&config)?],
-        "gatewayd.log",
+    let client_sock = dir.join("client.sock");
+    let client_cfg = dir.join("client.toml");
+    std::fs::write(
+        &client_cfg,
+        format!(
+            "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\n{}\n\
+             [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n",
+            client_sock.display(),
+            dir.join("client-state").display(),
+            addr::GW_WAN,
+            tls("ops-alice"),
+        ),
     )?;
+    println!(
+        "\n[VPC gateway] gatewayd --config {}",
+        connector_cfg.display()
+    );
+    print!("{}", std::fs::read_to_string(&connector_cfg)?);
+    let mut connector = start_daemon(
+        &lab,
+        Host::VpcGateway,
+        gatewayd,
+        &connector_cfg,
+        &connector_sock,
+        "connector.log",
+    )?;
+    println!(
+        "\n[operator host] gatewayd --config {}",
+        client_cfg.display()
+    );
+    print!("{}", std::fs::read_to_string(&client_cfg)?);
+    let mut client = start_daemon(
+        &lab,
+        Host::Operator,
+        gatewayd,
+        &client_cfg,
+        &client_sock,
+        "client.log",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab.run(
+            Host::Operator,
+            &[
+                gatewayctl,
+                "status",
+                "--json",
+                "--socket",
+                path_str(&client_sock)?,
+            ],
+        )?;
+        if String::from_utf8_lossy(&out.stdout).contains("\"state\": \"connected") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the client did not connect within 10 s:\n{}", client.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    println!("\n--- from the operator host itself (routes into its TUN) ---");
+    let ssh = lab.ssh_argv(
+        addr::VPC_HOST,
+        "echo \"logged in to $(hostname) as $(whoami), from $SSH_CLIENT\"",
+    );
+    let ssh: Vec<&str> = ssh.iter().map(String::as_str).collect();
+    show(&lab, Host::Operator, &ssh)?;
+    let db = format!("db.{}", zone::DOMAIN);
+    let at = format!("@{}", addr::RESOLVER_PRIMARY);
+    show(&lab, Host::Operator, &["dig", "+short", &at, &db])?;
+    show(
+        &lab,
+        Host::Operator,
+        &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST],
+    )?;
+    show(
+        &lab,
+        Host::Operator,
+        &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST_V6],
+    )?;
+
+    println!("\n--- from the office host behind it (eBPF redirects its packets into the TUN) ---");
+    show(&lab, Host::Office, &ssh)?;
+    show(&lab, Host::Office, &["dig", "+short", &at, &db])?;
+    show(
+        &lab,
+        Host::Office,
+        &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST],
+    )?;
+
+    show(
+        &lab,
+        Host::Operator,
+        &[gatewayctl, "status", "--socket", path_str(&client_sock)?],
+    )?;
+    show(
+        &lab,
+        Host::VpcGateway,
+        &[gatewayctl, "status", "--socket", path_str(&connector_sock)?],
+    )?;
+
+    println!("\nstopping both daemons (SIGTERM)");
+    for (name, d) in [("client", &mut client), ("connector", &mut connector)] {
+        d.terminate()?;
+        let status = d.wait_timeout(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!("{name} exited with {status}:\n{}", d.log());
+        }
+    }
+    println!("stopped: TUN devices, routes and the nftables table are gone; tearing the lab down");
+    Ok(())
+}
+
+fn start_daemon(
+    lab: &Lab,
+    host: Host,
+    gatewayd: &str,
+    config: &Path,
+    socket: &Path,
+    log: &str,
+) -> anyhow::Result<gateway_lab::Spawned> {
+    let mut daemon = lab.spawn(host, &[gatewayd, "--config", path_str(config)?], log)?;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
         if let Some(status) = daemon.try_wait()? {
             bail!("gatewayd exited with {status}:\n{}", daemon.log());
         }
@@ -120,61 +269,7 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    print!("{}", daemon.log());
-
-    let ssh = lab.ssh_argv(
-        addr::VPC_HOST,
-        "echo \"logged in to $(hostname) as $(whoami)\"; uname -sr",
-    );
-    let ssh: Vec<&str> = ssh.iter().map(String::as_str).collect();
-    show(&lab, Host::Office, &ssh)?;
-    let db = format!("db.{}", zone::DOMAIN);
-    show(
-        &lab,
-        Host::Office,
-        &[
-            "dig",
-            "+short",
-            &format!("@{}", addr::RESOLVER_PRIMARY),
-            &db,
-        ],
-    )?;
-    show(
-        &lab,
-        Host::Office,
-        &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST],
-    )?;
-    show(
-        &lab,
-        Host::Office,
-        &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST_V6],
-    )?;
-    println!("\n(203.0.113.10 is outside every configured route: counted as unmatched)");
-    show(
-        &lab,
-        Host::Office,
-        &["ping", "-n", "-c", "2", "-i", "0.2", addr::GW_WAN],
-    )?;
-
-    show(
-        &lab,
-        Host::Operator,
-        &[
-            path_str(&gatewayctl)?,
-            "status",
-            "--socket",
-            path_str(&socket)?,
-        ],
-    )?;
-
-    println!("\n[operator host] stopping gatewayd (SIGTERM)");
-    daemon.terminate()?;
-    let status = daemon.wait_timeout(Duration::from_secs(10))?;
-    if !status.success() {
-        bail!("gatewayd exited with {status}:\n{}", daemon.log());
-    }
-    println!("gatewayd stopped: classifier detached, socket removed; tearing the lab down");
-    Ok(())
+    Ok(daemon)
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
