@@ -27,6 +27,8 @@ enum Task {
     Test,
     /// Set up, build, and run the lab demo.
     Demo,
+    /// Benchmark the tunnel against the direct path in the lab (ratios, no targets).
+    Bench,
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
 }
@@ -61,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
+        Task::Bench => lab_release(&root, "bench"),
         Task::Licences => {
             print!("{}", licence_table(&root)?);
             Ok(())
@@ -311,6 +314,11 @@ fn run_tests(cmd: &mut Command) -> anyhow::Result<Totals> {
 }
 
 fn demo(root: &Path) -> anyhow::Result<()> {
+    lab_release(root, "demo")
+}
+
+/// Builds everything in release and runs `lab <what> --bin-dir target/release`.
+fn lab_release(root: &Path, what: &str) -> anyhow::Result<()> {
     setup()?;
     build_ebpf(root)?;
     step("build (release)");
@@ -323,15 +331,15 @@ fn demo(root: &Path) -> anyhow::Result<()> {
         ]),
         "cargo build --release",
     )?;
-    step("lab demo");
+    step(&format!("lab {what}"));
     let bin = root.join("target/release");
     run(
         Command::new(bin.join("lab"))
             .current_dir(root)
-            .arg("demo")
+            .arg(what)
             .arg("--bin-dir")
             .arg(&bin),
-        "lab demo",
+        &format!("lab {what}"),
     )
 }
 

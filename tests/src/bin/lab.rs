@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use gateway_lab::{Host, Lab, LabOptions, addr, zone};
 
-const USAGE: &str = "usage: lab up | lab sweep | lab demo --bin-dir DIR";
+const USAGE: &str = "usage: lab up | lab sweep | lab demo --bin-dir DIR | lab bench --bin-dir DIR";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         }
         Some("demo") => match (args.get(1).map(String::as_str), args.get(2)) {
             (Some("--bin-dir"), Some(dir)) => demo(Path::new(dir)),
+            _ => Err(anyhow::anyhow!(USAGE)),
+        },
+        Some("bench") => match (args.get(1).map(String::as_str), args.get(2)) {
+            (Some("--bin-dir"), Some(dir)) => bench(Path::new(dir)),
             _ => Err(anyhow::anyhow!(USAGE)),
         },
         _ => Err(anyhow::anyhow!(USAGE)),
@@ -112,91 +116,9 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s],
     )?;
 
-    let tls = |name: &str| {
-        format!(
-            "[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\n",
-            p = pki.display()
-        )
-    };
-    let connector_sock = dir.join("connector.sock");
-    let connector_cfg = dir.join("connector.toml");
-    std::fs::write(
-        &connector_cfg,
-        format!(
-            "[node]\nname = \"lab-gw\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
-             [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
-             [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
-             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
-             \"10.128.0.0/16 udp/53\", \"fd00:128::/64\"]\n",
-            connector_sock.display(),
-            dir.join("connector-state").display(),
-            tls("lab-gw"),
-            addr::VPC_CIDR,
-            addr::VPC_CIDR_V6,
-        ),
-    )?;
-    let client_sock = dir.join("client.sock");
-    let client_cfg = dir.join("client.toml");
-    std::fs::write(
-        &client_cfg,
-        format!(
-            "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\n{}\n\
-             [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n",
-            client_sock.display(),
-            dir.join("client-state").display(),
-            addr::GW_WAN,
-            tls("ops-alice"),
-        ),
-    )?;
-    println!(
-        "\n[VPC gateway] gatewayd --config {}",
-        connector_cfg.display()
-    );
-    print!("{}", std::fs::read_to_string(&connector_cfg)?);
-    let mut connector = start_daemon(
-        &lab,
-        Host::VpcGateway,
-        gatewayd,
-        &connector_cfg,
-        &connector_sock,
-        "connector.log",
-    )?;
-    println!(
-        "\n[operator host] gatewayd --config {}",
-        client_cfg.display()
-    );
-    print!("{}", std::fs::read_to_string(&client_cfg)?);
-    let mut client = start_daemon(
-        &lab,
-        Host::Operator,
-        gatewayd,
-        &client_cfg,
-        &client_sock,
-        "client.log",
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = lab.run(
-            Host::Operator,
-            &[
-                gatewayctl,
-                "status",
-                "--json",
-                "--socket",
-                path_str(&client_sock)?,
-            ],
-        )?;
-        if String::from_utf8_lossy(&out.stdout).contains("\"state\": \"connected") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the client did not connect within 10 s:\n{}", client.log());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
+    let tunnel = start_tunnel(&lab, gatewayd, gatewayctl, true)?;
+    let (client_sock, connector_sock) = (tunnel.client_sock.clone(), tunnel.connector_sock.clone());
+    let (mut client, mut connector) = (tunnel.client, tunnel.connector);
     println!("\n--- from the operator host itself (routes into its TUN) ---");
     let ssh = lab.ssh_argv(
         addr::VPC_HOST,
@@ -250,6 +172,132 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+struct Tunnel {
+    connector: gateway_lab::Spawned,
+    client: gateway_lab::Spawned,
+    connector_sock: PathBuf,
+    client_sock: PathBuf,
+}
+
+/// Issues certificates, starts the connector on the VPC gateway and the client on the
+/// operator host (a site gateway for the office LAN), and waits until the client is connected.
+fn start_tunnel(
+    lab: &Lab,
+    gatewayd: &str,
+    gatewayctl: &str,
+    verbose: bool,
+) -> anyhow::Result<Tunnel> {
+    let dir = lab.dir().to_path_buf();
+    let pki = dir.join("pki");
+    let pki_s = path_str(&pki)?;
+    for argv in [
+        &[gatewayctl, "pki", "init", "--dir", pki_s][..],
+        &[gatewayctl, "pki", "issue", "lab-gw", "--dir", pki_s][..],
+        &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s][..],
+    ] {
+        if verbose {
+            show(lab, Host::Operator, argv)?;
+        } else {
+            lab.run_ok(Host::Operator, argv)?;
+        }
+    }
+    let tls = |name: &str| {
+        format!(
+            "[tls]\nca = \"{p}/ca.pem\"\ncert = \"{p}/{name}.pem\"\nkey = \"{p}/{name}.key\"\n",
+            p = pki.display()
+        )
+    };
+    let connector_sock = dir.join("connector.sock");
+    let connector_cfg = dir.join("connector.toml");
+    std::fs::write(
+        &connector_cfg,
+        format!(
+            "[node]\nname = \"lab-gw\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+             [tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
+             [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
+             [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
+             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
+             \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n",
+            connector_sock.display(),
+            dir.join("connector-state").display(),
+            tls("lab-gw"),
+            addr::VPC_CIDR,
+            addr::VPC_CIDR_V6,
+        ),
+    )?;
+    let client_sock = dir.join("client.sock");
+    let client_cfg = dir.join("client.toml");
+    std::fs::write(
+        &client_cfg,
+        format!(
+            "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\n{}\n\
+             [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n",
+            client_sock.display(),
+            dir.join("client-state").display(),
+            addr::GW_WAN,
+            tls("ops-alice"),
+        ),
+    )?;
+    if verbose {
+        println!(
+            "\n[VPC gateway] gatewayd --config {}",
+            connector_cfg.display()
+        );
+        print!("{}", std::fs::read_to_string(&connector_cfg)?);
+    }
+    let connector = start_daemon(
+        lab,
+        Host::VpcGateway,
+        gatewayd,
+        &connector_cfg,
+        &connector_sock,
+        "connector.log",
+    )?;
+    if verbose {
+        println!(
+            "\n[operator host] gatewayd --config {}",
+            client_cfg.display()
+        );
+        print!("{}", std::fs::read_to_string(&client_cfg)?);
+    }
+    let client = start_daemon(
+        lab,
+        Host::Operator,
+        gatewayd,
+        &client_cfg,
+        &client_sock,
+        "client.log",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = lab.run(
+            Host::Operator,
+            &[
+                gatewayctl,
+                "status",
+                "--json",
+                "--socket",
+                path_str(&client_sock)?,
+            ],
+        )?;
+        if String::from_utf8_lossy(&out.stdout).contains("\"state\": \"connected") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the client did not connect within 10 s:\n{}", client.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    Ok(Tunnel {
+        connector,
+        client,
+        connector_sock,
+        client_sock,
+    })
+}
+
 fn start_daemon(
     lab: &Lab,
     host: Host,
@@ -270,6 +318,132 @@ fn start_daemon(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(daemon)
+}
+
+/// One benchmark figure on both paths.
+struct Figure {
+    name: String,
+    unit: &'static str,
+    direct: f64,
+    tunnel: f64,
+}
+
+/// Measures from the operator host to the VPC host over the direct path (plain routing through
+/// the VPC gateway's namespace) and through the tunnel, in one run, and prints each figure with
+/// its ratio to the direct path. No target: the point is that every change is measured.
+fn bench(bin_dir: &Path) -> anyhow::Result<()> {
+    let gatewayd = bin_dir.join("gatewayd");
+    let gatewayctl = bin_dir.join("gatewayctl");
+    let (gatewayd, gatewayctl) = (path_str(&gatewayd)?, path_str(&gatewayctl)?);
+    println!("direct path: plain routing operator host -> underlay -> VPC gateway -> VPC host");
+    let direct = {
+        let lab = Lab::start(LabOptions::default())?;
+        measure(&lab)?
+    };
+    println!("tunnel: the same hosts, no direct route, gatewayd client and connector");
+    let tunnel = {
+        let lab = Lab::start(LabOptions {
+            direct_vpc_route: false,
+            servers: true,
+        })?;
+        let t = start_tunnel(&lab, gatewayd, gatewayctl, false)?;
+        let figures = measure(&lab)?;
+        let (mut client, mut connector) = (t.client, t.connector);
+        for d in [&mut client, &mut connector] {
+            d.terminate()?;
+            d.wait_timeout(Duration::from_secs(10))?;
+        }
+        figures
+    };
+    let figures: Vec<Figure> = direct
+        .into_iter()
+        .zip(tunnel)
+        .map(|((name, unit, d), (_, _, t))| Figure {
+            name,
+            unit,
+            direct: d,
+            tunnel: t,
+        })
+        .collect();
+    println!(
+        "\n{:<34} {:>10} {:>10} {:>8}",
+        "figure", "direct", "tunnel", "ratio"
+    );
+    for f in &figures {
+        let ratio = if f.direct > 0.0 {
+            f.tunnel / f.direct
+        } else {
+            0.0
+        };
+        println!(
+            "{:<34} {:>10.2} {:>10.2} {:>8.3}",
+            format!("{} ({})", f.name, f.unit),
+            f.direct,
+            f.tunnel,
+            ratio
+        );
+    }
+    Ok(())
+}
+
+/// The figures for one path, in a fixed order.
+fn measure(lab: &Lab) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
+    let mut out = Vec::new();
+    for (streams, reverse) in [(1, false), (1, true), (4, false), (4, true)] {
+        let p = streams.to_string();
+        let mut argv = vec!["iperf3", "-J", "-c", addr::VPC_HOST, "-t", "3", "-P", &p];
+        if reverse {
+            argv.push("-R");
+        }
+        let json: serde_json::Value = serde_json::from_str(&lab.run_ok(Host::Operator, &argv)?)?;
+        let bps = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 gave no throughput")?;
+        let dir = if reverse { "vpc->op" } else { "op->vpc" };
+        out.push((
+            format!("tcp {streams} stream(s) {dir}"),
+            "Gbit/s",
+            bps / 1e9,
+        ));
+    }
+    let json: serde_json::Value = serde_json::from_str(&lab.run_ok(
+        Host::Operator,
+        &[
+            "iperf3",
+            "-J",
+            "-u",
+            "-b",
+            "0",
+            "-l",
+            "64",
+            "-c",
+            addr::VPC_HOST,
+            "-t",
+            "3",
+        ],
+    )?)?;
+    let sum = &json["end"]["sum"];
+    let packets = sum["packets"].as_f64().unwrap_or(0.0);
+    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let secs = sum["seconds"].as_f64().unwrap_or(1.0).max(0.001);
+    out.push((
+        "udp 64-byte packets received".into(),
+        "kpps",
+        (packets - lost) / secs / 1e3,
+    ));
+    let ping = lab.run_ok(
+        Host::Operator,
+        &["ping", "-q", "-n", "-c", "50", "-i", "0.01", addr::VPC_HOST],
+    )?;
+    let avg = ping
+        .lines()
+        .find(|l| l.starts_with("rtt"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("ping gave no rtt")?;
+    out.push(("ping rtt avg".into(), "ms", avg));
+    Ok(out)
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
