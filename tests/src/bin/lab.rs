@@ -97,25 +97,6 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         direct_vpc_route: false,
         servers: true,
     })?;
-    let dir = lab.dir().to_path_buf();
-    let pki = dir.join("pki");
-    let pki_s = path_str(&pki)?;
-    show(
-        &lab,
-        Host::Operator,
-        &[gatewayctl, "pki", "init", "--dir", pki_s],
-    )?;
-    show(
-        &lab,
-        Host::Operator,
-        &[gatewayctl, "pki", "issue", "lab-gw", "--dir", pki_s],
-    )?;
-    show(
-        &lab,
-        Host::Operator,
-        &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s],
-    )?;
-
     let tunnel = start_tunnel(&lab, gatewayd, gatewayctl, true)?;
     let (client_sock, connector_sock) = (tunnel.client_sock.clone(), tunnel.connector_sock.clone());
     let (mut client, mut connector) = (tunnel.client, tunnel.connector);
