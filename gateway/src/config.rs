@@ -915,6 +915,88 @@ name = "vpc-v6"
         );
     }
 
+    const TLS: &str = "[tls]\nca = \"/p/ca.pem\"\ncert = \"/p/n.pem\"\nkey = \"/p/n.key\"\n";
+
+    #[test]
+    fn a_connector_config_validates_with_policy_and_egress() {
+        let c = parse_str(&format!(
+            "[node]\nname = \"vpc-gw-1\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\
+             [egress]\ninterface = \"ens5\"\nport_range = \"40000-40999\"\n\
+             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\"]\n"
+        ))
+        .expect("valid");
+        let t = c.tunnel.expect("tunnel");
+        assert_eq!(
+            t.role,
+            Role::Connector {
+                listen: "0.0.0.0:7844".parse().expect("addr")
+            }
+        );
+        let e = t.egress.expect("egress");
+        assert_eq!(
+            (e.ports, e.table.as_str()),
+            ((40000, 40999), "gateway_vpc_gw_1")
+        );
+        assert_eq!(t.tun, DEFAULT_TUN);
+    }
+
+    #[test]
+    fn a_client_connecting_by_ip_must_name_the_connector() {
+        let issue = only_issue(&format!(
+            "[node]\nname = \"n\"\n[tunnel]\nconnect = [\"203.0.113.10:7844\"]\n{TLS}"
+        ));
+        assert_eq!(issue.key, "tunnel.server_name");
+        let c = parse_str(&format!(
+            "[node]\nname = \"n\"\n[tunnel]\nconnect = [\"gw.example.net:7844\"]\nsource_port = 7844\n{TLS}"
+        ))
+        .expect("a host name is the server name");
+        match c.tunnel.expect("tunnel").role {
+            Role::Client {
+                server_name,
+                source_port,
+                ..
+            } => assert_eq!(
+                (server_name.as_str(), source_port),
+                ("gw.example.net", 7844)
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tunnel_mistakes_name_their_keys() {
+        let cases = [
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\nconnect = [\"a:1\"]\n",
+                "tunnel.connect",
+            ),
+            ("[tunnel]\nlisten = \"7844\"\n", "tunnel.listen"),
+            ("[tunnel]\nconnect = [\"gw\"]\n", "tunnel.connect[0]"),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\n[[policy]]\nidentity = \"x\"\nallow = [\"10.0.0.0/8\", \"10.0.0.0/8 tcp/0\"]\n",
+                "policy[0].allow[1]",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\n[egress]\ninterface = \"e\"\nport_range = \"1-99999\"\n",
+                "egress.port_range",
+            ),
+            (
+                "[tunnel]\nconnect = [\"gw:1\"]\n[egress]\ninterface = \"e\"\nport_range = \"40000-40001\"\n",
+                "egress",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\noverlay = \"100.64.0.0/31\"\n",
+                "tunnel.overlay",
+            ),
+        ];
+        for (section, key) in cases {
+            let issue = only_issue(&format!("[node]\nname = \"n\"\n{section}{TLS}"));
+            assert_eq!(issue.key, key, "{section}: {issue}");
+        }
+        let issue = only_issue("[node]\nname = \"n\"\n[tunnel]\nlisten = \"0.0.0.0:1\"\n");
+        assert_eq!(issue.key, "tls");
+    }
+
     #[test]
     fn shipped_example_config_is_valid() {
         let path = Path::new(concat!(
