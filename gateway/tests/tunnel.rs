@@ -105,6 +105,11 @@ fn start() -> TunnelLab {
 }
 
 fn start_with(site: bool) -> TunnelLab {
+    start_wrapped(site, &[])
+}
+
+/// `wrapper` goes in front of gatewayd on both ends (e.g. setpriv with fewer capabilities).
+fn start_wrapped(site: bool, wrapper: &[&str]) -> TunnelLab {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: false,
         servers: true,
@@ -113,16 +118,29 @@ fn start_with(site: bool) -> TunnelLab {
     let pki = pki(&lab, &["lab-gw", "ops-alice"]);
     let cc = connector_config(&lab, &pki);
     let connector_socket = socket_path(&lab, "lab-gw");
-    let connector = start_daemon(
+    let argv = |config: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = wrapper.iter().map(|w| w.to_string()).collect();
+        v.extend([
+            GATEWAYD.to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ]);
+        v
+    };
+    let cargv = argv(&cc);
+    let cargv: Vec<&str> = cargv.iter().map(String::as_str).collect();
+    let connector = start_daemon_argv(
         &lab,
         Host::VpcGateway,
-        &cc,
+        &cargv,
         &connector_socket,
         "connector.log",
     );
     let oc = client_config(&lab, &pki, "ops-alice", site);
     let client_socket = socket_path(&lab, "ops-alice");
-    let client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
+    let oargv = argv(&oc);
+    let oargv: Vec<&str> = oargv.iter().map(String::as_str).collect();
+    let client = start_daemon_argv(&lab, Host::Operator, &oargv, &client_socket, "client.log");
     wait_connected(&lab, &client_socket, Duration::from_secs(10));
     TunnelLab {
         lab,
@@ -549,4 +567,31 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
         .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");
     assert_eq!(forward_before, forward_after);
+}
+
+/// The shipped unit's capability bounding set is enough for the whole tunnel, both roles.
+#[test]
+fn the_tunnel_runs_with_only_the_units_capabilities() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/gatewayd.service"
+    ))
+    .expect("unit");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("bounding set")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let bounding = format!("-all,{}", caps.join(","));
+    let t = start_wrapped(
+        true,
+        &["setpriv", "--bounding-set", &bounding, "--inh-caps=-all"],
+    );
+    assert_eq!(ssh_ok(&t.lab, Host::Office, addr::VPC_HOST), "tunnelled-42");
+    assert_eq!(
+        ssh_ok(&t.lab, Host::Operator, addr::VPC_HOST),
+        "tunnelled-42"
+    );
 }
