@@ -595,3 +595,28 @@ fn the_tunnel_runs_with_only_the_units_capabilities() {
         "tunnelled-42"
     );
 }
+
+/// With no traffic, control-stream keepalives (every 2 s, 3 unanswered = reconnect) keep the
+/// same connection up: a connector that did not answer them would cause a reconnect here.
+#[test]
+fn a_quiet_tunnel_stays_on_one_connection() {
+    let t = start();
+    let before = status_json(&t.lab, Host::Operator, &t.client_socket)
+        .tunnel
+        .expect("tunnel");
+    std::thread::sleep(Duration::from_secs(9));
+    let after = status_json(&t.lab, Host::Operator, &t.client_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(after.state.starts_with("connected"), "{}", after.state);
+    assert_eq!(
+        before.peers[0].connection_id,
+        after.peers[0].connection_id,
+        "the tunnel reconnected; client log:\n{}",
+        t.client.log()
+    );
+    assert_eq!(
+        before.peers[0].connected_since,
+        after.peers[0].connected_since
+    );
+}

@@ -34,6 +34,10 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REFUSALS: usize = 20;
+/// Control-stream keepalives: they prove the connector's engine (not only its QUIC stack)
+/// answers; this many unanswered in a row and the client reconnects.
+const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
+const KEEPALIVES_MISSED: u64 = 3;
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -471,7 +475,10 @@ impl Connector {
             peers.push(peer.clone());
         }
         tracing::info!(%identity, %remote, %address_v4, %address_v6, "client connected");
-        self.pump_from_peer(&peer).await
+        tokio::select! {
+            r = self.pump_from_peer(&peer) => r,
+            r = answer_keepalives(send, recv) => r,
+        }
     }
 
     /// Tells the client why, records it for status, and closes the connection.
@@ -540,6 +547,63 @@ impl Connector {
                 }
             }
         }
+    }
+}
+
+/// The connector's side of the control stream after the welcome: echo keepalives, skip what
+/// a newer client may send that this version does not know.
+async fn answer_keepalives(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    loop {
+        match control::recv(&mut recv).await? {
+            Control::Keepalive { seq } => {
+                control::send(&mut send, &Control::Keepalive { seq }).await?
+            }
+            Control::Unknown => {}
+            other => tracing::debug!(?other, "unexpected control message ignored"),
+        }
+    }
+}
+
+/// The client's side: a keepalive every CONTROL_KEEPALIVE; an error when the connector stops
+/// answering them.
+async fn send_keepalives(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> anyhow::Result<()> {
+    let answered = Arc::new(AtomicU64::new(0));
+    // Reading runs in its own task: a read cut short by the next tick would lose framing.
+    let reader = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            while let Ok(msg) = control::recv(&mut recv).await {
+                if let Control::Keepalive { seq } = msg {
+                    answered.fetch_max(seq, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let _abort = AbortOnDrop(reader);
+    let mut tick = tokio::time::interval(CONTROL_KEEPALIVE);
+    let mut seq = 0u64;
+    loop {
+        tick.tick().await;
+        let last = answered.load(Ordering::Relaxed);
+        if seq >= last + KEEPALIVES_MISSED {
+            bail!("the connector answered no control keepalive since #{last}");
+        }
+        seq += 1;
+        control::send(&mut send, &Control::Keepalive { seq }).await?;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -824,17 +888,23 @@ impl Client {
         self.current.send_replace(Some(peer.clone()));
         self.shared.set_state(format!("connected to {addr}"));
         tracing::info!(%addr, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
-        loop {
-            let dgram = conn.read_datagram().await?;
-            Counters::add(
-                &peer.counters.rx_packets,
-                &peer.counters.rx_bytes,
-                dgram.len(),
-            );
-            if let Err(e) = self.tun.send(&dgram).await {
-                tracing::debug!(error = %e, "TUN write failed");
-                self.shared.drop_packet("tun_write");
+        let datagrams = async {
+            loop {
+                let dgram = conn.read_datagram().await?;
+                Counters::add(
+                    &peer.counters.rx_packets,
+                    &peer.counters.rx_bytes,
+                    dgram.len(),
+                );
+                if let Err(e) = self.tun.send(&dgram).await {
+                    tracing::debug!(error = %e, "TUN write failed");
+                    self.shared.drop_packet("tun_write");
+                }
             }
+        };
+        tokio::select! {
+            r = datagrams => r,
+            r = send_keepalives(send, recv) => r,
         }
     }
 }
