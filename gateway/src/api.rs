@@ -75,6 +75,30 @@ pub struct TunnelStatus {
     pub refusals: Vec<Refusal>,
     /// Packets dropped by the tunnel, by reason (`policy`, `spoofed_source`, `too_big`, ...).
     pub drops: BTreeMap<String, u64>,
+    /// Private DNS zones: on a connector with their resolvers' health; on a client those it
+    /// learned (without resolvers).
+    #[serde(default)]
+    pub zones: Vec<ZoneStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZoneStatus {
+    pub domain: String,
+    pub queries: u64,
+    pub answers: u64,
+    /// Times a query moved on to the next resolver.
+    pub failovers: u64,
+    /// Queries no resolver answered (the client got SERVFAIL from the forwarder).
+    pub servfails: u64,
+    pub resolvers: Vec<ResolverStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolverStatus {
+    pub address: String,
+    pub up: bool,
+    /// Round trip of its latest answer.
+    pub latency_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

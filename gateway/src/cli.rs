@@ -229,6 +229,7 @@ mod tests {
                 at: 150,
             }],
             drops: BTreeMap::from([("policy".into(), 1)]),
+            zones: vec![],
         };
         let mut out = String::new();
         render_tunnel(&mut out, &t, 165);

@@ -70,6 +70,20 @@ pub struct Tunnel {
     pub policy: Vec<PolicyEntry>,
     /// Connector: source NAT of tunnelled traffic leaving into the VPC.
     pub egress: Option<Egress>,
+    /// Connector: private DNS zones answered by their resolvers.
+    pub zones: Vec<Zone>,
+    /// Client: where to answer DNS queries for the connector's zones (a resolver address for
+    /// systemd-resolved's routing domains, say).
+    pub dns_stub: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    /// Lowercase, no trailing dot.
+    pub domain: String,
+    /// Asked in this order.
+    pub servers: Vec<std::net::IpAddr>,
+    pub on_servfail: crate::core::resolver::OnServfail,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +162,22 @@ struct RawConfig {
     #[serde(default)]
     policy: Vec<RawPolicy>,
     egress: Option<RawEgress>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    zone: Vec<RawZone>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZone {
+    domain: String,
+    servers: Vec<String>,
+    on_servfail: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +215,7 @@ struct RawClient {
     lan: Vec<String>,
     #[serde(default)]
     advertise: Vec<String>,
+    dns_stub: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -362,6 +393,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let tunnel = validate_tunnel(
         &node_name,
         raw.egress,
+        raw.dns,
         raw.tunnel,
         raw.tls,
         raw.client,
@@ -394,6 +426,7 @@ pub const DEFAULT_TUN: &str = "gateway0";
 fn validate_tunnel(
     node_name: &str,
     egress: Option<RawEgress>,
+    dns: Option<RawDns>,
     tunnel: Option<RawTunnel>,
     tls: Option<RawTls>,
     client: Option<RawClient>,
@@ -415,6 +448,9 @@ fn validate_tunnel(
         }
         if egress.is_some() {
             push("egress".into(), "set, but there is no [tunnel]".into());
+        }
+        if dns.is_some() {
+            push("dns".into(), "set, but there is no [tunnel]".into());
         }
         return None;
     };
@@ -615,6 +651,90 @@ fn validate_tunnel(
             })
         }
     };
+    let raw_zones = dns.map(|d| d.zone).unwrap_or_default();
+    if !is_connector && !raw_zones.is_empty() {
+        bad(
+            "dns.zone",
+            "only for connectors: clients learn zones from them".into(),
+            &mut ok,
+        );
+    }
+    let mut zones: Vec<Zone> = Vec::new();
+    for (i, z) in raw_zones.into_iter().enumerate() {
+        let domain = z.domain.trim_end_matches('.').to_ascii_lowercase();
+        if let Err(e) = crate::core::dns::wire_name(&domain) {
+            bad(
+                &format!("dns.zone[{i}].domain"),
+                format!("{:?} is not a domain name ({})", z.domain, e.name()),
+                &mut ok,
+            );
+        } else if domain.is_empty() {
+            bad(
+                &format!("dns.zone[{i}].domain"),
+                "the root zone cannot be private".into(),
+                &mut ok,
+            );
+        } else if zones.iter().any(|p| p.domain == domain) {
+            bad(
+                &format!("dns.zone[{i}].domain"),
+                format!("{domain} is listed twice"),
+                &mut ok,
+            );
+        }
+        let mut servers = Vec::new();
+        for (j, srv) in z.servers.iter().enumerate() {
+            match srv.parse() {
+                Ok(ip) => servers.push(ip),
+                Err(_) => bad(
+                    &format!("dns.zone[{i}].servers[{j}]"),
+                    format!("{srv:?} is not an IP address"),
+                    &mut ok,
+                ),
+            }
+        }
+        if z.servers.is_empty() {
+            bad(
+                &format!("dns.zone[{i}].servers"),
+                "needs at least one resolver".into(),
+                &mut ok,
+            );
+        }
+        let on_servfail = match z.on_servfail.as_deref() {
+            None | Some("failover") => crate::core::resolver::OnServfail::Failover,
+            Some("return") => crate::core::resolver::OnServfail::Return,
+            Some(other) => {
+                bad(
+                    &format!("dns.zone[{i}].on_servfail"),
+                    format!("{other:?}: use \"failover\" (the default) or \"return\""),
+                    &mut ok,
+                );
+                crate::core::resolver::OnServfail::Failover
+            }
+        };
+        zones.push(Zone {
+            domain,
+            servers,
+            on_servfail,
+        });
+    }
+    let dns_stub = match client.dns_stub.as_deref() {
+        None => None,
+        Some(_) if is_connector => {
+            bad("client.dns_stub", "only for clients".into(), &mut ok);
+            None
+        }
+        Some(s) => match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                bad(
+                    "client.dns_stub",
+                    format!("{s:?} is not ADDRESS:PORT, e.g. 127.0.0.53:53"),
+                    &mut ok,
+                );
+                None
+            }
+        },
+    };
     let (Some(role), Some(overlay_v4), Some(overlay_v6), true) = (role, overlay_v4, overlay_v6, ok)
     else {
         return None;
@@ -633,6 +753,8 @@ fn validate_tunnel(
         advertise,
         policy: entries,
         egress,
+        zones,
+        dns_stub,
     })
 }
 

@@ -44,7 +44,13 @@ fn tls(pki: &std::path::Path, name: &str) -> String {
     )
 }
 
-fn connector_config(lab: &Lab, pki: &std::path::Path) -> PathBuf {
+fn connector_config(lab: &Lab, pki: &std::path::Path, on_servfail: &str) -> PathBuf {
+    let zone = format!(
+        "[[dns.zone]]\ndomain = \"{}\"\nservers = [\"{}\", \"{}\"]\non_servfail = \"{on_servfail}\"\n",
+        zone::DOMAIN,
+        addr::RESOLVER_PRIMARY,
+        addr::RESOLVER_SECONDARY,
+    );
     write_config(
         lab,
         "lab-gw",
@@ -52,7 +58,7 @@ fn connector_config(lab: &Lab, pki: &std::path::Path) -> PathBuf {
         &format!(
             "[tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
-             [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}",
+             [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}\n{zone}",
             tls(pki, "lab-gw"),
             addr::VPC_CIDR,
             addr::VPC_CIDR_V6
@@ -63,7 +69,7 @@ fn connector_config(lab: &Lab, pki: &std::path::Path) -> PathBuf {
 /// The operator host's client; as a site gateway it also steers its office LAN.
 fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> PathBuf {
     let lan = if site {
-        "[client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n"
+        "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n"
     } else {
         ""
     };
@@ -73,7 +79,7 @@ fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> Pa
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}\n{lan}",
+             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\n{lan}",
             addr::GW_WAN,
             tls(pki, name)
         ),
@@ -108,15 +114,23 @@ fn start_with(site: bool) -> TunnelLab {
     start_wrapped(site, &[])
 }
 
+fn start_servfail(on_servfail: &str) -> TunnelLab {
+    start_full(false, &[], on_servfail)
+}
+
 /// `wrapper` goes in front of gatewayd on both ends (e.g. setpriv with fewer capabilities).
 fn start_wrapped(site: bool, wrapper: &[&str]) -> TunnelLab {
+    start_full(site, wrapper, "failover")
+}
+
+fn start_full(site: bool, wrapper: &[&str], on_servfail: &str) -> TunnelLab {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: false,
         servers: true,
     })
     .expect("lab");
     let pki = pki(&lab, &["lab-gw", "ops-alice"]);
-    let cc = connector_config(&lab, &pki);
+    let cc = connector_config(&lab, &pki, on_servfail);
     let connector_socket = socket_path(&lab, "lab-gw");
     let argv = |config: &std::path::Path| -> Vec<String> {
         let mut v: Vec<String> = wrapper.iter().map(|w| w.to_string()).collect();
@@ -618,5 +632,81 @@ fn a_quiet_tunnel_stays_on_one_connection() {
     assert_eq!(
         before.peers[0].connected_since,
         after.peers[0].connected_since
+    );
+}
+
+fn dig(lab: &Lab, args: &[&str]) -> String {
+    let mut argv = vec!["dig", "@127.0.0.53", "+time=5", "+tries=1"];
+    argv.extend_from_slice(args);
+    let out = lab.run(Host::Operator, &argv).expect("dig");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn resolver_log(lab: &Lab, which: &str) -> String {
+    std::fs::read_to_string(lab.dir().join(format!("unbound-{which}/unbound.log")))
+        .unwrap_or_default()
+}
+
+#[test]
+fn private_zone_resolves_through_the_tunnel_with_failover_and_tcp_retry() {
+    let t = start();
+    let lab = &t.lab;
+    let db = format!("db.{}", zone::DOMAIN);
+    assert_eq!(dig(lab, &["+short", &db]).trim(), zone::DB_PRIVATE);
+    // Outside the zone: refused by the stub, never sent to the private resolvers.
+    assert!(dig(lab, &["www.example.com"]).contains("status: REFUSED"));
+    for which in ["primary", "secondary"] {
+        assert!(
+            !resolver_log(lab, which).contains("www.example.com"),
+            "{which} saw it"
+        );
+    }
+    // SERVFAIL from the primary: the secondary answers (the default, stub-resolver semantics).
+    let broken = format!("{}.{}", zone::BROKEN, zone::DOMAIN);
+    assert_eq!(dig(lab, &["+short", &broken]).trim(), zone::BROKEN_ANSWER);
+    // Over 2 KB: the forwarder retried over TCP and the whole answer came through.
+    let big = format!("{}.{}", zone::BIG, zone::DOMAIN);
+    let out = dig(lab, &["+short", "+bufsize=4096", &big, "TXT"]);
+    assert_eq!(out.lines().count(), 12, "{out}");
+
+    // The primary stops: answers come from the secondary within 3 s, then without waiting.
+    let conf = lab.dir().join("unbound-primary/unbound.conf");
+    lab.run(Host::Vpc, &["pkill", "-f", conf.to_str().expect("utf-8")])
+        .expect("pkill");
+    let which = format!("which.{}", zone::DOMAIN);
+    let started = Instant::now();
+    assert_eq!(dig(lab, &["+short", &which, "TXT"]).trim(), "\"secondary\"");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    assert_eq!(dig(lab, &["+short", &which, "TXT"]).trim(), "\"secondary\"");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a later query waited for the primary: {:?}",
+        started.elapsed()
+    );
+    let status = status_json(lab, Host::VpcGateway, &t.connector_socket);
+    let z = &status.tunnel.expect("tunnel").zones[0];
+    assert_eq!(z.domain, zone::DOMAIN);
+    assert!(!z.resolvers[0].up && z.resolvers[1].up, "{z:?}");
+    assert!(
+        z.failovers >= 2 && z.queries == 5 && z.answers == 5,
+        "{z:?}"
+    );
+}
+
+#[test]
+fn on_servfail_return_gives_servfail_and_spares_the_secondary() {
+    let t = start_servfail("return");
+    let lab = &t.lab;
+    let broken = format!("{}.{}", zone::BROKEN, zone::DOMAIN);
+    assert!(dig(lab, &[&broken]).contains("status: SERVFAIL"));
+    assert!(resolver_log(lab, "primary").contains(&broken));
+    assert!(
+        !resolver_log(lab, "secondary").contains(&broken),
+        "the secondary was asked"
     );
 }

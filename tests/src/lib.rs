@@ -60,6 +60,11 @@ pub mod zone {
     /// `db.hoge-vpc.com A` from the public resolver: what leaks without split DNS.
     pub const DB_PUBLIC: &str = "203.0.113.80";
     pub const WWW_EXAMPLE: &str = "203.0.113.81";
+    /// `big.hoge-vpc.com TXT`: twelve 182-byte strings, over 2 KB, past any UDP default.
+    pub const BIG: &str = "big";
+    /// `broken.hoge-vpc.com`: SERVFAIL from the primary, an answer from the secondary.
+    pub const BROKEN: &str = "broken";
+    pub const BROKEN_ANSWER: &str = "10.128.0.99";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,27 +358,46 @@ impl Lab {
 
     fn start_servers(&mut self) -> anyhow::Result<()> {
         self.start_sshd()?;
+        // Both private resolvers: the zone, plus a TXT set too big for a 1232-byte UDP answer.
+        let big: Vec<String> = (0..12)
+            .map(|i| {
+                format!(
+                    "{}.{} TXT \"{i:02}{}\"",
+                    zone::BIG,
+                    zone::DOMAIN,
+                    "x".repeat(180)
+                )
+            })
+            .collect();
+        let private = |which: &str| {
+            let mut d = vec![
+                format!("db.{} A {}", zone::DOMAIN, zone::DB_PRIVATE),
+                format!("ssh.{} A {}", zone::DOMAIN, addr::VPC_HOST),
+                format!("which.{} TXT \"{which}\"", zone::DOMAIN),
+            ];
+            d.extend(big.iter().cloned());
+            d
+        };
+        // The primary cannot resolve broken.hoge-vpc.com (its only forwarder is refused), so it
+        // answers SERVFAIL; the secondary knows the name.
+        let broken = format!("{}.{}", zone::BROKEN, zone::DOMAIN);
         self.start_unbound(
             Host::Vpc,
             "primary",
             addr::RESOLVER_PRIMARY,
-            &[(zone::DOMAIN, "static")],
-            &[
-                format!("db.{} A {}", zone::DOMAIN, zone::DB_PRIVATE),
-                format!("ssh.{} A {}", zone::DOMAIN, addr::VPC_HOST),
-                format!("which.{} TXT \"primary\"", zone::DOMAIN),
-            ],
+            &[(zone::DOMAIN, "static"), (&broken, "transparent")],
+            &private("primary"),
+            &format!("forward-zone:\n  name: \"{broken}.\"\n  forward-addr: 127.0.0.1@1\n"),
         )?;
+        let mut secondary = private("secondary");
+        secondary.push(format!("{broken} A {}", zone::BROKEN_ANSWER));
         self.start_unbound(
             Host::Vpc,
             "secondary",
             addr::RESOLVER_SECONDARY,
             &[(zone::DOMAIN, "static")],
-            &[
-                format!("db.{} A {}", zone::DOMAIN, zone::DB_PRIVATE),
-                format!("ssh.{} A {}", zone::DOMAIN, addr::VPC_HOST),
-                format!("which.{} TXT \"secondary\"", zone::DOMAIN),
-            ],
+            &secondary,
+            "",
         )?;
         self.start_unbound(
             Host::Underlay,
@@ -384,6 +408,7 @@ impl Lab {
                 format!("db.{} A {}", zone::DOMAIN, zone::DB_PUBLIC),
                 format!("www.example.com A {}", zone::WWW_EXAMPLE),
             ],
+            "",
         )?;
         let iperf = self.spawn_server(
             Host::Vpc,
@@ -453,6 +478,7 @@ impl Lab {
         listen: &str,
         zones: &[(&str, &str)],
         data: &[String],
+        extra: &str,
     ) -> anyhow::Result<()> {
         let dir = self.dir.join(format!("unbound-{name}"));
         fs::create_dir_all(&dir)?;
@@ -475,6 +501,7 @@ impl Lab {
         // With no root hints reachable and no forwarders, anything outside the local zones
         // fails fast instead of leaving the lab.
         conf.push_str("  local-zone: \".\" refuse\n");
+        conf.push_str(extra);
         let path = dir.join("unbound.conf");
         fs::write(&path, conf)?;
         let child = self.spawn_server(

@@ -34,6 +34,50 @@ fn servers_answer_from_the_office_over_the_direct_path() {
             .expect("dig");
         assert_eq!(out.trim(), expected, "{server}");
     }
+    // broken.hoge-vpc.com: SERVFAIL from the primary, an answer from the secondary.
+    let broken = format!("{}.{}", zone::BROKEN, zone::DOMAIN);
+    let out = lab
+        .run(
+            Host::Office,
+            &[
+                "dig",
+                "+time=2",
+                "+tries=1",
+                &format!("@{}", addr::RESOLVER_PRIMARY),
+                &broken,
+            ],
+        )
+        .expect("dig");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("status: SERVFAIL"));
+    let out = lab
+        .run_ok(
+            Host::Office,
+            &[
+                "dig",
+                "+short",
+                &format!("@{}", addr::RESOLVER_SECONDARY),
+                &broken,
+            ],
+        )
+        .expect("dig");
+    assert_eq!(out.trim(), zone::BROKEN_ANSWER);
+    // big.hoge-vpc.com is over 2 KB: complete over TCP.
+    let big = format!("{}.{}", zone::BIG, zone::DOMAIN);
+    let out = lab
+        .run_ok(
+            Host::Office,
+            &[
+                "dig",
+                "+tcp",
+                "+short",
+                &format!("@{}", addr::RESOLVER_PRIMARY),
+                &big,
+                "TXT",
+            ],
+        )
+        .expect("dig");
+    assert_eq!(out.lines().count(), 12, "{out}");
+
     // The office's own resolver is the public one: it gives the public answer for the
     // private name, the leak split DNS exists to prevent.
     let db = format!("db.{}", zone::DOMAIN);

@@ -34,6 +34,9 @@ pub enum Control {
         /// Destinations the client should send into the tunnel.
         routes: Vec<IpNet>,
         keepalive_secs: u64,
+        /// Private DNS zones the connector answers through the tunnel.
+        #[serde(default)]
+        zones: Vec<String>,
     },
     Refused {
         reason: String,

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
 use super::control::{self, Control, PROTOCOL_VERSION};
-use super::{nat, net, tls};
+use super::{dns, nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
 use crate::config::{Role, Tunnel};
 use crate::core::policy::{Decision, Policy};
@@ -85,6 +85,10 @@ pub struct Shared {
     /// Client: the connector's overlay addresses, the far end of the tunnel, from which its
     /// ICMP "too big" messages come (an address of this node would be dropped as a martian).
     far_end: Mutex<(Ipv4Addr, Ipv6Addr)>,
+    /// Connector: the DNS forwarder, for its zones' status.
+    forwarder: Mutex<Option<Arc<dns::Forwarder>>>,
+    /// Client: the zones the connector answers, in wire form.
+    learned_zones: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl Shared {
@@ -157,7 +161,29 @@ impl Shared {
                     .collect()
             })
             .unwrap_or_default();
+        let zones = match self.forwarder.lock().ok().and_then(|f| f.clone()) {
+            Some(f) => f.status(),
+            None => self
+                .learned_zones
+                .lock()
+                .map(|z| {
+                    z.iter()
+                        .map(|w| crate::api::ZoneStatus {
+                            domain: crate::core::dns::dotted(w)
+                                .trim_end_matches('.')
+                                .to_string(),
+                            queries: 0,
+                            answers: 0,
+                            failovers: 0,
+                            servfails: 0,
+                            resolvers: vec![],
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
         TunnelStatus {
+            zones,
             role: self.role.into(),
             tun: self.tun.clone(),
             mtu: self.mtu.load(Ordering::Relaxed),
@@ -269,6 +295,8 @@ fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
         drops: Mutex::new(HashMap::new()),
         state: Mutex::new(state.into()),
         far_end: Mutex::new((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)),
+        forwarder: Mutex::new(None),
+        learned_zones: Arc::new(Mutex::new(Vec::new())),
     })
 }
 
@@ -318,6 +346,26 @@ async fn start_connector(
     };
 
     let shared = shared("connector", &cfg.tun, &format!("listening on {listen}"));
+    let mut tasks = JoinSet::new();
+    let forwarder = if cfg.zones.is_empty() {
+        None
+    } else {
+        let ports = cfg.egress.as_ref().map(|e| e.ports);
+        match dns::Forwarder::start(&cfg.zones, ports, &mut tasks).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tasks.shutdown().await;
+                if let Some(eg) = &cfg.egress {
+                    let _ = nat::remove(&eg.table);
+                }
+                net::restore(&mut sysctls);
+                return Err(e);
+            }
+        }
+    };
+    if let Ok(mut f) = shared.forwarder.lock() {
+        f.clone_from(&forwarder);
+    }
     let policy = Arc::new(Policy::new(
         &cfg.policy
             .iter()
@@ -334,8 +382,8 @@ async fn start_connector(
         overlay_v6: cfg.overlay_v6,
         routes,
         leases: Mutex::new(HashMap::new()),
+        forwarder,
     });
-    let mut tasks = JoinSet::new();
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(follow_mtu(shared.clone(), handle, index));
     let ep = endpoint.clone();
@@ -366,6 +414,7 @@ struct Connector {
     routes: Vec<IpNet>,
     /// Overlay host number per identity, so a reconnecting client keeps its address.
     leases: Mutex<HashMap<String, u32>>,
+    forwarder: Option<Arc<dns::Forwarder>>,
 }
 
 impl Connector {
@@ -453,6 +502,11 @@ impl Connector {
                 prefix_v6: self.overlay_v6.prefix_len(),
                 routes: self.routes.clone(),
                 keepalive_secs: KEEPALIVE.as_secs(),
+                zones: self
+                    .forwarder
+                    .as_ref()
+                    .map(|f| f.domains())
+                    .unwrap_or_default(),
             },
         )
         .await?;
@@ -475,9 +529,16 @@ impl Connector {
             peers.push(peer.clone());
         }
         tracing::info!(%identity, %remote, %address_v4, %address_v6, "client connected");
+        let dns_streams = async {
+            match &self.forwarder {
+                Some(f) => dns::serve_streams(conn.clone(), f.clone()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = self.pump_from_peer(&peer) => r,
             r = answer_keepalives(send, recv) => r,
+            r = dns_streams => r,
         }
     }
 
@@ -749,6 +810,7 @@ async fn start_client(
     };
     let shared = shared("client", &cfg.tun, "connecting");
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
+    let current_rx_stub = current_rx.clone();
     let mut tasks = JoinSet::new();
     tasks.spawn(tun_to_connector(shared.clone(), tun.clone(), current_rx));
     tasks.spawn(follow_mtu(shared.clone(), handle.clone(), index));
@@ -765,6 +827,24 @@ async fn start_client(
         on_routes,
     };
     tasks.spawn(client.run());
+    if let Some(stub) = cfg.dns_stub {
+        match tokio::net::UdpSocket::bind(stub).await {
+            Ok(socket) => {
+                let rx = current_rx_stub;
+                tasks.spawn(dns::serve_stub(
+                    Arc::new(socket),
+                    shared.learned_zones.clone(),
+                    move || rx.borrow().as_ref().map(|p| p.conn.clone()),
+                ));
+                tracing::info!(%stub, "DNS stub listening for the connector's zones");
+            }
+            Err(e) => {
+                tasks.shutdown().await;
+                net::restore(&mut sysctls);
+                return Err(anyhow!("binding the DNS stub to {stub}: {e}"));
+            }
+        }
+    }
     Ok(TunnelHandle {
         shared,
         tasks,
@@ -841,7 +921,7 @@ impl Client {
         let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv(&mut recv))
             .await
             .context("no answer to hello")??;
-        let (address_v4, address_v6, prefix_v4, prefix_v6, routes, node) = match welcome {
+        let (address_v4, address_v6, prefix_v4, prefix_v6, routes, node, zones) = match welcome {
             Control::Welcome {
                 address_v4,
                 address_v6,
@@ -849,8 +929,11 @@ impl Client {
                 prefix_v6,
                 routes,
                 node,
+                zones,
                 ..
-            } => (address_v4, address_v6, prefix_v4, prefix_v6, routes, node),
+            } => (
+                address_v4, address_v6, prefix_v4, prefix_v6, routes, node, zones,
+            ),
             Control::Refused { reason } => {
                 self.shared
                     .refuse(Some(self.server_name.clone()), addr, reason.clone());
@@ -866,6 +949,12 @@ impl Client {
                 .with_context(|| format!("route {r} into the tunnel"))?;
         }
         (self.on_routes)(&routes, self.tun_index).context("loading routes into the classifier")?;
+        if let Ok(mut z) = self.shared.learned_zones.lock() {
+            *z = zones
+                .iter()
+                .filter_map(|d| crate::core::dns::wire_name(d).ok())
+                .collect();
+        }
         let peer = Arc::new(Peer {
             identity: self.server_name.clone(),
             conn: conn.clone(),

@@ -11,6 +11,7 @@
 //! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
 
 pub mod control;
+pub mod dns;
 pub mod engine;
 pub mod nat;
 pub mod net;

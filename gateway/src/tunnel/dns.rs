@@ -1,0 +1,426 @@
+//! Private DNS over the tunnel.
+//!
+//! The connector's [`Forwarder`] asks a zone's resolvers with the failover rules of
+//! `core::resolver`, from a small pool of UDP sockets on pinned ports, multiplexed by random
+//! query ID and matched on ID, resolver address and question name. A truncated answer is asked
+//! again over TCP. The client's stub listener relays queries for the connector's zones through
+//! the tunnel, one QUIC stream per query in DNS-over-TCP framing (a 2-byte length).
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::Rng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::oneshot;
+
+use crate::api::{ResolverStatus, ZoneStatus};
+use crate::config::Zone;
+use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
+use crate::core::resolver::{Resolvers, Step};
+
+/// How long one resolver gets before the next is asked.
+const QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
+const TCP_TIMEOUT: Duration = Duration::from_secs(3);
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// Sockets in the pool: enough to spread load, few enough to leave the range to NAT.
+const POOL: u16 = 4;
+const MAX_MESSAGE: usize = 65_535;
+
+type Pending = Mutex<HashMap<(u16, SocketAddr), (Vec<u8>, oneshot::Sender<Vec<u8>>)>>;
+
+#[derive(Default)]
+struct ZoneStats {
+    queries: AtomicU64,
+    answers: AtomicU64,
+    failovers: AtomicU64,
+    servfails: AtomicU64,
+}
+
+struct ZoneState {
+    wire: Vec<u8>,
+    domain: String,
+    servers: Vec<SocketAddr>,
+    resolvers: Mutex<Resolvers>,
+    stats: ZoneStats,
+}
+
+pub struct Forwarder {
+    zones: Vec<ZoneState>,
+    zone_wires: Vec<Vec<u8>>,
+    sockets: Vec<Arc<UdpSocket>>,
+    next_socket: AtomicUsize,
+    pending: Arc<Pending>,
+}
+
+impl Forwarder {
+    /// Binds the socket pool to the top of `ports` (the pinned egress range) or to any port.
+    pub async fn start(
+        zones: &[Zone],
+        ports: Option<(u16, u16)>,
+        tasks: &mut tokio::task::JoinSet<()>,
+    ) -> anyhow::Result<Arc<Forwarder>> {
+        let mut sockets = Vec::new();
+        match ports {
+            Some((lo, hi)) => {
+                let first = hi.saturating_sub(POOL - 1).max(lo);
+                for port in first..=hi {
+                    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                    let s = UdpSocket::bind(addr)
+                        .await
+                        .with_context(|| format!("binding the DNS forwarder to UDP {addr}"))?;
+                    sockets.push(Arc::new(s));
+                }
+            }
+            None => {
+                for _ in 0..POOL {
+                    let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                        .await
+                        .context("binding the DNS forwarder")?;
+                    sockets.push(Arc::new(s));
+                }
+            }
+        }
+        let zone_states: Vec<ZoneState> = zones
+            .iter()
+            .filter_map(|z| {
+                Some(ZoneState {
+                    wire: dns::wire_name(&z.domain).ok()?,
+                    domain: z.domain.clone(),
+                    servers: z
+                        .servers
+                        .iter()
+                        .map(|ip| SocketAddr::new(*ip, 53))
+                        .collect(),
+                    resolvers: Mutex::new(Resolvers::new(
+                        z.servers.len(),
+                        z.on_servfail,
+                        PROBE_EVERY,
+                    )),
+                    stats: ZoneStats::default(),
+                })
+            })
+            .collect();
+        let fwd = Arc::new(Forwarder {
+            zone_wires: zone_states.iter().map(|z| z.wire.clone()).collect(),
+            zones: zone_states,
+            sockets,
+            next_socket: AtomicUsize::new(0),
+            pending: Arc::new(Mutex::new(HashMap::new())),
+        });
+        for s in &fwd.sockets {
+            tasks.spawn(read_answers(s.clone(), fwd.pending.clone()));
+        }
+        tasks.spawn(probe(fwd.clone()));
+        Ok(fwd)
+    }
+
+    pub fn domains(&self) -> Vec<String> {
+        self.zones.iter().map(|z| z.domain.clone()).collect()
+    }
+}
+
+/// Serves a client's DNS streams (every stream after the control stream) until the
+/// connection ends.
+pub async fn serve_streams(conn: quinn::Connection, fwd: Arc<Forwarder>) -> anyhow::Result<()> {
+    loop {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let fwd = fwd.clone();
+        tokio::spawn(async move {
+            let Ok(query) = read_framed(&mut recv).await else {
+                return;
+            };
+            if let Some(answer) = fwd.resolve(&query).await {
+                let _ = write_framed(&mut send, &answer).await;
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+impl Forwarder {
+    /// Answers one query; always returns a response to relay (REFUSED outside the zones,
+    /// SERVFAIL when no resolver answered), or `None` for bytes that are no query at all.
+    pub async fn resolve(&self, msg: &[u8]) -> Option<Vec<u8>> {
+        let q = dns::parse_query(msg).ok()?;
+        let Some(zi) = dns::matching_zone(&q.name, &self.zone_wires) else {
+            return Some(error_response(msg, q.question_end, RCODE_REFUSED));
+        };
+        let zone = &self.zones[zi];
+        zone.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let mut attempt = zone.resolvers.lock().ok()?.start(Instant::now())?;
+        loop {
+            let server = *zone.servers.get(attempt.current)?;
+            let answer = self.ask_udp(server, msg, &q.name).await;
+            let now = Instant::now();
+            let step;
+            let mut delivered = None;
+            match answer {
+                Some(mut a) => {
+                    if dns::truncated(&a)
+                        && let Ok(full) = ask_tcp(server, msg).await
+                    {
+                        a = full;
+                    }
+                    let rcode = dns::response_rcode(&a).unwrap_or(RCODE_SERVFAIL);
+                    step = zone
+                        .resolvers
+                        .lock()
+                        .ok()?
+                        .on_answer(&mut attempt, rcode, now);
+                    delivered = Some(a);
+                }
+                None => {
+                    step = zone.resolvers.lock().ok()?.on_timeout(&mut attempt, now);
+                }
+            }
+            match step {
+                Step::Deliver => {
+                    let mut a = delivered?;
+                    a[..2].copy_from_slice(&q.id.to_be_bytes());
+                    zone.stats.answers.fetch_add(1, Ordering::Relaxed);
+                    return Some(a);
+                }
+                Step::Ask(_) => {
+                    zone.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                }
+                Step::GiveUp => {
+                    zone.stats.servfails.fetch_add(1, Ordering::Relaxed);
+                    return Some(error_response(msg, q.question_end, RCODE_SERVFAIL));
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` under a fresh random ID and waits for the answer with that ID, from that
+    /// resolver, for that name; anything else arriving on the socket is ignored.
+    async fn ask_udp(&self, server: SocketAddr, msg: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+        let i = self.next_socket.fetch_add(1, Ordering::Relaxed) % self.sockets.len().max(1);
+        let socket = self.sockets.get(i)?;
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut pending = self.pending.lock().ok()?;
+            let mut id = rand::rng().random::<u16>();
+            while pending.contains_key(&(id, server)) {
+                id = rand::rng().random::<u16>();
+            }
+            pending.insert((id, server), (name.to_vec(), tx));
+            id
+        };
+        let mut out = msg.to_vec();
+        out[..2].copy_from_slice(&id.to_be_bytes());
+        let answer = match socket.send_to(&out, server).await {
+            Ok(_) => tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok()?.ok(),
+            Err(_) => None,
+        };
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.remove(&(id, server));
+        }
+        answer
+    }
+
+    pub fn status(&self) -> Vec<ZoneStatus> {
+        self.zones
+            .iter()
+            .map(|z| {
+                let health = z
+                    .resolvers
+                    .lock()
+                    .map(|r| r.health().to_vec())
+                    .unwrap_or_default();
+                ZoneStatus {
+                    domain: z.domain.clone(),
+                    queries: z.stats.queries.load(Ordering::Relaxed),
+                    answers: z.stats.answers.load(Ordering::Relaxed),
+                    failovers: z.stats.failovers.load(Ordering::Relaxed),
+                    servfails: z.stats.servfails.load(Ordering::Relaxed),
+                    resolvers: z
+                        .servers
+                        .iter()
+                        .zip(health)
+                        .map(|(s, h)| ResolverStatus {
+                            address: s.ip().to_string(),
+                            up: h.up,
+                            latency_ms: h.latency.map(|l| l.as_secs_f64() * 1000.0),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+async fn read_answers(socket: Arc<UdpSocket>, pending: Arc<Pending>) {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let msg = &buf[..n];
+        if dns::response_rcode(msg).is_none() {
+            continue;
+        }
+        let id = u16::from_be_bytes([msg[0], msg[1]]);
+        let Ok(mut p) = pending.lock() else { return };
+        // Spoof resistance: the ID, the resolver's address and the question must all match.
+        let matches = p
+            .get(&(id, from))
+            .is_some_and(|(name, _)| dns::parse_name(msg, 12).is_ok_and(|(got, _)| &got == name));
+        if matches && let Some((_, tx)) = p.remove(&(id, from)) {
+            let _ = tx.send(msg.to_vec());
+        }
+    }
+}
+
+/// Re-probes resolvers marked down, so queries stop skipping them once they answer again.
+async fn probe(fwd: Arc<Forwarder>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        for zone in &fwd.zones {
+            let due = zone
+                .resolvers
+                .lock()
+                .map(|mut r| r.due_probes(Instant::now()))
+                .unwrap_or_default();
+            for index in due {
+                let Some(server) = zone.servers.get(index).copied() else {
+                    continue;
+                };
+                let query = soa_query(&zone.wire);
+                let sent = Instant::now();
+                if fwd.ask_udp(server, &query, &zone.wire).await.is_some()
+                    && let Ok(mut r) = zone.resolvers.lock()
+                {
+                    r.on_probe_answer(index, sent.elapsed());
+                    tracing::info!(zone = %zone.domain, %server, "resolver answers again");
+                }
+            }
+        }
+    }
+}
+
+fn soa_query(zone_wire: &[u8]) -> Vec<u8> {
+    let mut q = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(zone_wire);
+    q.extend_from_slice(&[0, 6, 0, 1]);
+    q
+}
+
+/// Asks again over TCP, for answers too large for UDP.
+async fn ask_tcp(server: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(TCP_TIMEOUT, async {
+        let mut s = TcpStream::connect(server).await?;
+        let len = u16::try_from(msg.len())?;
+        s.write_all(&len.to_be_bytes()).await?;
+        s.write_all(msg).await?;
+        let mut l = [0u8; 2];
+        s.read_exact(&mut l).await?;
+        let mut a = vec![0u8; usize::from(u16::from_be_bytes(l))];
+        s.read_exact(&mut a).await?;
+        anyhow::Ok(a)
+    })
+    .await?
+}
+
+/// A response with `rcode` that repeats the query's question and nothing else.
+pub fn error_response(query: &[u8], question_end: usize, rcode: u8) -> Vec<u8> {
+    let end = question_end.min(query.len());
+    let mut r = query[..end].to_vec();
+    if r.len() >= 12 {
+        r[2] = 0x80 | (query[2] & 0x79); // QR, keep opcode and RD
+        r[3] = 0x80 | rcode; // RA
+        r[6..12].fill(0); // no answer, authority or additional records
+    }
+    r
+}
+
+/// Reads one DNS-over-TCP-framed message from a stream.
+pub async fn read_framed(recv: &mut quinn::RecvStream) -> anyhow::Result<Vec<u8>> {
+    let mut l = [0u8; 2];
+    recv.read_exact(&mut l).await?;
+    let mut m = vec![0u8; usize::from(u16::from_be_bytes(l))];
+    recv.read_exact(&mut m).await?;
+    Ok(m)
+}
+
+pub async fn write_framed(send: &mut quinn::SendStream, msg: &[u8]) -> anyhow::Result<()> {
+    let len = u16::try_from(msg.len())?;
+    send.write_all(&len.to_be_bytes()).await?;
+    send.write_all(msg).await?;
+    Ok(())
+}
+
+/// The client's stub listener: queries for the connector's zones go through the tunnel, one
+/// stream each; anything else is REFUSED (a stub for routing domains, not a full resolver).
+pub async fn serve_stub<C>(socket: Arc<UdpSocket>, zones: Arc<Mutex<Vec<Vec<u8>>>>, current: C)
+where
+    C: Fn() -> Option<quinn::Connection>,
+{
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let msg = buf[..n].to_vec();
+        let Ok(q) = dns::parse_query(&msg) else {
+            continue;
+        };
+        let in_zone = zones
+            .lock()
+            .map(|z| dns::matching_zone(&q.name, &z).is_some())
+            .unwrap_or(false);
+        let conn = current();
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            let answer = match (in_zone, conn) {
+                (true, Some(conn)) => match relay(&conn, &msg).await {
+                    Ok(a) => a,
+                    Err(_) => error_response(&msg, q.question_end, RCODE_SERVFAIL),
+                },
+                (true, None) => error_response(&msg, q.question_end, RCODE_SERVFAIL),
+                (false, _) => error_response(&msg, q.question_end, RCODE_REFUSED),
+            };
+            let _ = socket.send_to(&answer, from).await;
+        });
+    }
+}
+
+async fn relay(conn: &quinn::Connection, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_framed(&mut send, msg).await?;
+        send.finish()?;
+        read_framed(&mut recv).await
+    })
+    .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_responses_echo_the_question_and_set_the_rcode() {
+        let mut q = vec![0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
+        let qend = {
+            q.extend_from_slice(&[2, b'd', b'b', 0, 0, 1, 0, 1]);
+            q.len()
+        };
+        q.extend_from_slice(&[0, 0, 41, 4, 0, 0, 0, 0, 0, 0, 0]); // an OPT record
+        let r = error_response(&q, qend, RCODE_REFUSED);
+        assert_eq!(r.len(), qend, "the OPT record is not echoed");
+        assert_eq!(&r[..2], &[0xab, 0xcd]);
+        assert_eq!(dns::response_rcode(&r), Some(RCODE_REFUSED));
+        assert_eq!(r[2] & 0x01, 0x01, "RD kept");
+        assert_eq!(&r[10..12], &[0, 0], "no additional records");
+        assert_eq!(
+            dns::parse_name(&r, 12).map(|(n, _)| n),
+            Ok(vec![2, b'd', b'b', 0])
+        );
+    }
+}
