@@ -191,6 +191,28 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
         let drops: Vec<String> = t.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "tunnel drops: {}", drops.join(", "));
     }
+    for z in &t.zones {
+        let resolvers: Vec<String> = z
+            .resolvers
+            .iter()
+            .map(|r| match (r.up, r.latency_ms) {
+                (true, Some(ms)) => format!("{} up {ms:.1} ms", r.address),
+                (true, None) => format!("{} up", r.address),
+                (false, _) => format!("{} DOWN", r.address),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "dns zone {}: {} queries, {} answers, {} failovers, {} servfail{}{}",
+            z.domain,
+            z.queries,
+            z.answers,
+            z.failovers,
+            z.servfails,
+            if resolvers.is_empty() { "" } else { "; " },
+            resolvers.join(", ")
+        );
+    }
 }
 
 #[cfg(test)]
@@ -229,7 +251,25 @@ mod tests {
                 at: 150,
             }],
             drops: BTreeMap::from([("policy".into(), 1)]),
-            zones: vec![],
+            zones: vec![crate::api::ZoneStatus {
+                domain: "hoge-vpc.com".into(),
+                queries: 7,
+                answers: 7,
+                failovers: 2,
+                servfails: 0,
+                resolvers: vec![
+                    crate::api::ResolverStatus {
+                        address: "10.128.0.61".into(),
+                        up: false,
+                        latency_ms: Some(0.3),
+                    },
+                    crate::api::ResolverStatus {
+                        address: "10.128.0.130".into(),
+                        up: true,
+                        latency_ms: Some(0.25),
+                    },
+                ],
+            }],
         };
         let mut out = String::new();
         render_tunnel(&mut out, &t, 165);
@@ -239,6 +279,7 @@ PEER       REMOTE              TRANSPORT  ADDRESS        RTT  CONNECTED  TX PKTS
 ops-alice  198.51.100.10:7844  quic       100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
 tunnel drops: policy 1
+dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN, 10.128.0.130 up 0.2 ms
 ";
         assert_eq!(out, expected);
     }

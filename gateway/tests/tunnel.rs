@@ -710,3 +710,52 @@ fn on_servfail_return_gives_servfail_and_spares_the_secondary() {
         "the secondary was asked"
     );
 }
+
+/// A sustained query load at the private zone through the stub: every query answered, none
+/// lost, and the forwarder still on its small pinned socket pool.
+#[test]
+fn sustained_dns_load_loses_no_query() {
+    let t = start();
+    let lab = &t.lab;
+    let names: String = ["db", "ssh", "which"]
+        .iter()
+        .map(|n| format!("{n}.{} A\n", zone::DOMAIN))
+        .collect();
+    let file = lab.dir().join("queries.txt");
+    std::fs::write(&file, names).expect("query file");
+    let out = lab
+        .run_ok(
+            Host::Operator,
+            &[
+                "dnsperf",
+                "-s",
+                "127.0.0.53",
+                "-d",
+                file.to_str().expect("utf-8"),
+                "-l",
+                "4",
+                "-Q",
+                "2000",
+            ],
+        )
+        .expect("dnsperf");
+    let field = |name: &str| -> u64 {
+        out.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in dnsperf output:\n{out}"))
+    };
+    let (sent, completed, lost) = (
+        field("Queries sent"),
+        field("Queries completed"),
+        field("Queries lost"),
+    );
+    assert!(sent > 4000, "{out}");
+    assert_eq!(lost, 0, "{out}");
+    assert_eq!(completed, sent, "{out}");
+    let status = status_json(lab, Host::VpcGateway, &t.connector_socket);
+    let z = &status.tunnel.expect("tunnel").zones[0];
+    assert_eq!(z.servfails, 0, "{z:?}");
+}

@@ -52,6 +52,7 @@ const PACKAGES: &[&str] = &[
     "libnftnl-dev",
     "libmnl-dev",
     "pkg-config",
+    "dnsperf",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -242,6 +242,8 @@ fn transport() -> TransportConfig {
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
+    // One stream per relayed DNS query: leave room for bursts.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
     t
 }
 

@@ -110,6 +110,10 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
     let db = format!("db.{}", zone::DOMAIN);
     let at = format!("@{}", addr::RESOLVER_PRIMARY);
     show(&lab, Host::Operator, &["dig", "+short", &at, &db])?;
+    println!(
+        "\n(the client's DNS stub answers the private zone through the tunnel, with failover)"
+    );
+    show(&lab, Host::Operator, &["dig", "+short", "@127.0.0.53", &db])?;
     show(
         &lab,
         Host::Operator,
@@ -198,12 +202,16 @@ fn start_tunnel(
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
              [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
              [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
-             \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n",
+             \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n\n\
+             [[dns.zone]]\ndomain = \"{}\"\nservers = [\"{}\", \"{}\"]\n",
             connector_sock.display(),
             dir.join("connector-state").display(),
             tls("lab-gw"),
             addr::VPC_CIDR,
             addr::VPC_CIDR_V6,
+            zone::DOMAIN,
+            addr::RESOLVER_PRIMARY,
+            addr::RESOLVER_SECONDARY,
         ),
     )?;
     let client_sock = dir.join("client.sock");
@@ -213,7 +221,8 @@ fn start_tunnel(
         format!(
             "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
              [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\n{}\n\
-             [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n",
+             [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
+             dns_stub = \"127.0.0.53:53\"\n",
             client_sock.display(),
             dir.join("client-state").display(),
             addr::GW_WAN,
@@ -319,7 +328,7 @@ fn bench(bin_dir: &Path) -> anyhow::Result<()> {
     println!("direct path: plain routing operator host -> underlay -> VPC gateway -> VPC host");
     let direct = {
         let lab = Lab::start(LabOptions::default())?;
-        measure(&lab)?
+        measure(&lab, addr::RESOLVER_PRIMARY)?
     };
     println!("tunnel: the same hosts, no direct route, gatewayd client and connector");
     let tunnel = {
@@ -328,7 +337,7 @@ fn bench(bin_dir: &Path) -> anyhow::Result<()> {
             servers: true,
         })?;
         let t = start_tunnel(&lab, gatewayd, gatewayctl, false)?;
-        let figures = measure(&lab)?;
+        let figures = measure(&lab, "127.0.0.53")?;
         let (mut client, mut connector) = (t.client, t.connector);
         for d in [&mut client, &mut connector] {
             d.terminate()?;
@@ -368,8 +377,40 @@ fn bench(bin_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The figures for one path, in a fixed order.
-fn measure(lab: &Lab) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
+fn measure(lab: &Lab, dns_server: &str) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
     let mut out = Vec::new();
+    // Private-zone DNS: straight to the primary resolver, or through the client's stub.
+    let file = lab.dir().join("queries.txt");
+    std::fs::write(
+        &file,
+        format!("db.{0} A\nssh.{0} A\nwhich.{0} TXT\n", zone::DOMAIN),
+    )?;
+    let perf = lab.run_ok(
+        Host::Operator,
+        &[
+            "dnsperf",
+            "-s",
+            dns_server,
+            "-d",
+            path_str(&file)?,
+            "-l",
+            "5",
+        ],
+    )?;
+    let field = |name: &str| -> f64 {
+        perf.lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .and_then(|l| l.split(':').nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    out.push((
+        "dns queries answered (dnsperf 5 s)".into(),
+        "kqps",
+        field("Queries per second") / 1e3,
+    ));
+    out.push(("dns queries lost".into(), "count", field("Queries lost")));
     for (streams, reverse) in [(1, false), (1, true), (4, false), (4, true)] {
         let p = streams.to_string();
         let mut argv = vec!["iperf3", "-J", "-c", addr::VPC_HOST, "-t", "3", "-P", &p];
