@@ -18,6 +18,35 @@ pub mod maps {
     /// `HashMap<u32, u32>`: ingress ifindex → ifindex to redirect matched packets to (the TUN).
     /// An interface without an entry only counts.
     pub const REDIRECT: &str = "REDIRECT";
+    /// `HashMap<u64, u32>`: [`crate::dns_suffix_hash`] of a private zone's wire name → zone id.
+    pub const DNS_ZONES: &str = "DNS_ZONES";
+}
+
+/// Capacity of [`maps::DNS_ZONES`].
+pub const MAX_DNS_ZONES: u32 = 256;
+/// Query names with more labels than this are not steered (no real zone needs it).
+pub const MAX_DNS_LABELS: usize = 16;
+
+const DNS_HASH_MUL: u64 = 0x0000_0100_0000_01b3;
+
+/// Hash of a lowercase wire-form name (length-prefixed labels and the final zero byte),
+/// computed from its last byte to its first: `h = h * M + byte`. Going backwards lets the eBPF
+/// program get the hash of every label-boundary suffix of a query's name in one bounded pass,
+/// looking each up in [`maps::DNS_ZONES`].
+pub const fn dns_suffix_hash(wire: &[u8]) -> u64 {
+    let mut h = 0u64;
+    let mut i = wire.len();
+    while i > 0 {
+        i -= 1;
+        h = dns_hash_step(h, wire[i]);
+    }
+    h
+}
+
+/// Prepends one byte to a suffix hash.
+#[inline(always)]
+pub const fn dns_hash_step(h: u64, byte: u8) -> u64 {
+    h.wrapping_mul(DNS_HASH_MUL).wrapping_add(byte as u64)
 }
 
 /// Capacity of [`maps::REDIRECT`]: LAN interfaces one node steers.
@@ -27,6 +56,8 @@ pub const MAX_REDIRECTS: u32 = 64;
 pub mod programs {
     /// TC classifier attached at ingress of the configured interfaces.
     pub const CLASSIFY: &str = "gw_classify";
+    /// TC program at egress of a client's uplink: steers the host's own private-zone queries.
+    pub const DNS_EGRESS: &str = "gw_dns_egress";
 }
 
 /// Capacity of each route trie and of the per-route counter array. Route ids are `0..MAX_ROUTES`.
@@ -62,11 +93,13 @@ pub enum Counter {
     Redirected = 5,
     /// Matched, but bpf_redirect refused (the TUN vanished); passed to the stack instead.
     RedirectFailed = 6,
+    /// A DNS query for a private zone, redirected into the TUN.
+    DnsSteered = 7,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Matched,
         Counter::Unmatched,
         Counter::NotIp,
@@ -74,6 +107,7 @@ impl Counter {
         Counter::BadRouteId,
         Counter::Redirected,
         Counter::RedirectFailed,
+        Counter::DnsSteered,
     ];
 
     /// Stable name used in `gatewayctl status` and its JSON.
@@ -86,6 +120,7 @@ impl Counter {
             Counter::BadRouteId => "bad_route_id",
             Counter::Redirected => "redirected",
             Counter::RedirectFailed => "redirect_failed",
+            Counter::DnsSteered => "dns_steered",
         }
     }
 }
@@ -100,3 +135,27 @@ const _: () = assert!(Counter::ALL.len() as u32 <= COUNTER_SLOTS);
 #[cfg(feature = "user")]
 // SAFETY: RouteCounters is repr(C), two u64 fields, no padding, valid for any bit pattern.
 unsafe impl aya::Pod for RouteCounters {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The eBPF program extends the hash from a name's last byte backwards; at the start of
+    /// the zone's labels it must hold exactly the zone's own hash.
+    #[test]
+    fn backward_hash_of_a_name_passes_through_the_zone_hash() {
+        let zone = b"\x08hoge-vpc\x03com\x00";
+        let name = b"\x02db\x08hoge-vpc\x03com\x00";
+        let want = dns_suffix_hash(zone);
+        let mut h = 0u64;
+        let mut seen_at = None;
+        for at in (0..name.len()).rev() {
+            h = dns_hash_step(h, name[at]);
+            if h == want {
+                seen_at = Some(at);
+            }
+        }
+        assert_eq!(seen_at, Some(3), "the zone starts at byte 3 of the name");
+        assert_ne!(dns_suffix_hash(b"\x07xoge-vpc\x03com\x00"), want);
+    }
+}

@@ -75,6 +75,9 @@ pub struct Tunnel {
     /// Client: where to answer DNS queries for the connector's zones (a resolver address for
     /// systemd-resolved's routing domains, say).
     pub dns_stub: Option<SocketAddr>,
+    /// Client: uplinks at whose egress the host's own queries for the zones, sent to whatever
+    /// resolver it uses, are steered into the tunnel.
+    pub dns_intercept: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +219,8 @@ struct RawClient {
     #[serde(default)]
     advertise: Vec<String>,
     dns_stub: Option<String>,
+    #[serde(default)]
+    dns_intercept: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -717,6 +722,14 @@ fn validate_tunnel(
             on_servfail,
         });
     }
+    if is_connector && !client.dns_intercept.is_empty() {
+        bad("client.dns_intercept", "only for clients".into(), &mut ok);
+    }
+    for (i, name) in client.dns_intercept.iter().enumerate() {
+        if let Err(r) = check_interface_name(name) {
+            bad(&format!("client.dns_intercept[{i}]"), r, &mut ok);
+        }
+    }
     let dns_stub = match client.dns_stub.as_deref() {
         None => None,
         Some(_) if is_connector => {
@@ -755,6 +768,7 @@ fn validate_tunnel(
         egress,
         zones,
         dns_stub,
+        dns_intercept: client.dns_intercept,
     })
 }
 
@@ -846,6 +860,12 @@ pub fn check_system(config: &Config) -> Result<(), ConfigError> {
                 .iter()
                 .enumerate()
                 .map(|(i, n)| (format!("client.lan[{i}]"), n.as_str())),
+        );
+        named.extend(
+            t.dns_intercept
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (format!("client.dns_intercept[{i}]"), n.as_str())),
         );
         if let Some(e) = &t.egress {
             named.push(("egress.interface".into(), e.interface.as_str()));

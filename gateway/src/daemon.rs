@@ -83,7 +83,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
         Some(t) => {
             let offered = config.routes.iter().map(|r| r.cidr).collect();
-            let hook = learned_routes_hook(dataplane.clone(), routes.clone(), t.lan.clone());
+            let mut steered = t.lan.clone();
+            steered.extend(t.dns_intercept.iter().cloned());
+            let hook = learned_routes_hook(dataplane.clone(), routes.clone(), steered);
             match crate::tunnel::start(t, offered, hook).await {
                 Ok(handle) => {
                     record.sysctls = handle.changed_sysctls().to_vec();
@@ -154,33 +156,36 @@ fn learned_routes_hook(
     routes: Arc<Mutex<RouteTable>>,
     lan: Vec<String>,
 ) -> crate::tunnel::RoutesHook {
-    Arc::new(move |learned: &[ipnet::IpNet], tun_index: u32| {
-        let table = RouteTable::new(
-            learned
-                .iter()
-                .take(gateway_common::MAX_ROUTES as usize)
-                .enumerate()
-                .map(|(i, net)| Route {
-                    id: i as u32,
-                    cidr: *net,
-                    name: net.to_string(),
-                })
-                .collect(),
-        );
-        let mut dp = dataplane
-            .lock()
-            .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
-        dp.set_routes(&table.trie_entries())?;
-        for iface in &lan {
-            let index = crate::sys::if_index(iface)
-                .ok_or_else(|| anyhow::anyhow!("LAN interface {iface} disappeared"))?;
-            dp.set_redirect(index, tun_index)?;
-        }
-        if let Ok(mut r) = routes.lock() {
-            *r = table;
-        }
-        Ok(())
-    })
+    Arc::new(
+        move |learned: &[ipnet::IpNet], zones: &[Vec<u8>], tun_index: u32| {
+            let table = RouteTable::new(
+                learned
+                    .iter()
+                    .take(gateway_common::MAX_ROUTES as usize)
+                    .enumerate()
+                    .map(|(i, net)| Route {
+                        id: i as u32,
+                        cidr: *net,
+                        name: net.to_string(),
+                    })
+                    .collect(),
+            );
+            let mut dp = dataplane
+                .lock()
+                .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
+            dp.set_routes(&table.trie_entries())?;
+            dp.set_dns_zones(zones)?;
+            for iface in &lan {
+                let index = crate::sys::if_index(iface)
+                    .ok_or_else(|| anyhow::anyhow!("LAN interface {iface} disappeared"))?;
+                dp.set_redirect(index, tun_index)?;
+            }
+            if let Ok(mut r) = routes.lock() {
+                *r = table;
+            }
+            Ok(())
+        },
+    )
 }
 
 /// `[dataplane] interfaces` and, on a site gateway, `[client] lan`: where the classifier runs.
@@ -202,6 +207,11 @@ fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListene
         dp.attach(&iface)
             .with_context(|| format!("attaching the classifier to {iface}"))?;
         tracing::info!(interface = %iface, "classifier attached at TCX ingress");
+    }
+    for iface in config.tunnel.iter().flat_map(|t| t.dns_intercept.iter()) {
+        dp.attach_dns_egress(iface)
+            .with_context(|| format!("attaching DNS steering to {iface}"))?;
+        tracing::info!(interface = %iface, "DNS steering attached at TCX egress");
     }
     let listener = crate::server::bind(&config.node.socket)
         .with_context(|| format!("binding the status socket {}", config.node.socket.display()))?;

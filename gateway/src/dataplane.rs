@@ -11,7 +11,10 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachType};
 use aya::programs::{ProgramError, SchedClassifier};
-use gateway_common::{Counter, MAX_ROUTES, RouteCounters, maps, programs::CLASSIFY};
+use gateway_common::{
+    Counter, MAX_ROUTES, RouteCounters, maps,
+    programs::{CLASSIFY, DNS_EGRESS},
+};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -53,7 +56,8 @@ pub struct AttachedProgram {
 
 pub struct Dataplane {
     ebpf: Ebpf,
-    links: Vec<(String, SchedClassifierLinkId)>,
+    /// (program name, interface, link) for every attachment this dataplane made.
+    links: Vec<(&'static str, String, SchedClassifierLinkId)>,
     program_id: u32,
     _logger: Option<aya_log::EbpfLogger>,
 }
@@ -70,6 +74,8 @@ impl Dataplane {
                 None
             }
         };
+        let egress = program_by_name(&mut ebpf, DNS_EGRESS)?;
+        egress.load()?;
         let program = classifier(&mut ebpf)?;
         program.load()?;
         let program_id = program.info()?.id();
@@ -127,16 +133,55 @@ impl Dataplane {
                 iface: iface.to_string(),
                 source,
             })?;
-        self.links.push((iface.to_string(), link));
+        self.links.push((CLASSIFY, iface.to_string(), link));
+        Ok(())
+    }
+
+    /// Attaches the DNS steering program at egress of `iface` (a client's uplink), so the
+    /// host's own queries for private zones can be redirected into the TUN.
+    pub fn attach_dns_egress(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let link = program_by_name(&mut self.ebpf, DNS_EGRESS)?
+            .attach(iface, TcAttachType::Egress)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                source,
+            })?;
+        self.links.push((DNS_EGRESS, iface.to_string(), link));
+        Ok(())
+    }
+
+    /// Makes DNS_ZONES hold exactly these zones (lowercase wire names).
+    pub fn set_dns_zones(&mut self, zones: &[Vec<u8>]) -> Result<(), DataplaneError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::DNS_ZONES)
+            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::DNS_ZONES)))?;
+        let err = |source| DataplaneError::Map {
+            map: maps::DNS_ZONES,
+            source,
+        };
+        let mut m: aya::maps::HashMap<&mut MapData, u64, u32> =
+            aya::maps::HashMap::try_from(map).map_err(err)?;
+        let wanted: Vec<u64> = zones
+            .iter()
+            .map(|z| gateway_common::dns_suffix_hash(z))
+            .collect();
+        for (id, h) in wanted.iter().enumerate() {
+            m.insert(*h, id as u32, 0).map_err(err)?;
+        }
+        let present: Vec<u64> = m.keys().collect::<Result<_, _>>().map_err(err)?;
+        for h in stale_keys(&present, &wanted) {
+            m.remove(&h).map_err(err)?;
+        }
         Ok(())
     }
 
     /// Detaches every link this dataplane made; tries all of them and reports the first error.
     pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
         let links = std::mem::take(&mut self.links);
-        let program = classifier(&mut self.ebpf)?;
         let mut first_error = None;
-        for (iface, link) in links {
+        for (name, iface, link) in links {
+            let program = program_by_name(&mut self.ebpf, name)?;
             if let Err(e) = program.detach(link) {
                 tracing::warn!(interface = %iface, error = %e, "detaching the classifier failed");
                 first_error.get_or_insert(e);
@@ -234,9 +279,16 @@ impl Drop for Dataplane {
 }
 
 fn classifier(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    program_by_name(ebpf, CLASSIFY)
+}
+
+fn program_by_name<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
     let program = ebpf
-        .program_mut(CLASSIFY)
-        .ok_or_else(|| DataplaneError::Missing(format!("program {CLASSIFY}")))?;
+        .program_mut(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("program {name}")))?;
     Ok(program.try_into()?)
 }
 

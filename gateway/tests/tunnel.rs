@@ -79,7 +79,7 @@ fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> Pa
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\n{lan}",
+             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
             addr::GW_WAN,
             tls(pki, name)
         ),
@@ -695,6 +695,56 @@ fn private_zone_resolves_through_the_tunnel_with_failover_and_tcp_retry() {
     assert!(
         z.failovers >= 2 && z.queries == 5 && z.answers == 5,
         "{z:?}"
+    );
+}
+
+/// Queries sent to the hosts' normal resolver (the public one in the underlay): names under the
+/// private zone are steered by eBPF into the tunnel and answered by the VPC's resolvers, as if
+/// from the resolver asked; every other name goes to the normal resolver, untouched.
+#[test]
+fn private_names_sent_to_the_normal_resolver_are_answered_privately() {
+    let t = start_with(true);
+    let lab = &t.lab;
+    let db = format!("db.{}", zone::DOMAIN);
+    for host in [Host::Operator, Host::Office] {
+        let out = lab
+            .run_ok(host, &["dig", "+time=3", "+tries=1", &db])
+            .expect("dig via resolv.conf");
+        assert!(
+            out.contains(&format!("SERVER: {}#53", addr::PUBLIC_DNS)),
+            "{out}"
+        );
+        let answer: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with(&db))
+            .filter_map(|l| l.split_whitespace().last())
+            .collect();
+        assert_eq!(answer, [zone::DB_PRIVATE], "{host:?}: {out}");
+        let out = lab
+            .run_ok(
+                host,
+                &["dig", "+short", "+time=3", "+tries=1", "www.example.com"],
+            )
+            .expect("dig");
+        assert_eq!(out.trim(), zone::WWW_EXAMPLE, "{host:?}");
+    }
+    for which in ["primary", "secondary"] {
+        assert!(
+            !resolver_log(lab, which).contains("www.example.com"),
+            "{which} saw it"
+        );
+    }
+    let public =
+        std::fs::read_to_string(lab.dir().join("unbound-public/unbound.log")).unwrap_or_default();
+    assert!(
+        !public.contains("db.hoge-vpc.com"),
+        "the private name leaked to the public resolver"
+    );
+    let status = status_json(lab, Host::Operator, &t.client_socket);
+    assert!(
+        status.classifier.get("dns_steered").copied().unwrap_or(0) >= 2,
+        "{:?}",
+        status.classifier
     );
 }
 

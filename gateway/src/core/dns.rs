@@ -317,3 +317,131 @@ mod tests {
         }
     }
 }
+
+/// The DNS message inside an IP/UDP packet to port 53, with the packet's header length.
+pub fn udp_query(pkt: &[u8]) -> Option<(&[u8], usize)> {
+    let meta = super::packet::parse(pkt).ok()?;
+    if meta.proto != super::packet::PROTO_UDP || meta.dst_port != Some(53) {
+        return None;
+    }
+    let l4 = match pkt.first()? >> 4 {
+        4 => usize::from(pkt[0] & 0x0f) * 4,
+        // Only a UDP header right after the fixed IPv6 header; parse() found UDP there or
+        // behind extension headers, which queries do not carry in practice.
+        6 if pkt.get(6) == Some(&super::packet::PROTO_UDP) => 40,
+        _ => return None,
+    };
+    let payload = pkt.get(l4 + 8..)?;
+    Some((payload, l4 + 8))
+}
+
+/// The answer to `query` (an IP/UDP packet), as the resolver it was sent to would have sent
+/// it: addresses and ports swapped, lengths and checksums computed.
+pub fn udp_reply(query: &[u8], answer: &[u8]) -> Option<Vec<u8>> {
+    let (_, header_len) = udp_query(query)?;
+    let l4 = header_len - 8;
+    let udp_len = 8 + answer.len();
+    let mut out = Vec::with_capacity(l4 + udp_len);
+    out.extend_from_slice(&query[..l4]);
+    let v4 = out[0] >> 4 == 4;
+    if v4 {
+        out.truncate(20); // no options in our reply
+        out[0] = 0x45;
+        let total = u16::try_from(20 + udp_len).ok()?;
+        out[2..4].copy_from_slice(&total.to_be_bytes());
+        out[6] = 0x40;
+        out[7] = 0;
+        out[8] = 64;
+        let (src, dst) = (query[12..16].to_vec(), query[16..20].to_vec());
+        out[12..16].copy_from_slice(&dst);
+        out[16..20].copy_from_slice(&src);
+        out[10..12].fill(0);
+        let sum = checksum(&out[..20], 0);
+        out[10..12].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        out.truncate(40);
+        out[4..6].copy_from_slice(&u16::try_from(udp_len).ok()?.to_be_bytes());
+        out[6] = super::packet::PROTO_UDP;
+        out[7] = 64;
+        let (src, dst) = (query[8..24].to_vec(), query[24..40].to_vec());
+        out[8..24].copy_from_slice(&dst);
+        out[24..40].copy_from_slice(&src);
+    }
+    let ip_len = out.len();
+    let ports = query.get(l4..l4 + 4)?;
+    out.extend_from_slice(&ports[2..4]); // from port 53
+    out.extend_from_slice(&ports[0..2]); // to the asking port
+    out.extend_from_slice(&u16::try_from(udp_len).ok()?.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(answer);
+    // Pseudo-header: source, destination, protocol, UDP length.
+    let addrs = if v4 { &out[12..20] } else { &out[8..40] };
+    let mut pseudo = sum_words(addrs);
+    pseudo += u32::from(super::packet::PROTO_UDP) + udp_len as u32;
+    let mut sum = checksum(&out[ip_len..], pseudo);
+    if sum == 0 {
+        sum = 0xffff; // 0 means "no checksum" in UDP
+    }
+    out[ip_len + 6..ip_len + 8].copy_from_slice(&sum.to_be_bytes());
+    Some(out)
+}
+
+fn sum_words(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
+        .sum()
+}
+
+fn checksum(data: &[u8], initial: u32) -> u16 {
+    let mut sum = initial + sum_words(data);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod udp_tests {
+    use super::*;
+    use crate::core::packet::{self, PROTO_UDP, tests as p};
+
+    fn udp_to_53(payload: &[u8]) -> Vec<u8> {
+        let mut udp = vec![0xc3, 0x50, 0, 53];
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        p::v4(PROTO_UDP, [198, 51, 100, 10], [198, 51, 100, 53], &udp)
+    }
+
+    #[test]
+    fn reply_comes_from_the_resolver_asked_with_valid_checksums() {
+        let q = udp_to_53(b"query-bytes!");
+        let (msg, _) = udp_query(&q).expect("a DNS query");
+        assert_eq!(msg, b"query-bytes!");
+        let r = udp_reply(&q, b"answer").expect("reply");
+        let m = packet::parse(&r).expect("valid packet");
+        assert_eq!(m.src.to_string(), "198.51.100.53");
+        assert_eq!(m.dst.to_string(), "198.51.100.10");
+        assert_eq!(&r[20..22], &53u16.to_be_bytes());
+        assert_eq!(&r[22..24], &[0xc3, 0x50]);
+        assert_eq!(&r[28..], b"answer");
+        assert_eq!(checksum(&r[..20], 0), 0, "IP header checksum");
+        let pseudo = sum_words(&r[12..20]) + u32::from(PROTO_UDP) + (r.len() - 20) as u32;
+        assert_eq!(checksum(&r[20..], pseudo), 0, "UDP checksum");
+    }
+
+    #[test]
+    fn only_udp_to_port_53_is_a_query() {
+        assert!(
+            udp_query(&p::v4(
+                17,
+                [1, 1, 1, 1],
+                [2, 2, 2, 2],
+                &[0, 1, 0, 54, 0, 8, 0, 0]
+            ))
+            .is_none()
+        );
+        assert!(udp_query(&p::v4(6, [1, 1, 1, 1], [2, 2, 2, 2], &p::tcp_to(53))).is_none());
+        assert!(udp_query(&[0x45]).is_none());
+    }
+}

@@ -390,7 +390,7 @@ where
     }
 }
 
-async fn relay(conn: &quinn::Connection, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+pub async fn relay(conn: &quinn::Connection, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
     tokio::time::timeout(Duration::from_secs(5), async {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_framed(&mut send, msg).await?;

@@ -950,12 +950,14 @@ impl Client {
                 .await
                 .with_context(|| format!("route {r} into the tunnel"))?;
         }
-        (self.on_routes)(&routes, self.tun_index).context("loading routes into the classifier")?;
+        let zone_wires: Vec<Vec<u8>> = zones
+            .iter()
+            .filter_map(|d| crate::core::dns::wire_name(d).ok())
+            .collect();
+        (self.on_routes)(&routes, &zone_wires, self.tun_index)
+            .context("loading routes into the classifier")?;
         if let Ok(mut z) = self.shared.learned_zones.lock() {
-            *z = zones
-                .iter()
-                .filter_map(|d| crate::core::dns::wire_name(d).ok())
-                .collect();
+            *z = zone_wires;
         }
         let peer = Arc::new(Peer {
             identity: self.server_name.clone(),
@@ -1022,6 +1024,27 @@ async fn tun_to_connector(
             continue;
         }
         let peer = current.borrow().clone();
+        // A query for a private zone that eBPF steered here: answered by the connector's
+        // forwarder, and the reply comes from the resolver the application asked.
+        if let (Some(p), Some(query)) = (&peer, steered_query(&shared, &buf[..n])) {
+            let (conn, tun, shared) = (p.conn.clone(), tun.clone(), shared.clone());
+            tokio::spawn(async move {
+                let Some((msg, _)) = crate::core::dns::udp_query(&query) else {
+                    return;
+                };
+                let reply = match dns::relay(&conn, msg).await {
+                    Ok(answer) => crate::core::dns::udp_reply(&query, &answer),
+                    Err(_) => None,
+                };
+                match reply {
+                    Some(r) => {
+                        let _ = tun.send(&r).await;
+                    }
+                    None => shared.drop_packet("dns_relay_failed"),
+                }
+            });
+            continue;
+        }
         match peer {
             Some(p) => {
                 if send_to(&shared, &p.conn, &p.counters, &mut buf[..n]) == Sent::TooBig {
@@ -1036,6 +1059,15 @@ async fn tun_to_connector(
             None => shared.drop_packet("tunnel_down"),
         }
     }
+}
+
+/// The packet, if it is a DNS query for one of the zones the connector answers.
+fn steered_query(shared: &Shared, pkt: &[u8]) -> Option<Vec<u8>> {
+    let (msg, _) = crate::core::dns::udp_query(pkt)?;
+    let q = crate::core::dns::parse_query(msg).ok()?;
+    let zones = shared.learned_zones.lock().ok()?;
+    crate::core::dns::matching_zone(&q.name, &zones)?;
+    Some(pkt.to_vec())
 }
 
 /// The `n`th address of a prefix (0 is the network address).

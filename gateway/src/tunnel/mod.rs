@@ -19,7 +19,7 @@ pub mod tls;
 
 pub use engine::{TunnelHandle, start};
 
-/// Called on a client with the routes the connector sent and the TUN's ifindex, so the
-/// classifier can count them and steer LAN traffic into the TUN.
+/// Called on a client with the routes and DNS zones (lowercase wire names) the connector sent
+/// and the TUN's ifindex, so the eBPF programs can count them and steer traffic into the TUN.
 pub type RoutesHook =
-    std::sync::Arc<dyn Fn(&[ipnet::IpNet], u32) -> anyhow::Result<()> + Send + Sync>;
+    std::sync::Arc<dyn Fn(&[ipnet::IpNet], &[Vec<u8>], u32) -> anyhow::Result<()> + Send + Sync>;
