@@ -166,6 +166,28 @@ fn start_full(site: bool, wrapper: &[&str], on_servfail: &str) -> TunnelLab {
     }
 }
 
+/// ping (IPv4 and IPv6), dig at the primary resolver and iperf3 both ways, from `host`.
+fn reaches_the_vpc(lab: &Lab, host: Host) {
+    for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
+        lab.run_ok(host, &["ping", "-c", "3", "-i", "0.2", "-W", "2", target])
+            .unwrap_or_else(|e| panic!("ping {target} from {host:?}: {e:#}"));
+    }
+    let at = format!("@{}", addr::RESOLVER_PRIMARY);
+    let db = format!("db.{}", zone::DOMAIN);
+    let out = lab
+        .run_ok(host, &["dig", "+short", "+time=2", &at, &db])
+        .expect("dig");
+    assert_eq!(out.trim(), zone::DB_PRIVATE, "{host:?}");
+    for reverse in [false, true] {
+        let mut argv = vec!["iperf3", "-c", addr::VPC_HOST, "-t", "1"];
+        if reverse {
+            argv.push("-R");
+        }
+        lab.run_ok(host, &argv)
+            .unwrap_or_else(|e| panic!("iperf3 (reverse: {reverse}) from {host:?}: {e:#}"));
+    }
+}
+
 fn ssh_ok(lab: &Lab, host: Host, target: &str) -> String {
     let argv = lab.ssh_argv(target, "echo tunnelled-$((6*7))");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -192,27 +214,7 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
         (40000..=40999).contains(&port),
         "source port {port} outside 40000-40999"
     );
-    for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
-        lab.run_ok(
-            Host::Operator,
-            &["ping", "-c", "3", "-i", "0.2", "-W", "2", target],
-        )
-        .expect("ping through the tunnel");
-    }
-    let at = format!("@{}", addr::RESOLVER_PRIMARY);
-    let db = format!("db.{}", zone::DOMAIN);
-    let out = lab
-        .run_ok(Host::Operator, &["dig", "+short", "+time=2", &at, &db])
-        .expect("dig");
-    assert_eq!(out.trim(), zone::DB_PRIVATE);
-    for reverse in [false, true] {
-        let mut argv = vec!["iperf3", "-c", addr::VPC_HOST, "-t", "1"];
-        if reverse {
-            argv.push("-R");
-        }
-        lab.run_ok(Host::Operator, &argv)
-            .expect("iperf3 through the tunnel");
-    }
+    reaches_the_vpc(lab, Host::Operator);
 
     // Both ends account for it.
     let client = status_json(lab, Host::Operator, &t.client_socket);
@@ -233,27 +235,7 @@ fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
     let t = start_with(true);
     let lab = &t.lab;
     assert_eq!(ssh_ok(lab, Host::Office, addr::VPC_HOST), "tunnelled-42");
-    for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
-        lab.run_ok(
-            Host::Office,
-            &["ping", "-c", "3", "-i", "0.2", "-W", "2", target],
-        )
-        .expect("ping from the office through the tunnel");
-    }
-    let at = format!("@{}", addr::RESOLVER_PRIMARY);
-    let db = format!("db.{}", zone::DOMAIN);
-    let out = lab
-        .run_ok(Host::Office, &["dig", "+short", "+time=2", &at, &db])
-        .expect("dig");
-    assert_eq!(out.trim(), zone::DB_PRIVATE);
-    for reverse in [false, true] {
-        let mut argv = vec!["iperf3", "-c", addr::VPC_HOST, "-t", "1"];
-        if reverse {
-            argv.push("-R");
-        }
-        lab.run_ok(Host::Office, &argv)
-            .expect("iperf3 from the office");
-    }
+    reaches_the_vpc(lab, Host::Office);
     // Too big for one datagram, with DF: the office host is told the tunnel's MTU and its
     // next attempt is refused locally with that MTU, instead of vanishing.
     let _ = lab

@@ -670,18 +670,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// One packet from the TUN; `None` (and a status that says why) if the TUN is gone.
+async fn read_tun(shared: &Shared, tun: &AsyncDevice, buf: &mut [u8]) -> Option<usize> {
+    match tun.recv(buf).await {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the TUN failed; tunnel stopped");
+            shared.set_state(format!("TUN read failed: {e}"));
+            None
+        }
+    }
+}
+
 /// Packets the kernel routed into the TUN go to the peer that owns their destination.
 async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
     let mut buf = vec![0u8; MAX_PACKET];
     let mut reply = vec![0u8; 1500];
     loop {
-        let n = match tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the TUN failed; tunnel stopped");
-                shared.set_state(format!("TUN read failed: {e}"));
-                return;
-            }
+        let Some(n) = read_tun(&shared, &tun, &mut buf).await else {
+            return;
         };
         let Ok(meta) = packet::parse(&buf[..n]) else {
             shared.drop_packet("malformed_from_tun");
@@ -1011,13 +1018,8 @@ async fn tun_to_connector(
     let mut buf = vec![0u8; MAX_PACKET];
     let mut reply = vec![0u8; 1500];
     loop {
-        let n = match tun.recv(&mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the TUN failed; tunnel stopped");
-                shared.set_state(format!("TUN read failed: {e}"));
-                return;
-            }
+        let Some(n) = read_tun(&shared, &tun, &mut buf).await else {
+            return;
         };
         if packet::parse(&buf[..n]).is_ok_and(|m| m.dst.is_multicast()) {
             shared.drop_packet("multicast");
