@@ -11,6 +11,7 @@ pub mod core;
 pub mod daemon;
 pub mod dataplane;
 pub mod pki;
+pub mod plan;
 pub mod routes;
 pub mod server;
 pub mod state;

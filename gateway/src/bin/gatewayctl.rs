@@ -36,11 +36,33 @@ enum Command {
     /// Validate a config file without starting anything; exits non-zero naming file, key and
     /// reason for every problem.
     CheckConfig { file: PathBuf },
+    /// Cloud firewall rules this config needs (network ACL and security group).
+    Firewall {
+        #[command(subcommand)]
+        command: Firewall,
+    },
     /// The tunnel's private CA: create it, issue node and client certificates.
     Pki {
         #[command(subcommand)]
         command: Pki,
     },
+}
+
+#[derive(Subcommand)]
+enum Firewall {
+    /// Print the minimal inbound/outbound rules: a handful of ports, never 1024-65535.
+    Plan {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "table")]
+        format: PlanFormat,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PlanFormat {
+    Table,
+    AwsCli,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +89,9 @@ fn main() -> ExitCode {
         } => status(json, socket, config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Pki { command } => pki(command),
+        Command::Firewall {
+            command: Firewall::Plan { config, format },
+        } => firewall_plan(&config, format),
     }
 }
 
@@ -166,6 +191,34 @@ fn pki(command: Pki) -> ExitCode {
         }
         Err(e) => {
             eprintln!("gatewayctl: pki: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn firewall_plan(path: &Path, format: PlanFormat) -> ExitCode {
+    let config = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            for issue in &e.0 {
+                eprintln!("gatewayctl: invalid config: {issue}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    match gateway::plan::plan(&config) {
+        Ok(rules) => {
+            print!(
+                "{}",
+                match format {
+                    PlanFormat::Table => gateway::plan::render_table(&rules),
+                    PlanFormat::AwsCli => gateway::plan::render_aws_cli(&rules),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatewayctl: firewall plan: {}: {e}", path.display());
             ExitCode::FAILURE
         }
     }

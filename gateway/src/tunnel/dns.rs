@@ -7,7 +7,7 @@
 //! the tunnel, one QUIC stream per query in DNS-over-TCP framing (a 2-byte length).
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, UdpSocket};
 use tokio::sync::oneshot;
 
 use crate::api::{ResolverStatus, ZoneStatus};
@@ -55,6 +55,8 @@ pub struct Forwarder {
     sockets: Vec<Arc<UdpSocket>>,
     next_socket: AtomicUsize,
     pending: Arc<Pending>,
+    /// The pinned range TCP retries also come from, so the VPC's ACL needs nothing wider.
+    ports: Option<(u16, u16)>,
 }
 
 impl Forwarder {
@@ -111,6 +113,7 @@ impl Forwarder {
             sockets,
             next_socket: AtomicUsize::new(0),
             pending: Arc::new(Mutex::new(HashMap::new())),
+            ports,
         });
         for s in &fwd.sockets {
             tasks.spawn(read_answers(s.clone(), fwd.pending.clone()));
@@ -162,7 +165,7 @@ impl Forwarder {
             match answer {
                 Some(mut a) => {
                     if dns::truncated(&a)
-                        && let Ok(full) = ask_tcp(server, msg).await
+                        && let Ok(full) = ask_tcp(server, msg, self.ports).await
                     {
                         a = full;
                     }
@@ -311,10 +314,29 @@ fn soa_query(zone_wire: &[u8]) -> Vec<u8> {
     q
 }
 
-/// Asks again over TCP, for answers too large for UDP.
-async fn ask_tcp(server: SocketAddr, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+/// Asks again over TCP, for answers too large for UDP, from a random port of the pinned range.
+async fn ask_tcp(
+    server: SocketAddr,
+    msg: &[u8],
+    ports: Option<(u16, u16)>,
+) -> anyhow::Result<Vec<u8>> {
     tokio::time::timeout(TCP_TIMEOUT, async {
-        let mut s = TcpStream::connect(server).await?;
+        let socket = if server.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some((lo, hi)) = ports {
+            socket.set_reuseaddr(true)?;
+            let port = rand::rng().random_range(lo..=hi);
+            let any: IpAddr = if server.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            };
+            socket.bind(SocketAddr::new(any, port))?;
+        }
+        let mut s = socket.connect(server).await?;
         let len = u16::try_from(msg.len())?;
         s.write_all(&len.to_be_bytes()).await?;
         s.write_all(msg).await?;
