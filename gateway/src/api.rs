@@ -58,6 +58,9 @@ pub struct Status {
     /// Present when the node runs a tunnel (connector or client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelStatus>,
+    /// ICMP echo sockets: `net.ipv4.ping_group_range` and whether probes can work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<crate::pingrange::IcmpStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -252,6 +255,7 @@ mod tests {
             }],
             classifier: BTreeMap::from([("matched".into(), 5), ("unmatched".into(), 2)]),
             tunnel: None,
+            icmp: None,
         }
     }
 

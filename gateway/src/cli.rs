@@ -131,6 +131,24 @@ pub fn render_status(s: &Status) -> String {
     if let Some(t) = &s.tunnel {
         render_tunnel(&mut out, t, s.started_at + s.uptime_secs);
     }
+    if let Some(i) = &s.icmp {
+        out.push('\n');
+        let _ = writeln!(
+            out,
+            "icmp: ping_group_range \"{}\" (gid {}{}), echo probes {}",
+            i.ping_group_range,
+            i.gid,
+            if i.managed { ", managed" } else { "" },
+            if i.probes_possible {
+                "work"
+            } else {
+                "IMPOSSIBLE"
+            }
+        );
+        if let Some(fix) = &i.fix {
+            let _ = writeln!(out, "  fix: {fix}");
+        }
+    }
     out
 }
 
@@ -338,6 +356,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             ],
             classifier: BTreeMap::from([("matched".into(), 17), ("unmatched".into(), 3)]),
             tunnel: None,
+            icmp: None,
         };
         let expected = "\
 gatewayd 0.1.0 on node lab-op (pid 42), up 1m 5s

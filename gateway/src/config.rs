@@ -35,6 +35,9 @@ pub struct Config {
     pub routes: RouteTable,
     /// The tunnel, when this node is a connector or a client; `None` for a classifier only.
     pub tunnel: Option<Tunnel>,
+    /// `[icmp] manage_ping_group_range`: widen `net.ipv4.ping_group_range` to the daemon's group
+    /// at start and restore it on stop.
+    pub manage_ping_group_range: bool,
 }
 
 /// What a node does in the tunnel, from which of `[tunnel] listen` / `connect` is set.
@@ -166,6 +169,14 @@ struct RawConfig {
     policy: Vec<RawPolicy>,
     egress: Option<RawEgress>,
     dns: Option<RawDns>,
+    icmp: Option<RawIcmp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIcmp {
+    #[serde(default)]
+    manage_ping_group_range: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -394,6 +405,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let manage_ping_group_range = raw.icmp.as_ref().is_some_and(|i| i.manage_ping_group_range);
     let node_name = raw.node.name.clone();
     let tunnel = validate_tunnel(
         &node_name,
@@ -410,6 +422,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         return Err(ConfigError(issues));
     }
     Ok(Config {
+        manage_ping_group_range,
         tunnel,
         path: path.to_owned(),
         node: Node {

@@ -67,11 +67,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     state_dir.write(&record)?;
 
+    // Sysctls the daemon itself changes (the tunnel keeps its own list), restored on stop.
+    let mut own_sysctls = Vec::new();
+    check_ping_group_range(config.manage_ping_group_range, &mut own_sysctls);
+    record.sysctls = own_sysctls.clone();
+    state_dir.write(&record)?;
+
     let (dataplane, listener) = match set_up(&config) {
         Ok(v) => v,
         Err(e) => {
             // The Dataplane, if any was made, was dropped inside set_up and detached its links.
             remove_socket(&config.node.socket);
+            crate::tunnel::net::restore(&mut own_sysctls);
             state_dir.clear()?;
             return Err(e);
         }
@@ -88,13 +95,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let hook = learned_routes_hook(dataplane.clone(), routes.clone(), steered);
             match crate::tunnel::start(t, offered, hook).await {
                 Ok(handle) => {
-                    record.sysctls = handle.changed_sysctls().to_vec();
+                    record
+                        .sysctls
+                        .extend(handle.changed_sysctls().iter().cloned());
                     state_dir.write(&record)?;
                     Some(handle)
                 }
                 Err(e) => {
                     drop(dataplane);
                     remove_socket(&config.node.socket);
+                    crate::tunnel::net::restore(&mut own_sysctls);
                     state_dir.clear()?;
                     return Err(e.context("starting the tunnel"));
                 }
@@ -136,6 +146,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         t.stop().await;
         tracing::info!("tunnel stopped; TUN device and its routes removed");
     }
+    crate::tunnel::net::restore(&mut own_sysctls);
     let detached = shared
         .dataplane
         .lock()
@@ -197,6 +208,41 @@ fn classified_interfaces(config: &Config) -> Vec<String> {
         }
     }
     all
+}
+
+/// Checks that this daemon may open ICMP echo sockets; widens ping_group_range just enough
+/// when configured to (recording the old value), and otherwise says how to fix it.
+fn check_ping_group_range(manage: bool, changed: &mut Vec<(String, String)>) {
+    use crate::pingrange::{SYSCTL, covers, format, gid, parse, widened};
+    let current = match crate::tunnel::net::sysctl_get(SYSCTL) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read {SYSCTL}");
+            return;
+        }
+    };
+    let Some(range) = parse(&current) else {
+        tracing::warn!(value = %current, "cannot parse {SYSCTL}");
+        return;
+    };
+    let gid = gid();
+    if covers(range, gid) {
+        return;
+    }
+    let wanted = format(widened(range, gid));
+    if manage {
+        match crate::tunnel::net::sysctl_change(SYSCTL, &wanted, changed) {
+            Ok(()) => {
+                tracing::info!(old = %current, new = %wanted, "widened {SYSCTL} for ICMP echo probes")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not widen {SYSCTL}"),
+        }
+    } else {
+        tracing::warn!(
+            value = %current, gid,
+            "ICMP echo probes are impossible: run `sysctl -w {SYSCTL}=\"{wanted}\"` or set [icmp] manage_ping_group_range = true"
+        );
+    }
 }
 
 fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListener)> {
@@ -358,6 +404,9 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         routes,
         classifier,
         tunnel: shared.tunnel.as_ref().map(|t| t.status()),
+        icmp: Some(crate::pingrange::status(
+            shared.config.manage_ping_group_range,
+        )),
     })
 }
 
