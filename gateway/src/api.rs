@@ -82,6 +82,10 @@ pub struct TunnelStatus {
     /// learned (without resolvers).
     #[serde(default)]
     pub zones: Vec<ZoneStatus>,
+    /// Connector: the pinned egress port range and whether the kernel keeps its ephemeral
+    /// ports out of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ports: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

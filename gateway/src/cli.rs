@@ -159,6 +159,9 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
         "tunnel: {} on {} (mtu {}), {}",
         t.role, t.tun, t.mtu, t.state
     );
+    if let Some(p) = &t.egress_ports {
+        let _ = writeln!(out, "egress ports: {p}");
+    }
     if t.peers.is_empty() {
         out.push_str("peers: none\n");
     } else {
@@ -269,6 +272,7 @@ mod tests {
                 at: 150,
             }],
             drops: BTreeMap::from([("policy".into(), 1)]),
+            egress_ports: None,
             zones: vec![crate::api::ZoneStatus {
                 domain: "hoge-vpc.com".into(),
                 queries: 7,

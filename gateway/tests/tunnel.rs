@@ -225,6 +225,18 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
     let connector = status_json(lab, Host::VpcGateway, &t.connector_socket);
     let tunnel = connector.tunnel.expect("tunnel status");
     assert_eq!(tunnel.role, "connector");
+    let ports = tunnel.egress_ports.as_deref().unwrap_or_default();
+    assert!(
+        ports.starts_with("40000-40999 (NAT and DNS; reserved"),
+        "{ports}"
+    );
+    let reserved = lab
+        .run_ok(
+            Host::VpcGateway,
+            &["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"],
+        )
+        .expect("sysctl");
+    assert!(reserved.contains("40000-40999"), "{reserved}");
     assert_eq!(tunnel.peers[0].identity, "ops-alice");
     assert_eq!(tunnel.peers[0].policy_drops, 0);
     let _ = (&t.pki, &t.connector, &t.client);
@@ -559,6 +571,16 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
         )
         .expect("nft");
     assert!(!out.status.success(), "nftables table left behind");
+    let reserved = lab
+        .run_ok(
+            Host::VpcGateway,
+            &["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"],
+        )
+        .expect("sysctl");
+    assert!(
+        !reserved.contains("40000"),
+        "reservation left behind: {reserved}"
+    );
     let forward_after = lab
         .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");

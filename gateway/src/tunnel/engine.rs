@@ -34,6 +34,7 @@ const KEEPALIVE: Duration = Duration::from_secs(1);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REFUSALS: usize = 20;
+const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
 /// Control-stream keepalives: they prove the connector's engine (not only its QUIC stack)
 /// answers; this many unanswered in a row and the client reconnects.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
@@ -89,6 +90,8 @@ pub struct Shared {
     forwarder: Mutex<Option<Arc<dns::Forwarder>>>,
     /// Client: the zones the connector answers, in wire form.
     learned_zones: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Connector: the pinned egress range, for status.
+    egress_ports: Mutex<Option<(u16, u16)>>,
 }
 
 impl Shared {
@@ -182,7 +185,26 @@ impl Shared {
                 })
                 .unwrap_or_default(),
         };
+        let egress_ports = self
+            .egress_ports
+            .lock()
+            .ok()
+            .and_then(|p| *p)
+            .map(|(lo, hi)| {
+                let reserved = net::sysctl_get(RESERVED_PORTS).unwrap_or_default();
+                let range = format!("{lo}-{hi}");
+                if reserved.split(',').any(|r| r.trim() == range) {
+                    format!(
+                        "{range} (NAT and DNS; reserved from ephemeral use in {RESERVED_PORTS})"
+                    )
+                } else {
+                    format!(
+                        "{range} (NOT reserved in {RESERVED_PORTS}: ephemeral ports may collide)"
+                    )
+                }
+            });
         TunnelStatus {
+            egress_ports,
             zones,
             role: self.role.into(),
             tun: self.tun.clone(),
@@ -299,6 +321,7 @@ fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
         far_end: Mutex::new((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)),
         forwarder: Mutex::new(None),
         learned_zones: Arc::new(Mutex::new(Vec::new())),
+        egress_ports: Mutex::new(None),
     })
 }
 
@@ -325,6 +348,10 @@ async fn start_connector(
         let endpoint = Endpoint::server(server, listen)
             .with_context(|| format!("listening on UDP {listen}"))?;
         if let Some(e) = &cfg.egress {
+            // The kernel's own ephemeral ports must not collide with the NAT range.
+            let current = net::sysctl_get(RESERVED_PORTS)?;
+            let reserved = reserve_range(&current, e.ports);
+            net::sysctl_change(RESERVED_PORTS, &reserved, &mut sysctls)?;
             nat::apply(&nat::NatSpec {
                 table: e.table.clone(),
                 tun: cfg.tun.clone(),
@@ -367,6 +394,9 @@ async fn start_connector(
     };
     if let Ok(mut f) = shared.forwarder.lock() {
         f.clone_from(&forwarder);
+    }
+    if let Ok(mut p) = shared.egress_ports.lock() {
+        *p = cfg.egress.as_ref().map(|e| e.ports);
     }
     let policy = Arc::new(Policy::new(
         &cfg.policy
@@ -1072,6 +1102,19 @@ fn steered_query(shared: &Shared, pkt: &[u8]) -> Option<Vec<u8>> {
     Some(pkt.to_vec())
 }
 
+/// `ip_local_reserved_ports` with `lo-hi` added (kept as is when already listed).
+fn reserve_range(current: &str, (lo, hi): (u16, u16)) -> String {
+    let range = format!("{lo}-{hi}");
+    let current = current.trim();
+    if current.split(',').any(|r| r.trim() == range) {
+        current.to_string()
+    } else if current.is_empty() {
+        range
+    } else {
+        format!("{current},{range}")
+    }
+}
+
 /// The `n`th address of a prefix (0 is the network address).
 fn nth_v4(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
     let size = 1u64 << (32 - u32::from(net.prefix_len()));
@@ -1088,6 +1131,16 @@ fn nth_v6(net: Ipv6Net, n: u32) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserving_the_range_keeps_what_was_reserved() {
+        assert_eq!(reserve_range("", (40000, 40999)), "40000-40999");
+        assert_eq!(
+            reserve_range("8080,9000-9100\n", (40000, 40999)),
+            "8080,9000-9100,40000-40999"
+        );
+        assert_eq!(reserve_range("40000-40999", (40000, 40999)), "40000-40999");
+    }
 
     #[test]
     fn overlay_hosts_skip_network_and_broadcast() {

@@ -99,7 +99,8 @@ pub fn sysctl_get(key: &str) -> Result<String, NetError> {
 }
 
 pub fn sysctl_set(key: &str, value: &str) -> Result<(), NetError> {
-    std::fs::write(sysctl_path(key), value).map_err(|source| NetError::Sysctl {
+    // With the newline, an empty value is a write the kernel sees (and clears the setting).
+    std::fs::write(sysctl_path(key), format!("{value}\n")).map_err(|source| NetError::Sysctl {
         key: key.into(),
         source,
     })
