@@ -813,3 +813,119 @@ fn sustained_dns_load_loses_no_query() {
     let z = &status.tunnel.expect("tunnel").zones[0];
     assert_eq!(z.servfails, 0, "{z:?}");
 }
+
+/// nftables for the underlay router: a stateless ACL on the connector's public address made
+/// only from `firewall plan`'s rules (no connection tracking), everything else dropped.
+fn acl_from_plan(rules: &[gateway::plan::FwRule]) -> String {
+    use gateway::plan::Direction;
+    let gw = addr::GW_WAN;
+    let ports = |p: Option<(u16, u16)>| match p {
+        Some((a, b)) if a == b => format!("{a}"),
+        Some((a, b)) => format!("{a}-{b}"),
+        None => "0-65535".into(),
+    };
+    let mut lines = Vec::new();
+    for r in rules {
+        let peer = if r.peer.contains(':') {
+            continue;
+        } else {
+            r.peer.clone()
+        };
+        let (here, there) = match r.direction {
+            Direction::Inbound => ("daddr", "saddr"),
+            Direction::Outbound => ("saddr", "daddr"),
+        };
+        let (local_dir, peer_dir) = match r.direction {
+            Direction::Inbound => ("dport", "sport"),
+            Direction::Outbound => ("sport", "dport"),
+        };
+        let l4 = match r.proto {
+            "icmp" => "meta l4proto icmp".to_string(),
+            p => format!(
+                "{p} {local_dir} {} {p} {peer_dir} {}",
+                ports(r.local_ports),
+                ports(r.peer_ports)
+            ),
+        };
+        lines.push(format!("    ip {here} {gw} ip {there} {peer} {l4} accept"));
+    }
+    format!(
+        "table inet acl {{\n  chain forward_acl {{\n    type filter hook forward priority 0; policy accept;\n{}\n    \
+         ip daddr {gw} drop\n    ip saddr {gw} drop\n    ip6 daddr {} drop\n    ip6 saddr {} drop\n  }}\n}}\n",
+        lines.join("\n"),
+        addr::GW_WAN_V6,
+        addr::GW_WAN_V6
+    )
+}
+
+#[test]
+fn works_behind_a_stateless_acl_built_from_firewall_plan() {
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })
+    .expect("lab");
+    let pki = pki(&lab, &["lab-gw", "ops-alice", "ops-random"]);
+    let cc = connector_config(&lab, &pki, "failover");
+    let out = gatewayctl(
+        &lab,
+        Host::VpcGateway,
+        &["firewall", "plan", "--config", cc.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("1024-65535"));
+    let config = gateway::config::load(&cc).expect("config");
+    let rules = gateway::plan::plan(&config).expect("plan");
+    let acl = lab.dir().join("acl.nft");
+    std::fs::write(&acl, acl_from_plan(&rules)).expect("write acl");
+    lab.run_ok(Host::Underlay, &["nft", "-f", acl.to_str().expect("utf-8")])
+        .expect("apply the ACL on the underlay router");
+
+    let connector_socket = socket_path(&lab, "lab-gw");
+    let _connector = start_daemon(
+        &lab,
+        Host::VpcGateway,
+        &cc,
+        &connector_socket,
+        "connector.log",
+    );
+
+    // A client that does not pin its source port is stuck behind this ACL...
+    let random = write_config(
+        &lab,
+        "ops-random",
+        &[],
+        &format!(
+            "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\ntun = \"rndtun\"\n\n{}",
+            addr::GW_WAN,
+            tls(&pki, "ops-random")
+        ),
+    );
+    let random_socket = socket_path(&lab, "ops-random");
+    let mut random_client =
+        start_daemon(&lab, Host::Operator, &random, &random_socket, "random.log");
+
+    // ...and the one that pins it, as the plan says, gets through.
+    let oc = client_config(&lab, &pki, "ops-alice", false);
+    let client_socket = socket_path(&lab, "ops-alice");
+    let _client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
+    wait_connected(&lab, &client_socket, Duration::from_secs(10));
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    lab.run_ok(
+        Host::Operator,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "2", addr::VPC_HOST],
+    )
+    .expect("ping behind the ACL");
+    let db = format!("db.{}", zone::DOMAIN);
+    assert_eq!(dig(&lab, &["+short", &db]).trim(), zone::DB_PRIVATE);
+
+    let stuck = status_json(&lab, Host::Operator, &random_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        stuck.peers.is_empty(),
+        "an unpinned client got through the ACL: {stuck:?}"
+    );
+    random_client.terminate().expect("SIGTERM");
+    let _ = random_client.wait_timeout(Duration::from_secs(10));
+}
