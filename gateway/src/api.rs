@@ -58,6 +58,10 @@ pub struct Status {
     /// Present when the node runs a tunnel (connector or client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<TunnelStatus>,
+    /// One entry per `[client] dns_intercept` interface: `classifier_attached` means the DNS
+    /// steering program is at its TCX egress; `programs` are every TCX egress program there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_egress: Vec<InterfaceStatus>,
     /// ICMP echo sockets: `net.ipv4.ping_group_range` and whether probes can work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<crate::pingrange::IcmpStatus>,
@@ -259,6 +263,7 @@ mod tests {
             }],
             classifier: BTreeMap::from([("matched".into(), 5), ("unmatched".into(), 2)]),
             tunnel: None,
+            dns_egress: vec![],
             icmp: None,
         }
     }

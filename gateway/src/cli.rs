@@ -128,6 +128,18 @@ pub fn render_status(s: &Status) -> String {
         .map(|(k, v)| format!("{k} {v}"))
         .collect();
     let _ = writeln!(out, "classifier packets: {}", counters.join(", "));
+    for d in &s.dns_egress {
+        let _ = writeln!(
+            out,
+            "dns steering at {} egress: {}",
+            d.name,
+            match (&d.error, d.classifier_attached) {
+                (Some(e), _) => format!("unknown: {e}"),
+                (None, true) => "attached".to_string(),
+                (None, false) => "NOT ATTACHED".to_string(),
+            }
+        );
+    }
     if let Some(t) = &s.tunnel {
         render_tunnel(&mut out, t, s.started_at + s.uptime_secs);
     }
@@ -360,6 +372,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             ],
             classifier: BTreeMap::from([("matched".into(), 17), ("unmatched".into(), 3)]),
             tunnel: None,
+            dns_egress: vec![],
             icmp: None,
         };
         let expected = "\

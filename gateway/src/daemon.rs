@@ -346,30 +346,7 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
     let ours = dp.program_id();
     let interfaces = classified_interfaces(&shared.config)
         .iter()
-        .map(|name| match dataplane::attached_programs(name) {
-            Ok(programs) => {
-                let programs: Vec<ProgramInfo> = programs
-                    .into_iter()
-                    .map(|p| ProgramInfo {
-                        ours: p.id == ours,
-                        id: p.id,
-                        name: p.name,
-                    })
-                    .collect();
-                InterfaceStatus {
-                    name: name.clone(),
-                    classifier_attached: programs.iter().any(|p| p.ours),
-                    programs,
-                    error: None,
-                }
-            }
-            Err(e) => InterfaceStatus {
-                name: name.clone(),
-                classifier_attached: false,
-                programs: vec![],
-                error: Some(e.to_string()),
-            },
-        })
+        .map(|name| interface_status(name, dataplane::attached_programs(name), |p| p.id == ours))
         .collect();
     let table = shared
         .routes
@@ -404,10 +381,53 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         routes,
         classifier,
         tunnel: shared.tunnel.as_ref().map(|t| t.status()),
+        dns_egress: shared
+            .config
+            .tunnel
+            .iter()
+            .flat_map(|t| t.dns_intercept.iter())
+            .map(|name| {
+                interface_status(name, dataplane::attached_egress_programs(name), |p| {
+                    p.name == gateway_common::programs::DNS_EGRESS
+                })
+            })
+            .collect(),
         icmp: Some(crate::pingrange::status(
             shared.config.manage_ping_group_range,
         )),
     })
+}
+
+/// What the kernel reported at one interface, with our program marked.
+fn interface_status(
+    name: &str,
+    programs: Result<Vec<dataplane::AttachedProgram>, dataplane::DataplaneError>,
+    ours: impl Fn(&dataplane::AttachedProgram) -> bool,
+) -> InterfaceStatus {
+    match programs {
+        Ok(programs) => {
+            let programs: Vec<ProgramInfo> = programs
+                .into_iter()
+                .map(|p| ProgramInfo {
+                    ours: ours(&p),
+                    id: p.id,
+                    name: p.name,
+                })
+                .collect();
+            InterfaceStatus {
+                name: name.to_string(),
+                classifier_attached: programs.iter().any(|p| p.ours),
+                programs,
+                error: None,
+            }
+        }
+        Err(e) => InterfaceStatus {
+            name: name.to_string(),
+            classifier_attached: false,
+            programs: vec![],
+            error: Some(e.to_string()),
+        },
+    }
 }
 
 fn absolute(p: &std::path::Path) -> PathBuf {

@@ -347,12 +347,22 @@ fn sum_route_counters(per_cpu: &[RouteCounters]) -> RouteCounters {
 /// What the kernel reports at TCX ingress of `iface`: every program, ours and others', in the
 /// order they run.
 pub fn attached_programs(iface: &str) -> Result<Vec<AttachedProgram>, DataplaneError> {
+    tcx_programs(iface, TcAttachType::Ingress)
+}
+
+/// The same at TCX egress (where the DNS steering program sits on a client's uplink).
+pub fn attached_egress_programs(iface: &str) -> Result<Vec<AttachedProgram>, DataplaneError> {
+    tcx_programs(iface, TcAttachType::Egress)
+}
+
+fn tcx_programs(
+    iface: &str,
+    direction: TcAttachType,
+) -> Result<Vec<AttachedProgram>, DataplaneError> {
     let (_revision, programs) =
-        SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|source| {
-            DataplaneError::Query {
-                iface: iface.to_string(),
-                source,
-            }
+        SchedClassifier::query_tcx(iface, direction).map_err(|source| DataplaneError::Query {
+            iface: iface.to_string(),
+            source,
         })?;
     Ok(programs
         .iter()
