@@ -526,11 +526,23 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
     let forward_before = lab
         .run_ok(Host::VpcGateway, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");
-    lab.run_ok(
-        Host::VpcGateway,
-        &["nft", "list", "table", "inet", "gateway_lab_gw"],
-    )
-    .expect("the connector's nftables table exists while it runs");
+    let table = lab
+        .run_ok(
+            Host::VpcGateway,
+            &["nft", "list", "table", "inet", "gateway_lab_gw"],
+        )
+        .expect("the connector's nftables table exists while it runs");
+    // Its host-firewall part: the tunnel port and replies to the pinned range, nothing more.
+    assert!(table.contains("udp dport 7844"), "{table}");
+    assert!(
+        table.contains("40000") && table.contains("40999"),
+        "{table}"
+    );
+    let accepts = table
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" accept") && !l.contains("policy"))
+        .count();
+    assert_eq!(accepts, 3, "{table}");
     for (daemon, host, tun) in [
         (&mut t.client, Host::Operator, "optun"),
         (&mut t.connector, Host::VpcGateway, "gwtun"),

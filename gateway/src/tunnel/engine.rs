@@ -357,6 +357,7 @@ async fn start_connector(
                 tun: cfg.tun.clone(),
                 egress: e.interface.clone(),
                 ports: e.ports,
+                listen_port: listen.port(),
             })?;
             tracing::info!(table = %e.table, interface = %e.interface, ports = ?e.ports, "source NAT into the VPC");
         }

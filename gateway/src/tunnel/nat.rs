@@ -28,6 +28,8 @@ pub struct NatSpec {
     pub egress: String,
     /// ...to source ports in this inclusive range (TCP and UDP).
     pub ports: (u16, u16),
+    /// The tunnel's UDP listen port, accepted in the input chain.
+    pub listen_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +121,43 @@ pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
     matching(&mut rule);
     rule.add_expr(&nft_expr!(masquerade));
     batch.add(&rule, MsgType::Add);
+
+    // The host firewall part: what this daemon needs to reach it, and nothing more — the
+    // tunnel port, and replies arriving at the pinned range (the DNS forwarder's sockets). A
+    // drop elsewhere in the host's ruleset still wins; these rules document and count.
+    let input_name = cstring("input")?;
+    let mut input = Chain::new(&input_name, &table);
+    input.set_hook(nftnl::Hook::In, 0);
+    input.set_type(nftnl::ChainType::Filter);
+    batch.add(&input, MsgType::Add);
+    let mut rule = Rule::new(&input);
+    rule.add_expr(&nft_expr!(meta l4proto));
+    rule.add_expr(&nft_expr!(cmp == IPPROTO_UDP));
+    rule.add_expr(&nft_expr!(payload udp dport));
+    rule.add_expr(&nft_expr!(cmp == spec.listen_port.to_be()));
+    rule.add_expr(&nft_expr!(counter));
+    rule.add_expr(&nft_expr!(verdict accept));
+    batch.add(&rule, MsgType::Add);
+    for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+        let mut rule = Rule::new(&input);
+        rule.add_expr(&nft_expr!(meta l4proto));
+        rule.add_expr(&nft_expr!(cmp == proto));
+        if proto == IPPROTO_TCP {
+            rule.add_expr(&nft_expr!(payload tcp dport));
+        } else {
+            rule.add_expr(&nft_expr!(payload udp dport));
+        }
+        rule.add_expr(&nft_expr!(cmp >= spec.ports.0.to_be()));
+        if proto == IPPROTO_TCP {
+            rule.add_expr(&nft_expr!(payload tcp dport));
+        } else {
+            rule.add_expr(&nft_expr!(payload udp dport));
+        }
+        rule.add_expr(&nft_expr!(cmp <= spec.ports.1.to_be()));
+        rule.add_expr(&nft_expr!(counter));
+        rule.add_expr(&nft_expr!(verdict accept));
+        batch.add(&rule, MsgType::Add);
+    }
     send(&batch.finalize()).map_err(|source| NatError::Netlink {
         table: spec.table.clone(),
         source,
