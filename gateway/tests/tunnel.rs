@@ -250,40 +250,20 @@ fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
     reaches_the_vpc(lab, Host::Office);
     // Too big for one datagram, with DF: the office host is told the tunnel's MTU and its
     // next attempt is refused locally with that MTU, instead of vanishing.
-    let _ = lab
-        .run(
-            Host::Office,
-            &[
-                "ping",
-                "-M",
-                "do",
-                "-s",
-                "1460",
-                "-c",
-                "1",
-                "-W",
-                "2",
-                addr::VPC_HOST,
-            ],
-        )
-        .expect("ping");
-    let out = lab
-        .run(
-            Host::Office,
-            &[
-                "ping",
-                "-M",
-                "do",
-                "-s",
-                "1460",
-                "-c",
-                "1",
-                "-W",
-                "2",
-                addr::VPC_HOST,
-            ],
-        )
-        .expect("ping");
+    let big_ping = [
+        "ping",
+        "-M",
+        "do",
+        "-s",
+        "1460",
+        "-c",
+        "1",
+        "-W",
+        "2",
+        addr::VPC_HOST,
+    ];
+    let _ = lab.run(Host::Office, &big_ping).expect("ping");
+    let out = lab.run(Host::Office, &big_ping).expect("ping");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
