@@ -117,15 +117,18 @@ pub struct PeerStatus {
     /// The peer's certificate name.
     pub identity: String,
     pub remote: String,
-    /// `quic`.
+    /// `quic` or `tcp` (the TLS-over-TCP fallback).
     pub transport: String,
+    /// Why this transport: e.g. `no QUIC handshake in 1.5 s` for a fallback to TCP.
+    #[serde(default)]
+    pub transport_reason: String,
     /// The client's overlay addresses.
     pub address_v4: String,
     pub address_v6: String,
     pub rtt_ms: f64,
     /// Seconds since the Unix epoch.
     pub connected_since: u64,
-    /// Stays the same for as long as the QUIC connection lives.
+    /// Stays the same for as long as the connection (QUIC or TCP) lives.
     pub connection_id: u64,
     pub max_datagram: u64,
     pub tx_packets: u64,

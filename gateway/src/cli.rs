@@ -184,7 +184,11 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
                 vec![
                     p.identity.clone(),
                     p.remote.clone(),
-                    p.transport.clone(),
+                    if p.transport_reason.is_empty() {
+                        p.transport.clone()
+                    } else {
+                        format!("{}: {}", p.transport, p.transport_reason)
+                    },
                     p.address_v4.clone(),
                     format!("{:.1} ms", p.rtt_ms),
                     human_duration(now.saturating_sub(p.connected_since)),
@@ -264,7 +268,8 @@ mod tests {
             peers: vec![crate::api::PeerStatus {
                 identity: "ops-alice".into(),
                 remote: "198.51.100.10:7844".into(),
-                transport: "quic".into(),
+                transport: "tcp".into(),
+                transport_reason: "no QUIC handshake in 1.5 s".into(),
                 address_v4: "100.64.0.2".into(),
                 address_v6: "fd00:64::2".into(),
                 rtt_ms: 0.25,
@@ -309,8 +314,8 @@ mod tests {
         render_tunnel(&mut out, &t, 165);
         let expected = "
 tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
-PEER       REMOTE              TRANSPORT  ADDRESS        RTT  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
-ops-alice  198.51.100.10:7844  quic       100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
+PEER       REMOTE              TRANSPORT                        ADDRESS        RTT  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
+ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
 tunnel drops: policy 1
 dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN, 10.128.0.130 up 0.2 ms

@@ -81,7 +81,38 @@ pub struct Tunnel {
     /// Client: uplinks at whose egress the host's own queries for the zones, sent to whatever
     /// resolver it uses, are steered into the tunnel.
     pub dns_intercept: Vec<String>,
+    /// Which transports to use: QUIC with the TLS-over-TCP fallback, or one of them only.
+    pub transport: Transport,
+    /// TCP port of the fallback when it is not the tunnel's port (443 for networks that only
+    /// let HTTPS out). Connector: where it listens; client: where it dials.
+    pub fallback_port: Option<u16>,
+    /// Client, `auto`: how long a QUIC handshake may take before the TCP fallback is tried.
+    pub quic_timeout: std::time::Duration,
 }
+
+/// `[tunnel] transport`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// QUIC, and TLS over TCP when QUIC gets no handshake; back to QUIC when it works again.
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    pub fn uses_quic(self) -> bool {
+        self != Transport::Tcp
+    }
+
+    pub fn uses_tcp(self) -> bool {
+        self != Transport::Quic
+    }
+}
+
+/// Long enough for a QUIC handshake over a slow path, short enough that a network that drops
+/// UDP costs the operator under two seconds before the fallback.
+pub const DEFAULT_QUIC_TIMEOUT_MS: u64 = 1500;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Zone {
@@ -212,6 +243,9 @@ struct RawTunnel {
     tun: Option<String>,
     overlay: Option<String>,
     overlay_v6: Option<String>,
+    transport: Option<String>,
+    fallback_port: Option<u16>,
+    quic_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -543,6 +577,41 @@ fn validate_tunnel(
             &mut ok,
         );
     }
+    let transport = match t.transport.as_deref() {
+        None | Some("auto") => Transport::Auto,
+        Some("quic") => Transport::Quic,
+        Some("tcp") => Transport::Tcp,
+        Some(other) => {
+            bad(
+                "tunnel.transport",
+                format!("{other:?} is not one of \"auto\", \"quic\", \"tcp\""),
+                &mut ok,
+            );
+            Transport::Auto
+        }
+    };
+    if t.fallback_port == Some(0) {
+        bad(
+            "tunnel.fallback_port",
+            "0 is not a port; leave it out to use the tunnel's port".into(),
+            &mut ok,
+        );
+    }
+    if t.fallback_port.is_some() && transport == Transport::Quic {
+        bad(
+            "tunnel.fallback_port",
+            "set, but transport = \"quic\" never uses TCP".into(),
+            &mut ok,
+        );
+    }
+    let quic_timeout_ms = t.quic_timeout_ms.unwrap_or(DEFAULT_QUIC_TIMEOUT_MS);
+    if !(100..=30_000).contains(&quic_timeout_ms) {
+        bad(
+            "tunnel.quic_timeout_ms",
+            format!("{quic_timeout_ms} is outside 100-30000"),
+            &mut ok,
+        );
+    }
     let tun = t.tun.unwrap_or_else(|| DEFAULT_TUN.into());
     if let Err(r) = check_interface_name(&tun) {
         bad("tunnel.tun", r, &mut ok);
@@ -782,6 +851,9 @@ fn validate_tunnel(
         zones,
         dns_stub,
         dns_intercept: client.dns_intercept,
+        transport,
+        fallback_port: t.fallback_port,
+        quic_timeout: std::time::Duration::from_millis(quic_timeout_ms),
     })
 }
 
@@ -1093,6 +1165,13 @@ name = "vpc-v6"
             ((40000, 40999), "gateway_vpc_gw_1")
         );
         assert_eq!(t.tun, DEFAULT_TUN);
+        assert_eq!(
+            t.transport,
+            Transport::Auto,
+            "QUIC with the TCP fallback by default"
+        );
+        assert_eq!(t.quic_timeout, std::time::Duration::from_millis(1500));
+        assert_eq!(t.fallback_port, None, "the fallback uses the tunnel's port");
     }
 
     #[test]
@@ -1142,6 +1221,18 @@ name = "vpc-v6"
             (
                 "[tunnel]\nlisten = \"0.0.0.0:1\"\noverlay = \"100.64.0.0/31\"\n",
                 "tunnel.overlay",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\ntransport = \"udp\"\n",
+                "tunnel.transport",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\ntransport = \"quic\"\nfallback_port = 443\n",
+                "tunnel.fallback_port",
+            ),
+            (
+                "[tunnel]\nconnect = [\"gw:1\"]\nquic_timeout_ms = 10\n",
+                "tunnel.quic_timeout_ms",
             ),
         ];
         for (section, key) in cases {

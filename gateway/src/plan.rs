@@ -74,15 +74,31 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
     match &t.role {
         Role::Connector { listen } => {
             let port = listen.port();
-            pair(
-                &mut rules,
-                false,
-                "udp",
-                Some((port, port)),
-                "0.0.0.0/0",
-                Some((port, port)),
-                format!("tunnel clients (QUIC); clients must set source_port = {port}"),
-            );
+            if t.transport.uses_quic() {
+                pair(
+                    &mut rules,
+                    false,
+                    "udp",
+                    Some((port, port)),
+                    "0.0.0.0/0",
+                    Some((port, port)),
+                    format!("tunnel clients (QUIC); clients must set source_port = {port}"),
+                );
+            }
+            if t.transport.uses_tcp() {
+                let tcp = t.fallback_port.unwrap_or(port);
+                pair(
+                    &mut rules,
+                    false,
+                    "tcp",
+                    Some((tcp, tcp)),
+                    "0.0.0.0/0",
+                    Some((port, port)),
+                    format!(
+                        "tunnel clients (TLS over TCP fallback); clients must set source_port = {port}"
+                    ),
+                );
+            }
             let Some(egress) = &t.egress else {
                 return Err(
                     "no [egress]: without a pinned port range, VPC replies would need 1024-65535; \
@@ -139,15 +155,30 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
             for c in connect {
                 let (host, port) = c.rsplit_once(':').unwrap_or((c.as_str(), "0"));
                 let port: u16 = port.parse().unwrap_or(0);
-                pair(
-                    &mut rules,
-                    true,
-                    "udp",
-                    Some((*source_port, *source_port)),
-                    host.trim_matches(['[', ']']),
-                    Some((port, port)),
-                    "the tunnel to the connector (QUIC)".into(),
-                );
+                let host = host.trim_matches(['[', ']']);
+                if t.transport.uses_quic() {
+                    pair(
+                        &mut rules,
+                        true,
+                        "udp",
+                        Some((*source_port, *source_port)),
+                        host,
+                        Some((port, port)),
+                        "the tunnel to the connector (QUIC)".into(),
+                    );
+                }
+                if t.transport.uses_tcp() {
+                    let tcp = t.fallback_port.unwrap_or(port);
+                    pair(
+                        &mut rules,
+                        true,
+                        "tcp",
+                        Some((*source_port, *source_port)),
+                        host,
+                        Some((tcp, tcp)),
+                        "the tunnel to the connector (TLS over TCP fallback)".into(),
+                    );
+                }
             }
         }
     }
@@ -323,6 +354,14 @@ mod tests {
             "0.0.0.0/0",
             Some((7844, 7844))
         ));
+        // The TLS-over-TCP fallback: the same port number, from the client's pinned port.
+        assert!(has(
+            Direction::Inbound,
+            "tcp",
+            Some((7844, 7844)),
+            "0.0.0.0/0",
+            Some((7844, 7844))
+        ));
         assert!(has(
             Direction::Outbound,
             "tcp",
@@ -390,6 +429,32 @@ mod tests {
             "[node]\nname = \"c\"\n[tunnel]\nconnect = [\"gw.example.net:7844\"]\nsource_port = 7844\n{TLS}"
         ));
         let rules = plan(&pinned).expect("plan");
-        assert_eq!(rules.len(), 2, "{rules:?}");
+        assert_eq!(
+            rules.len(),
+            4,
+            "QUIC and the TCP fallback, each way: {rules:?}"
+        );
+        let https = config(&format!(
+            "[node]\nname = \"c\"\n[tunnel]\nconnect = [\"gw.example.net:7844\"]\nsource_port = 7844\n\
+             fallback_port = 443\n{TLS}"
+        ));
+        let rules = plan(&https).expect("plan");
+        assert!(
+            rules.iter().any(|r| r.proto == "tcp"
+                && r.direction == Direction::Outbound
+                && r.peer_ports == Some((443, 443))
+                && r.local_ports == Some((7844, 7844))),
+            "{rules:?}"
+        );
+        let quic_only = config(&format!(
+            "[node]\nname = \"c\"\n[tunnel]\nconnect = [\"gw.example.net:7844\"]\nsource_port = 7844\n\
+             transport = \"quic\"\n{TLS}"
+        ));
+        assert!(
+            plan(&quic_only)
+                .expect("plan")
+                .iter()
+                .all(|r| r.proto == "udp")
+        );
     }
 }

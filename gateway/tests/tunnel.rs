@@ -512,8 +512,10 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
             &["nft", "list", "table", "inet", "gateway_lab_gw"],
         )
         .expect("the connector's nftables table exists while it runs");
-    // Its host-firewall part: the tunnel port and replies to the pinned range, nothing more.
+    // Its host-firewall part: the tunnel port (QUIC and the TCP fallback) and replies to the
+    // pinned range, nothing more.
     assert!(table.contains("udp dport 7844"), "{table}");
+    assert!(table.contains("tcp dport 7844"), "{table}");
     assert!(
         table.contains("40000") && table.contains("40999"),
         "{table}"
@@ -522,7 +524,7 @@ fn stopping_both_daemons_leaves_no_tun_route_or_sysctl_behind() {
         .lines()
         .filter(|l| l.trim_end().ends_with(" accept") && !l.contains("policy"))
         .count();
-    assert_eq!(accepts, 3, "{table}");
+    assert_eq!(accepts, 4, "{table}");
     for (daemon, host, tun) in [
         (&mut t.client, Host::Operator, "optun"),
         (&mut t.connector, Host::VpcGateway, "gwtun"),
@@ -920,4 +922,198 @@ fn works_behind_a_stateless_acl_built_from_firewall_plan() {
     );
     random_client.terminate().expect("SIGTERM");
     let _ = random_client.wait_timeout(Duration::from_secs(10));
+}
+
+/// The underlay router drops every forwarded UDP packet (QUIC included) while this lives.
+struct UdpBlocked<'a>(&'a Lab);
+
+impl<'a> UdpBlocked<'a> {
+    fn new(lab: &'a Lab) -> Self {
+        let rules = lab.dir().join("block-udp.nft");
+        std::fs::write(
+            &rules,
+            "table inet block_udp {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n    \
+             meta l4proto udp counter drop\n  }\n}\n",
+        )
+        .expect("write rules");
+        lab.run_ok(
+            Host::Underlay,
+            &["nft", "-f", rules.to_str().expect("utf-8")],
+        )
+        .expect("block UDP in the underlay");
+        UdpBlocked(lab)
+    }
+
+    fn lift(self) {}
+}
+
+impl Drop for UdpBlocked<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(
+            Host::Underlay,
+            &["nft", "delete", "table", "inet", "block_udp"],
+        );
+    }
+}
+
+fn client_peer(lab: &Lab, socket: &std::path::Path) -> Option<gateway::api::PeerStatus> {
+    let s = status_json(lab, Host::Operator, socket);
+    let t = s.tunnel?;
+    if !t.state.starts_with("connected") {
+        return None;
+    }
+    t.peers.into_iter().next()
+}
+
+#[test]
+fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })
+    .expect("lab");
+    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
+    let cc = connector_config(&lab, &pki, "failover");
+    let connector_socket = socket_path(&lab, "lab-gw");
+    let _connector = start_daemon(
+        &lab,
+        Host::VpcGateway,
+        &cc,
+        &connector_socket,
+        "connector.log",
+    );
+    let blocked = UdpBlocked::new(&lab);
+
+    // 1. A client started fresh while UDP is dropped is up on TCP within 5 s.
+    let oc = client_config(&lab, &pki, "ops-alice", false);
+    let client_socket = socket_path(&lab, "ops-alice");
+    let started = Instant::now();
+    let client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
+    let peer = loop {
+        if let Some(p) = client_peer(&lab, &client_socket) {
+            break p;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not up within 5 s with UDP blocked; client log:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("up on {} after {:?}", peer.transport, started.elapsed());
+    assert_eq!(peer.transport, "tcp", "{peer:?}");
+    assert!(
+        peer.transport_reason.contains("no QUIC handshake in 1.5 s"),
+        "{peer:?}"
+    );
+    let rendered = gatewayctl(
+        &lab,
+        Host::Operator,
+        &["status", "--socket", client_socket.to_str().expect("utf-8")],
+    );
+    let rendered = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.contains("tcp: no QUIC handshake in 1.5 s"),
+        "{rendered}"
+    );
+    let on_connector = status_json(&lab, Host::VpcGateway, &connector_socket)
+        .tunnel
+        .expect("tunnel");
+    assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
+    assert_eq!(on_connector.peers[0].transport, "tcp");
+
+    // ssh, ping and dig (the host's normal resolver, steered into the tunnel, and the stub)
+    // all work over TCP.
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    for target in [addr::VPC_HOST, addr::VPC_HOST_V6] {
+        lab.run_ok(
+            Host::Operator,
+            &["ping", "-c", "3", "-i", "0.2", "-W", "2", target],
+        )
+        .unwrap_or_else(|e| panic!("ping {target} over TCP: {e:#}"));
+    }
+    let db = format!("db.{}", zone::DOMAIN);
+    let out = lab
+        .run_ok(
+            Host::Operator,
+            &["dig", "+short", "+time=3", "+tries=1", &db],
+        )
+        .expect("dig via resolv.conf");
+    assert_eq!(out.trim(), zone::DB_PRIVATE);
+    assert_eq!(dig(&lab, &["+short", &db]).trim(), zone::DB_PRIVATE);
+    let blocked_udp = lab
+        .run_ok(
+            Host::Underlay,
+            &["nft", "list", "table", "inet", "block_udp"],
+        )
+        .expect("list");
+    assert!(
+        !blocked_udp.contains("packets 0 "),
+        "the underlay dropped no UDP, so QUIC was never tried: {blocked_udp}"
+    );
+
+    // 2. An ssh session opened on TCP survives the move back to QUIC.
+    let stop = lab.dir().join("stop-ticking");
+    let remote = format!(
+        "while [ ! -e {} ]; do echo tick; sleep 0.2; done; echo finished",
+        stop.display()
+    );
+    let argv = lab.ssh_argv(addr::VPC_HOST, &remote);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let mut session = lab
+        .spawn(Host::Operator, &argv, "long-ssh.log")
+        .expect("ssh");
+    let ticks = |s: &gateway_lab::Spawned| s.log().matches("tick").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks(&session) < 3 {
+        assert!(Instant::now() < deadline, "ssh session never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    blocked.lift();
+    let lifted = Instant::now();
+    let back = loop {
+        if let Some(p) = client_peer(&lab, &client_socket)
+            && p.transport == "quic"
+        {
+            break p;
+        }
+        assert!(
+            lifted.elapsed() < Duration::from_secs(30),
+            "not back on QUIC within 30 s; client log:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "back on QUIC {:?} after UDP was unblocked",
+        lifted.elapsed()
+    );
+    assert_eq!(
+        (back.address_v4.as_str(), back.address_v6.as_str()),
+        (peer.address_v4.as_str(), peer.address_v6.as_str()),
+        "the overlay addresses stay, so open sessions keep their endpoints"
+    );
+    let on_connector = status_json(&lab, Host::VpcGateway, &connector_socket)
+        .tunnel
+        .expect("tunnel");
+    assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
+    assert_eq!(on_connector.peers[0].transport, "quic");
+    // The session keeps ticking over QUIC, then ends by itself, cleanly.
+    let before = ticks(&session);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks(&session) < before + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the ssh session stalled after the move to QUIC:\n{}",
+            session.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&stop, "").expect("stop file");
+    let status = session
+        .wait_timeout(Duration::from_secs(10))
+        .expect("ssh ends");
+    assert!(status.success(), "ssh: {status}\n{}", session.log());
+    assert!(session.log().contains("finished"), "{}", session.log());
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
 }

@@ -1,4 +1,5 @@
-//! Control messages on the tunnel's QUIC stream: hello, welcome or refusal, keepalives.
+//! Control messages on the tunnel's control channel (the first QUIC stream, or Control frames
+//! on the TCP fallback): hello, welcome or refusal, keepalives.
 //!
 //! Each message is a JSON object behind a 4-byte big-endian length. Control is rare, so
 //! readability beats compactness; packets never travel here (they are DATAGRAM frames).
@@ -22,6 +23,9 @@ pub enum Control {
         node: String,
         /// Prefixes behind the client (its LANs), routed back to it by the connector.
         advertise: Vec<IpNet>,
+        /// Why the client uses the transport it does, for the connector's status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transport_reason: Option<String>,
     },
     Welcome {
         version: u32,
@@ -59,13 +63,23 @@ pub enum ControlError {
     Write(#[from] quinn::WriteError),
     #[error("control message is not valid: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("the link closed")]
+    Closed,
+    #[error("TCP link: {0}")]
+    Stream(String),
 }
 
-pub fn encode(msg: &Control) -> Result<Vec<u8>, ControlError> {
+/// The JSON body alone, for transports that frame it themselves.
+pub fn encode_body(msg: &Control) -> Result<Vec<u8>, ControlError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_MESSAGE {
         return Err(ControlError::TooLong(body.len()));
     }
+    Ok(body)
+}
+
+pub fn encode(msg: &Control) -> Result<Vec<u8>, ControlError> {
+    let body = encode_body(msg)?;
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -103,6 +117,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             node: "ops-alice".into(),
             advertise: vec!["192.0.2.0/24".parse().expect("net")],
+            transport_reason: Some("no QUIC handshake in 1.5 s".into()),
         };
         let bytes = encode(&hello).expect("encode");
         let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;

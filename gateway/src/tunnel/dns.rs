@@ -381,7 +381,7 @@ pub async fn write_framed(send: &mut quinn::SendStream, msg: &[u8]) -> anyhow::R
 /// stream each; anything else is REFUSED (a stub for routing domains, not a full resolver).
 pub async fn serve_stub<C>(socket: Arc<UdpSocket>, zones: Arc<Mutex<Vec<Vec<u8>>>>, current: C)
 where
-    C: Fn() -> Option<quinn::Connection>,
+    C: Fn() -> Option<super::link::Link>,
 {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
@@ -396,11 +396,11 @@ where
             .lock()
             .map(|z| dns::matching_zone(&q.name, &z).is_some())
             .unwrap_or(false);
-        let conn = current();
+        let link = current();
         let socket = socket.clone();
         tokio::spawn(async move {
-            let answer = match (in_zone, conn) {
-                (true, Some(conn)) => match relay(&conn, &msg).await {
+            let answer = match (in_zone, link) {
+                (true, Some(link)) => match link.relay_dns(&msg).await {
                     Ok(a) => a,
                     Err(_) => error_response(&msg, q.question_end, RCODE_SERVFAIL),
                 },

@@ -1,4 +1,5 @@
-//! The tunnel's tasks: TUN pump, QUIC endpoint, per-peer datagram pumps, reconnection.
+//! The tunnel's tasks: TUN pump, QUIC endpoint and TCP fallback listener, per-peer packet
+//! pumps, reconnection and the client's move back from TCP to QUIC.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -7,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use bytes::Bytes;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use quinn::{Endpoint, TransportConfig, VarInt};
 use rand::Rng;
@@ -15,10 +15,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
-use super::control::{self, Control, PROTOCOL_VERSION};
+use super::control::{Control, PROTOCOL_VERSION};
+use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, SendError, TcpLink};
 use super::{dns, nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
-use crate::config::{Role, Tunnel};
+use crate::config::{Role, Transport, Tunnel};
 use crate::core::policy::{Decision, Policy};
 use crate::core::{icmp, mss, packet};
 
@@ -39,6 +40,11 @@ const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
 /// answers; this many unanswered in a row and the client reconnects.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const KEEPALIVES_MISSED: u64 = 3;
+/// The connector ends a session whose client sent no control message for this long: a TCP
+/// link to a vanished client would otherwise linger until TCP gives up, many minutes later.
+const CLIENT_SILENCE: Duration = Duration::from_secs(10);
+/// A client on the TCP fallback tries QUIC again this often (with jitter).
+const QUIC_PROBE_EVERY: Duration = Duration::from_secs(5);
 
 fn now_unix() -> u64 {
     SystemTime::now()
@@ -65,7 +71,9 @@ impl Counters {
 
 struct Peer {
     identity: String,
-    conn: quinn::Connection,
+    link: Link,
+    /// Why this transport; the client updates it as QUIC probes fail.
+    transport_reason: Mutex<String>,
     address_v4: Ipv4Addr,
     address_v6: Ipv6Addr,
     /// Sources this peer may send from and destinations routed to it.
@@ -147,14 +155,19 @@ impl Shared {
                     .iter()
                     .map(|p| PeerStatus {
                         identity: p.identity.clone(),
-                        remote: p.conn.remote_address().to_string(),
-                        transport: "quic".into(),
+                        remote: p.link.remote().to_string(),
+                        transport: p.link.kind().into(),
+                        transport_reason: p
+                            .transport_reason
+                            .lock()
+                            .map(|r| r.clone())
+                            .unwrap_or_default(),
                         address_v4: p.address_v4.to_string(),
                         address_v6: p.address_v6.to_string(),
-                        rtt_ms: p.conn.rtt().as_secs_f64() * 1000.0,
+                        rtt_ms: p.link.rtt().as_secs_f64() * 1000.0,
                         connected_since: p.connected_since,
-                        connection_id: p.conn.stable_id() as u64,
-                        max_datagram: p.conn.max_datagram_size().unwrap_or(0) as u64,
+                        connection_id: p.link.id(),
+                        max_datagram: p.link.max_packet().unwrap_or(0) as u64,
                         tx_packets: p.counters.tx_packets.load(Ordering::Relaxed),
                         tx_bytes: p.counters.tx_bytes.load(Ordering::Relaxed),
                         rx_packets: p.counters.rx_packets.load(Ordering::Relaxed),
@@ -230,7 +243,8 @@ impl Shared {
 pub struct TunnelHandle {
     pub shared: Arc<Shared>,
     tasks: JoinSet<()>,
-    endpoint: Endpoint,
+    /// `None` when the config says `transport = "tcp"`.
+    endpoint: Option<Endpoint>,
     sysctls: Vec<(String, String)>,
     nat_table: Option<String>,
 }
@@ -242,8 +256,18 @@ impl TunnelHandle {
     }
 
     pub async fn stop(mut self) {
-        self.endpoint
-            .close(VarInt::from_u32(0), b"gatewayd stopping");
+        if let Some(e) = &self.endpoint {
+            e.close(VarInt::from_u32(0), b"gatewayd stopping");
+        }
+        let peers = self
+            .shared
+            .peers
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default();
+        for p in peers {
+            p.link.close(0, "gatewayd stopping");
+        }
         self.tasks.shutdown().await;
         if let Some(table) = &self.nat_table
             && let Err(e) = nat::remove(table)
@@ -338,6 +362,7 @@ async fn start_connector(
         net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
         net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         let crypto = tls::server_config(&cfg.tls)?;
+        let tcp_tls = tls::rustls_server(&cfg.tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport()));
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
@@ -345,8 +370,23 @@ async fn start_connector(
         let own_v6 = nth_v6(cfg.overlay_v6, 1);
         net::add_address(&handle, index, own_v4.into(), cfg.overlay_v4.prefix_len()).await?;
         net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
-        let endpoint = Endpoint::server(server, listen)
-            .with_context(|| format!("listening on UDP {listen}"))?;
+        let endpoint = match cfg.transport.uses_quic() {
+            true => Some(
+                Endpoint::server(server, listen)
+                    .with_context(|| format!("listening on UDP {listen}"))?,
+            ),
+            false => None,
+        };
+        let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
+        let tcp = match cfg.transport.uses_tcp() {
+            true => Some((
+                tokio::net::TcpListener::bind(tcp_listen)
+                    .await
+                    .with_context(|| format!("listening on TCP {tcp_listen}"))?,
+                tokio_rustls::TlsAcceptor::from(tcp_tls),
+            )),
+            false => None,
+        };
         if let Some(e) = &cfg.egress {
             // The kernel's own ephemeral ports must not collide with the NAT range.
             let current = net::sysctl_get(RESERVED_PORTS)?;
@@ -357,14 +397,15 @@ async fn start_connector(
                 tun: cfg.tun.clone(),
                 egress: e.interface.clone(),
                 ports: e.ports,
-                listen_port: listen.port(),
+                udp_port: cfg.transport.uses_quic().then_some(listen.port()),
+                tcp_port: cfg.transport.uses_tcp().then_some(tcp_listen.port()),
             })?;
             tracing::info!(table = %e.table, interface = %e.interface, ports = ?e.ports, "source NAT into the VPC");
         }
-        anyhow::Ok((tun, index, handle, endpoint))
+        anyhow::Ok((tun, index, handle, endpoint, tcp))
     }
     .await;
-    let (tun, index, handle, endpoint) = match result {
+    let (tun, index, handle, endpoint, tcp) = match result {
         Ok(v) => v,
         Err(e) => {
             if let Some(eg) = &cfg.egress {
@@ -375,7 +416,19 @@ async fn start_connector(
         }
     };
 
-    let shared = shared("connector", &cfg.tun, &format!("listening on {listen}"));
+    let listening = match (&endpoint, &tcp) {
+        (Some(_), Some((l, _))) => format!(
+            "listening on {listen} (QUIC) and {} (TCP fallback)",
+            l.local_addr().map_or(String::new(), |a| a.to_string())
+        ),
+        (Some(_), None) => format!("listening on {listen} (QUIC only)"),
+        (None, Some((l, _))) => format!(
+            "listening on {} (TCP only)",
+            l.local_addr().map_or(String::new(), |a| a.to_string())
+        ),
+        (None, None) => "listening on nothing".into(),
+    };
+    let shared = shared("connector", &cfg.tun, &listening);
     let mut tasks = JoinSet::new();
     let forwarder = if cfg.zones.is_empty() {
         None
@@ -419,14 +472,37 @@ async fn start_connector(
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(follow_mtu(shared.clone(), handle, index));
-    let ep = endpoint.clone();
-    tasks.spawn(async move {
-        let mut clients = JoinSet::new();
-        while let Some(incoming) = ep.accept().await {
-            let c = connector.clone();
-            clients.spawn(async move { c.serve(incoming).await });
-        }
-    });
+    if let Some(ep) = endpoint.clone() {
+        let connector = connector.clone();
+        tasks.spawn(async move {
+            let mut clients = JoinSet::new();
+            while let Some(incoming) = ep.accept().await {
+                let c = connector.clone();
+                clients.spawn(async move { c.serve_quic(incoming).await });
+                while clients.try_join_next().is_some() {}
+            }
+        });
+    }
+    if let Some((listener, acceptor)) = tcp {
+        tasks.spawn(async move {
+            let mut clients = JoinSet::new();
+            loop {
+                let (stream, remote) = match listener.accept().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a TCP fallback connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let c = connector.clone();
+                let acceptor = acceptor.clone();
+                clients.spawn(async move { c.serve_tcp(stream, remote, acceptor).await });
+                // Reap finished sessions so a long-lived connector does not accumulate them.
+                while clients.try_join_next().is_some() {}
+            }
+        });
+    }
     Ok(TunnelHandle {
         shared,
         tasks,
@@ -451,7 +527,7 @@ struct Connector {
 }
 
 impl Connector {
-    async fn serve(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn serve_quic(self: Arc<Self>, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
             Ok(Ok(c)) => c,
@@ -472,25 +548,94 @@ impl Connector {
             conn.close(VarInt::from_u32(1), b"no identity");
             return;
         };
-        if let Err(e) = self.session(&conn, &identity).await {
-            tracing::info!(%identity, %remote, error = %format!("{e:#}"), "client session ended");
-        }
-        let id = conn.stable_id();
-        if let Ok(mut peers) = self.shared.peers.lock() {
-            peers.retain(|p| p.conn.stable_id() != id);
-        }
+        let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok((send, recv))) => Opened {
+                link: Link::Quic(conn.clone()),
+                control_tx: ControlTx::Quic(send),
+                control_rx: ControlRx::Quic(recv),
+                inbound: Inbound::Quic(conn.clone()),
+                dns_queries: None,
+            },
+            _ => {
+                tracing::info!(%identity, %remote, "no control stream; connection dropped");
+                conn.close(VarInt::from_u32(1), b"no control stream");
+                return;
+            }
+        };
+        self.serve(opened, identity).await;
     }
 
-    async fn session(&self, conn: &quinn::Connection, identity: &str) -> anyhow::Result<()> {
-        let remote = conn.remote_address();
-        let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
-            .await
-            .context("no control stream")??;
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv(&mut recv))
+    async fn serve_tcp(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) {
+        let _ = stream.set_nodelay(true);
+        let socket = match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "duplicating a TCP socket failed");
+                return;
+            }
+        };
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.shared
+                    .refuse(None, remote, format!("TLS handshake (TCP) failed: {e}"));
+                return;
+            }
+            Err(_) => {
+                self.shared
+                    .refuse(None, remote, "handshake (TCP) timed out".into());
+                return;
+            }
+        };
+        let identity = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(tls::identity_of_chain);
+        let Some(identity) = identity else {
+            self.shared
+                .refuse(None, remote, "certificate carries no name".into());
+            return;
+        };
+        let opened = TcpLink::start(tls, socket, remote);
+        self.serve(opened, identity).await;
+    }
+
+    async fn serve(&self, opened: Opened, identity: String) {
+        let link = opened.link.clone();
+        let remote = link.remote();
+        if let Err(e) = self.session(opened, &identity).await {
+            tracing::info!(%identity, %remote, transport = link.kind(), error = %format!("{e:#}"), "client session ended");
+        }
+        let id = link.id();
+        if let Ok(mut peers) = self.shared.peers.lock() {
+            peers.retain(|p| p.link.id() != id);
+        }
+        link.close(0, "session ended");
+    }
+
+    async fn session(&self, opened: Opened, identity: &str) -> anyhow::Result<()> {
+        let Opened {
+            link,
+            control_tx: mut send,
+            control_rx: mut recv,
+            mut inbound,
+            dns_queries,
+        } = opened;
+        let remote = link.remote();
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.recv())
             .await
             .context("no hello")??;
         let Control::Hello {
-            version, advertise, ..
+            version,
+            advertise,
+            transport_reason,
+            ..
         } = hello
         else {
             bail!("first message was not a hello");
@@ -498,12 +643,12 @@ impl Connector {
         if version != PROTOCOL_VERSION {
             let reason =
                 format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");
-            self.refuse(conn, &mut send, identity, reason).await;
+            self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
         }
         if !self.policy.knows(identity) {
             let reason = format!("no [[policy]] entry matches identity {identity:?}");
-            self.refuse(conn, &mut send, identity, reason).await;
+            self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
         }
         let host = self.lease(identity);
@@ -511,7 +656,7 @@ impl Connector {
             (nth_v4(self.overlay_v4, host), nth_v6(self.overlay_v6, host))
         else {
             let reason = "overlay address pool exhausted".to_string();
-            self.refuse(conn, &mut send, identity, reason).await;
+            self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
         };
         let mut owns = vec![
@@ -524,28 +669,31 @@ impl Connector {
                 .with_context(|| format!("routing {net} to {identity}"))?;
             owns.push(net);
         }
-        control::send(
-            &mut send,
-            &Control::Welcome {
-                version: PROTOCOL_VERSION,
-                node: identity.to_string(),
-                address_v4,
-                address_v6,
-                prefix_v4: self.overlay_v4.prefix_len(),
-                prefix_v6: self.overlay_v6.prefix_len(),
-                routes: self.routes.clone(),
-                keepalive_secs: KEEPALIVE.as_secs(),
-                zones: self
-                    .forwarder
-                    .as_ref()
-                    .map(|f| f.domains())
-                    .unwrap_or_default(),
-            },
-        )
+        send.send(&Control::Welcome {
+            version: PROTOCOL_VERSION,
+            node: identity.to_string(),
+            address_v4,
+            address_v6,
+            prefix_v4: self.overlay_v4.prefix_len(),
+            prefix_v6: self.overlay_v6.prefix_len(),
+            routes: self.routes.clone(),
+            keepalive_secs: KEEPALIVE.as_secs(),
+            zones: self
+                .forwarder
+                .as_ref()
+                .map(|f| f.domains())
+                .unwrap_or_default(),
+        })
         .await?;
+        let reason = match (&link, transport_reason) {
+            (_, Some(r)) => format!("client: {r}"),
+            (Link::Quic(_), None) => String::new(),
+            (Link::Tcp(_), None) => "client chose TCP".into(),
+        };
         let peer = Arc::new(Peer {
             identity: identity.to_string(),
-            conn: conn.clone(),
+            link: link.clone(),
+            transport_reason: Mutex::new(reason),
             address_v4,
             address_v6,
             owns,
@@ -553,46 +701,40 @@ impl Connector {
             counters: Arc::new(Counters::default()),
         });
         if let Ok(mut peers) = self.shared.peers.lock() {
-            // A client that reconnects replaces its old, dead connection.
+            // A client that reconnects, or moves between QUIC and TCP, replaces its old link.
             for old in peers.iter().filter(|p| p.identity == identity) {
-                old.conn
-                    .close(VarInt::from_u32(3), b"replaced by a new connection");
+                old.link.close(3, "replaced by a new connection");
             }
             peers.retain(|p| p.identity != identity);
             peers.push(peer.clone());
         }
-        tracing::info!(%identity, %remote, %address_v4, %address_v6, "client connected");
-        let dns_streams = async {
-            match &self.forwarder {
-                Some(f) => dns::serve_streams(conn.clone(), f.clone()).await,
-                None => std::future::pending().await,
+        tracing::info!(%identity, %remote, transport = link.kind(), %address_v4, %address_v6, "client connected");
+        let dns_requests = async {
+            match (&self.forwarder, &link, dns_queries) {
+                (Some(f), Link::Quic(conn), _) => dns::serve_streams(conn.clone(), f.clone()).await,
+                (Some(f), Link::Tcp(t), Some(q)) => {
+                    serve_tcp_dns(t.clone(), q, f.clone()).await;
+                    Ok(())
+                }
+                _ => std::future::pending().await,
             }
         };
         tokio::select! {
-            r = self.pump_from_peer(&peer) => r,
+            r = self.pump_from_peer(&peer, &mut inbound) => r,
             r = answer_keepalives(send, recv) => r,
-            r = dns_streams => r,
+            r = dns_requests => r,
         }
     }
 
     /// Tells the client why, records it for status, and closes the connection.
-    async fn refuse(
-        &self,
-        conn: &quinn::Connection,
-        send: &mut quinn::SendStream,
-        identity: &str,
-        reason: String,
-    ) {
-        self.shared.refuse(
-            Some(identity.to_string()),
-            conn.remote_address(),
-            reason.clone(),
-        );
-        let _ = control::send(send, &Control::Refused { reason }).await;
-        let _ = send.finish();
+    async fn refuse(&self, link: &Link, send: &mut ControlTx, identity: &str, reason: String) {
+        self.shared
+            .refuse(Some(identity.to_string()), link.remote(), reason.clone());
+        let _ = send.send(&Control::Refused { reason }).await;
+        send.finish();
         // Give the refusal a moment to reach the client before the close overtakes it.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        conn.close(VarInt::from_u32(2), b"refused");
+        link.close(2, "refused");
     }
 
     fn lease(&self, identity: &str) -> u32 {
@@ -603,10 +745,10 @@ impl Connector {
         *leases.entry(identity.to_string()).or_insert(next)
     }
 
-    /// Datagrams from a client: parse, check the source belongs to it, check policy, deliver.
-    async fn pump_from_peer(&self, peer: &Peer) -> anyhow::Result<()> {
+    /// Packets from a client: parse, check the source belongs to it, check policy, deliver.
+    async fn pump_from_peer(&self, peer: &Peer, inbound: &mut Inbound) -> anyhow::Result<()> {
         loop {
-            let dgram = peer.conn.read_datagram().await?;
+            let dgram = inbound.packet().await?;
             Counters::add(
                 &peer.counters.rx_packets,
                 &peer.counters.rx_bytes,
@@ -646,15 +788,13 @@ impl Connector {
 
 /// The connector's side of the control stream after the welcome: echo keepalives, skip what
 /// a newer client may send that this version does not know.
-async fn answer_keepalives(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> anyhow::Result<()> {
+async fn answer_keepalives(mut send: ControlTx, mut recv: ControlRx) -> anyhow::Result<()> {
     loop {
-        match control::recv(&mut recv).await? {
-            Control::Keepalive { seq } => {
-                control::send(&mut send, &Control::Keepalive { seq }).await?
-            }
+        let msg = tokio::time::timeout(CLIENT_SILENCE, recv.recv())
+            .await
+            .map_err(|_| anyhow!("the client sent nothing for {CLIENT_SILENCE:?}"))??;
+        match msg {
+            Control::Keepalive { seq } => send.send(&Control::Keepalive { seq }).await?,
             Control::Unknown => {}
             other => tracing::debug!(?other, "unexpected control message ignored"),
         }
@@ -663,16 +803,13 @@ async fn answer_keepalives(
 
 /// The client's side: a keepalive every CONTROL_KEEPALIVE; an error when the connector stops
 /// answering them.
-async fn send_keepalives(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> anyhow::Result<()> {
+async fn send_keepalives(mut send: ControlTx, mut recv: ControlRx) -> anyhow::Result<()> {
     let answered = Arc::new(AtomicU64::new(0));
     // Reading runs in its own task: a read cut short by the next tick would lose framing.
     let reader = {
         let answered = answered.clone();
         tokio::spawn(async move {
-            while let Ok(msg) = control::recv(&mut recv).await {
+            while let Ok(msg) = recv.recv().await {
                 if let Control::Keepalive { seq } = msg {
                     answered.fetch_max(seq, Ordering::Relaxed);
                 }
@@ -689,7 +826,23 @@ async fn send_keepalives(
             bail!("the connector answered no control keepalive since #{last}");
         }
         seq += 1;
-        control::send(&mut send, &Control::Keepalive { seq }).await?;
+        send.send(&Control::Keepalive { seq }).await?;
+    }
+}
+
+/// Answers the DNS queries a client sends on its TCP link, each in its own task.
+async fn serve_tcp_dns(
+    link: Arc<TcpLink>,
+    mut queries: tokio::sync::mpsc::Receiver<(u32, Vec<u8>)>,
+    fwd: Arc<dns::Forwarder>,
+) {
+    while let Some((id, query)) = queries.recv().await {
+        let (link, fwd) = (link.clone(), fwd.clone());
+        tokio::spawn(async move {
+            if let Some(answer) = fwd.resolve(&query).await {
+                let _ = link.answer_dns(id, &answer).await;
+            }
+        });
     }
 }
 
@@ -733,10 +886,10 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             shared.drop_packet("no_peer");
             continue;
         };
-        if send_to(&shared, &peer.conn, &peer.counters, &mut buf[..n]) == Sent::TooBig {
+        if send_to(&shared, &peer.link, &peer.counters, &mut buf[..n]) == Sent::TooBig {
             // Toward the VPC the far end is the client.
             let from = (peer.address_v4, peer.address_v6);
-            answer_too_big(&shared, &tun, &peer.conn, from, &buf[..n], &mut reply).await;
+            answer_too_big(&shared, &tun, &peer.link, from, &buf[..n], &mut reply).await;
         }
     }
 }
@@ -749,17 +902,17 @@ enum Sent {
 }
 
 /// Clamps a SYN's MSS to what one datagram carries, then sends the packet as a datagram.
-fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: &mut [u8]) -> Sent {
-    if let Some(max) = conn.max_datagram_size() {
+fn send_to(shared: &Shared, link: &Link, counters: &Counters, pkt: &mut [u8]) -> Sent {
+    if let Some(max) = link.max_packet() {
         mss::clamp(pkt, max);
     }
-    match conn.send_datagram(Bytes::copy_from_slice(pkt)) {
+    match link.send_packet(pkt) {
         Ok(()) => {
             Counters::add(&counters.tx_packets, &counters.tx_bytes, pkt.len());
             Sent::Ok
         }
-        Err(quinn::SendDatagramError::TooLarge) => Sent::TooBig,
-        Err(_) => {
+        Err(SendError::TooBig) => Sent::TooBig,
+        Err(SendError::Dropped) => {
             shared.drop_packet("send_failed");
             Sent::Dropped
         }
@@ -771,13 +924,13 @@ fn send_to(shared: &Shared, conn: &quinn::Connection, counters: &Counters, pkt: 
 async fn answer_too_big(
     shared: &Shared,
     tun: &AsyncDevice,
-    conn: &quinn::Connection,
+    link: &Link,
     (v4, v6): (Ipv4Addr, Ipv6Addr),
     pkt: &[u8],
     reply: &mut [u8],
 ) {
-    let mtu = conn
-        .max_datagram_size()
+    let mtu = link
+        .max_packet()
         .and_then(|m| u16::try_from(m).ok())
         .unwrap_or(1280);
     match icmp::too_big(pkt, mtu, v4, v6, reply) {
@@ -796,12 +949,11 @@ async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32)
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        let smallest = shared.peers.lock().ok().and_then(|peers| {
-            peers
-                .iter()
-                .filter_map(|p| p.conn.max_datagram_size())
-                .min()
-        });
+        let smallest = shared
+            .peers
+            .lock()
+            .ok()
+            .and_then(|peers| peers.iter().filter_map(|p| p.link.max_packet()).min());
         let Some(size) = smallest else { continue };
         let mtu = u32::try_from(size.min(MAX_PACKET)).unwrap_or(u32::from(INITIAL_MTU));
         if shared.mtu.swap(mtu, Ordering::Relaxed) != mtu {
@@ -831,17 +983,23 @@ async fn start_client(
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
         let crypto = tls::client_config(&cfg.tls)?;
+        let tcp_tls = tls::rustls_client(&cfg.tls)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport()));
-        let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port));
-        let mut endpoint =
-            Endpoint::client(bind).with_context(|| format!("binding UDP source port {bind}"))?;
-        endpoint.set_default_client_config(client);
+        let endpoint = if cfg.transport.uses_quic() {
+            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port));
+            let mut endpoint = Endpoint::client(bind)
+                .with_context(|| format!("binding UDP source port {bind}"))?;
+            endpoint.set_default_client_config(client);
+            Some(endpoint)
+        } else {
+            None
+        };
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
-        anyhow::Ok((tun, index, handle, endpoint))
+        anyhow::Ok((tun, index, handle, endpoint, tcp_tls))
     }
     .await;
-    let (tun, index, handle, endpoint) = match result {
+    let (tun, index, handle, endpoint, tcp_tls) = match result {
         Ok(v) => v,
         Err(e) => {
             net::restore(&mut sysctls);
@@ -857,6 +1015,11 @@ async fn start_client(
     let client = Client {
         shared: shared.clone(),
         endpoint: endpoint.clone(),
+        tcp: tokio_rustls::TlsConnector::from(tcp_tls),
+        transport: cfg.transport,
+        fallback_port: cfg.fallback_port,
+        quic_timeout: cfg.quic_timeout,
+        source_port,
         tun,
         tun_index: index,
         netlink: handle,
@@ -874,7 +1037,7 @@ async fn start_client(
                 tasks.spawn(dns::serve_stub(
                     Arc::new(socket),
                     shared.learned_zones.clone(),
-                    move || rx.borrow().as_ref().map(|p| p.conn.clone()),
+                    move || rx.borrow().as_ref().map(|p| p.link.clone()),
                 ));
                 tracing::info!(%stub, "DNS stub listening for the connector's zones");
             }
@@ -896,7 +1059,13 @@ async fn start_client(
 
 struct Client {
     shared: Arc<Shared>,
-    endpoint: Endpoint,
+    endpoint: Option<Endpoint>,
+    tcp: tokio_rustls::TlsConnector,
+    transport: Transport,
+    fallback_port: Option<u16>,
+    quic_timeout: Duration,
+    /// Pinned source port, for QUIC and for the TCP fallback alike (0: any).
+    source_port: u16,
     tun: Arc<AsyncDevice>,
     tun_index: u32,
     netlink: rtnetlink::Handle,
@@ -907,6 +1076,9 @@ struct Client {
     on_routes: super::RoutesHook,
 }
 
+/// How a session ended without an error: QUIC works again, here is its link.
+struct MoveToQuic(Opened);
+
 impl Client {
     /// Connects, serves until the connection dies, and again, with backoff and jitter so a
     /// fleet of clients does not reconnect in lockstep.
@@ -914,7 +1086,7 @@ impl Client {
         let mut failures: u32 = 0;
         loop {
             for target in &self.connect {
-                match self.session(target).await {
+                match self.serve_target(target).await {
                     Ok(()) => failures = 0,
                     Err(e) => {
                         let e = format!("{e:#}");
@@ -936,29 +1108,165 @@ impl Client {
         }
     }
 
-    async fn session(&self, target: &str) -> anyhow::Result<()> {
+    /// Opens a link to `target` (QUIC, else TCP in auto mode) and serves it; when a session on
+    /// TCP finds QUIC working again, the next session runs on QUIC with the same overlay
+    /// addresses, the TCP link kept until the QUIC one is welcomed.
+    async fn serve_target(&self, target: &str) -> anyhow::Result<()> {
         let addr = tokio::net::lookup_host(target)
             .await
             .with_context(|| format!("resolving {target}"))?
             .next()
             .ok_or_else(|| anyhow!("{target} resolves to nothing"))?;
-        let conn = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            self.endpoint.connect(addr, &self.server_name)?,
-        )
-        .await
-        .context("no QUIC handshake")??;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        control::send(
-            &mut send,
-            &Control::Hello {
-                version: PROTOCOL_VERSION,
-                node: self.server_name.clone(),
-                advertise: self.advertise.clone(),
+        let (mut opened, mut reason) = self.open(addr).await?;
+        let mut previous: Option<Link> = None;
+        loop {
+            let (MoveToQuic(quic), old) =
+                self.session(addr, opened, reason, previous.take()).await?;
+            tracing::info!(%addr, "QUIC works again; moving the tunnel back from TCP");
+            opened = quic;
+            reason = String::new();
+            previous = Some(old);
+        }
+    }
+
+    /// The first link to `addr` that works, and why it is that one.
+    async fn open(&self, addr: SocketAddr) -> anyhow::Result<(Opened, String)> {
+        match self.transport {
+            Transport::Quic => Ok((
+                self.open_quic(addr, HANDSHAKE_TIMEOUT).await?,
+                String::new(),
+            )),
+            Transport::Tcp => Ok((
+                self.open_tcp(addr).await?,
+                "transport = \"tcp\" in the config".into(),
+            )),
+            Transport::Auto => match self.open_quic(addr, self.quic_timeout).await {
+                Ok(o) => Ok((o, String::new())),
+                Err(quic) => {
+                    let why = format!("{quic:#}");
+                    tracing::info!(%addr, reason = %why, "QUIC failed; trying the TCP fallback");
+                    let o = self
+                        .open_tcp(addr)
+                        .await
+                        .map_err(|tcp| anyhow!("QUIC: {why}; TCP fallback: {tcp:#}"))?;
+                    Ok((o, why))
+                }
             },
-        )
+        }
+    }
+
+    async fn open_quic(&self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Opened> {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
+        let conn = tokio::time::timeout(timeout, async {
+            let conn = endpoint.connect(addr, &self.server_name)?.await?;
+            let (send, recv) = conn.open_bi().await?;
+            anyhow::Ok((conn, send, recv))
+        })
+        .await
+        .map_err(|_| anyhow!("no QUIC handshake in {}", secs(timeout)))??;
+        let (conn, send, recv) = conn;
+        Ok(Opened {
+            link: Link::Quic(conn.clone()),
+            control_tx: ControlTx::Quic(send),
+            control_rx: ControlRx::Quic(recv),
+            inbound: Inbound::Quic(conn),
+            dns_queries: None,
+        })
+    }
+
+    async fn open_tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
+        let addr = SocketAddr::new(addr.ip(), self.fallback_port.unwrap_or(addr.port()));
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            if self.source_port != 0 {
+                // The same pinned port as QUIC's, so a stateless ACL needs no ephemeral range;
+                // reuse lets a reconnect bind it while the last connection is in TIME_WAIT.
+                socket.set_reuseaddr(true)?;
+                let any: IpAddr = if addr.is_ipv4() {
+                    Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv6Addr::UNSPECIFIED.into()
+                };
+                socket
+                    .bind(SocketAddr::new(any, self.source_port))
+                    .with_context(|| format!("binding TCP source port {}", self.source_port))?;
+            }
+            let stream = socket
+                .connect(addr)
+                .await
+                .with_context(|| format!("TCP connect to {addr}"))?;
+            stream.set_nodelay(true)?;
+            let fd = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned()?;
+            let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
+                .map_err(|e| anyhow!("server_name {:?}: {e}", self.server_name))?;
+            let tls = self
+                .tcp
+                .connect(name, stream)
+                .await
+                .with_context(|| format!("TLS over TCP to {addr}"))?;
+            anyhow::Ok(TcpLink::start(tls, fd, addr))
+        })
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no TCP+TLS handshake with {addr} in {}",
+                secs(HANDSHAKE_TIMEOUT)
+            )
+        })?
+    }
+
+    /// Keeps trying QUIC while the tunnel runs on TCP; returns the first QUIC link that works.
+    async fn probe_quic(&self, addr: SocketAddr, peer: Arc<Peer>, first_reason: String) -> Opened {
+        loop {
+            let jitter = rand::rng().random_range(0..=QUIC_PROBE_EVERY.as_millis() as u64 / 5);
+            tokio::time::sleep(QUIC_PROBE_EVERY + Duration::from_millis(jitter)).await;
+            match self.open_quic(addr, self.quic_timeout).await {
+                Ok(o) => return o,
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "QUIC probe failed");
+                    if let Ok(mut r) = peer.transport_reason.lock() {
+                        *r = format!(
+                            "{first_reason}; QUIC retried every {}, last: {e:#}",
+                            secs(QUIC_PROBE_EVERY)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hello, welcome, routes, then packets until the link dies (an error) or, on TCP in auto
+    /// mode, until QUIC works again. `previous` (the link being replaced) is closed once this
+    /// one carries the traffic.
+    async fn session(
+        &self,
+        addr: SocketAddr,
+        opened: Opened,
+        reason: String,
+        previous: Option<Link>,
+    ) -> anyhow::Result<(MoveToQuic, Link)> {
+        let Opened {
+            link,
+            control_tx: mut send,
+            control_rx: mut recv,
+            mut inbound,
+            ..
+        } = opened;
+        send.send(&Control::Hello {
+            version: PROTOCOL_VERSION,
+            node: self.server_name.clone(),
+            advertise: self.advertise.clone(),
+            transport_reason: (!reason.is_empty()).then(|| reason.clone()),
+        })
         .await?;
-        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv(&mut recv))
+        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.recv())
             .await
             .context("no answer to hello")??;
         let (address_v4, address_v6, prefix_v4, prefix_v6, routes, node, zones) = match welcome {
@@ -999,7 +1307,8 @@ impl Client {
         }
         let peer = Arc::new(Peer {
             identity: self.server_name.clone(),
-            conn: conn.clone(),
+            link: link.clone(),
+            transport_reason: Mutex::new(reason.clone()),
             address_v4,
             address_v6,
             owns: routes.clone(),
@@ -1017,11 +1326,21 @@ impl Client {
             *far = (v4, v6);
         }
         self.current.send_replace(Some(peer.clone()));
-        self.shared.set_state(format!("connected to {addr}"));
-        tracing::info!(%addr, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
-        let datagrams = async {
+        if let Some(old) = previous {
+            old.close(0, "moved to another transport");
+        }
+        let via = match &link {
+            Link::Quic(_) => format!("connected to {addr} over QUIC"),
+            Link::Tcp(_) => format!("connected to {} over TCP: {reason}", link.remote()),
+        };
+        self.shared.set_state(via);
+        tracing::info!(%addr, transport = link.kind(), %reason, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
+        let packets = async {
             loop {
-                let dgram = conn.read_datagram().await?;
+                let dgram = match inbound.packet().await {
+                    Ok(d) => d,
+                    Err(e) => return Err::<(), _>(e),
+                };
                 Counters::add(
                     &peer.counters.rx_packets,
                     &peer.counters.rx_bytes,
@@ -1033,10 +1352,37 @@ impl Client {
                 }
             }
         };
-        tokio::select! {
-            r = datagrams => r,
-            r = send_keepalives(send, recv) => r,
+        let probe = async {
+            match (&link, self.transport) {
+                (Link::Tcp(_), Transport::Auto) => {
+                    self.probe_quic(addr, peer.clone(), reason.clone()).await
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        let keepalives = send_keepalives(send, recv);
+        let result = tokio::select! {
+            r = packets => r.map(|()| None),
+            r = keepalives => r.map(|()| None),
+            quic = probe => Ok(Some(quic)),
+        };
+        match result {
+            Ok(Some(quic)) => Ok((MoveToQuic(quic), link)),
+            Ok(None) => bail!("the tunnel ended"),
+            Err(e) => {
+                link.close(0, "session ended");
+                Err(e)
+            }
         }
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s} s")
     }
 }
 
@@ -1060,12 +1406,12 @@ async fn tun_to_connector(
         // A query for a private zone that eBPF steered here: answered by the connector's
         // forwarder, and the reply comes from the resolver the application asked.
         if let (Some(p), Some(query)) = (&peer, steered_query(&shared, &buf[..n])) {
-            let (conn, tun, shared) = (p.conn.clone(), tun.clone(), shared.clone());
+            let (link, tun, shared) = (p.link.clone(), tun.clone(), shared.clone());
             tokio::spawn(async move {
                 let Some((msg, _)) = crate::core::dns::udp_query(&query) else {
                     return;
                 };
-                let reply = match dns::relay(&conn, msg).await {
+                let reply = match link.relay_dns(msg).await {
                     Ok(answer) => crate::core::dns::udp_reply(&query, &answer),
                     Err(_) => None,
                 };
@@ -1080,13 +1426,13 @@ async fn tun_to_connector(
         }
         match peer {
             Some(p) => {
-                if send_to(&shared, &p.conn, &p.counters, &mut buf[..n]) == Sent::TooBig {
+                if send_to(&shared, &p.link, &p.counters, &mut buf[..n]) == Sent::TooBig {
                     let from = shared
                         .far_end
                         .lock()
                         .map(|f| *f)
                         .unwrap_or((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED));
-                    answer_too_big(&shared, &tun, &p.conn, from, &buf[..n], &mut reply).await;
+                    answer_too_big(&shared, &tun, &p.link, from, &buf[..n], &mut reply).await;
                 }
             }
             None => shared.drop_packet("tunnel_down"),

@@ -8,11 +8,14 @@
 //! ```
 //!
 //! Control (hello, welcome or refusal) travels on one bidirectional stream per connection.
+//! Where UDP does not get through, the same messages, packets and DNS queries travel as frames
+//! on TLS 1.3 over TCP (`link`), and the client keeps probing QUIC to move back to it.
 //! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
 
 pub mod control;
 pub mod dns;
 pub mod engine;
+pub mod link;
 pub mod nat;
 pub mod net;
 pub mod tls;

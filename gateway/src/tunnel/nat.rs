@@ -28,8 +28,9 @@ pub struct NatSpec {
     pub egress: String,
     /// ...to source ports in this inclusive range (TCP and UDP).
     pub ports: (u16, u16),
-    /// The tunnel's UDP listen port, accepted in the input chain.
-    pub listen_port: u16,
+    /// The tunnel's UDP (QUIC) and TCP (fallback) listen ports, accepted in the input chain.
+    pub udp_port: Option<u16>,
+    pub tcp_port: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,14 +131,21 @@ pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
     input.set_hook(nftnl::Hook::In, 0);
     input.set_type(nftnl::ChainType::Filter);
     batch.add(&input, MsgType::Add);
-    let mut rule = Rule::new(&input);
-    rule.add_expr(&nft_expr!(meta l4proto));
-    rule.add_expr(&nft_expr!(cmp == IPPROTO_UDP));
-    rule.add_expr(&nft_expr!(payload udp dport));
-    rule.add_expr(&nft_expr!(cmp == spec.listen_port.to_be()));
-    rule.add_expr(&nft_expr!(counter));
-    rule.add_expr(&nft_expr!(verdict accept));
-    batch.add(&rule, MsgType::Add);
+    for (proto, port) in [(IPPROTO_UDP, spec.udp_port), (IPPROTO_TCP, spec.tcp_port)] {
+        let Some(port) = port else { continue };
+        let mut rule = Rule::new(&input);
+        rule.add_expr(&nft_expr!(meta l4proto));
+        rule.add_expr(&nft_expr!(cmp == proto));
+        if proto == IPPROTO_TCP {
+            rule.add_expr(&nft_expr!(payload tcp dport));
+        } else {
+            rule.add_expr(&nft_expr!(payload udp dport));
+        }
+        rule.add_expr(&nft_expr!(cmp == port.to_be()));
+        rule.add_expr(&nft_expr!(counter));
+        rule.add_expr(&nft_expr!(verdict accept));
+        batch.add(&rule, MsgType::Add);
+    }
     for proto in [IPPROTO_TCP, IPPROTO_UDP] {
         let mut rule = Rule::new(&input);
         rule.add_expr(&nft_expr!(meta l4proto));

@@ -64,7 +64,9 @@ fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
-pub fn server_config(paths: &TlsPaths) -> Result<QuicServerConfig, TlsError> {
+/// The connector's TLS: TLS 1.3 only, a client certificate from the CA required. The same
+/// settings serve QUIC and the TCP fallback, so both authenticate alike.
+pub fn rustls_server(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(roots(&paths.ca)?, provider()).build()?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
@@ -72,21 +74,34 @@ pub fn server_config(paths: &TlsPaths) -> Result<QuicServerConfig, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&paths.cert)?, key(&paths.key)?)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    QuicServerConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    Ok(Arc::new(config))
 }
 
-pub fn client_config(paths: &TlsPaths) -> Result<QuicClientConfig, TlsError> {
+pub fn rustls_client(paths: &TlsPaths) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&paths.ca)?)
         .with_client_auth_cert(certs(&paths.cert)?, key(&paths.key)?)?;
     config.alpn_protocols = vec![ALPN.to_vec()];
-    QuicClientConfig::try_from(config).map_err(|e| TlsError::Quic(e.to_string()))
+    Ok(Arc::new(config))
+}
+
+pub fn server_config(paths: &TlsPaths) -> Result<QuicServerConfig, TlsError> {
+    QuicServerConfig::try_from(rustls_server(paths)?).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+pub fn client_config(paths: &TlsPaths) -> Result<QuicClientConfig, TlsError> {
+    QuicClientConfig::try_from(rustls_client(paths)?).map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// The identity a verified certificate chain names (its leaf's name).
+pub fn identity_of_chain(chain: &[CertificateDer<'_>]) -> Option<String> {
+    chain.first().and_then(|c| crate::pki::identity_of(c))
 }
 
 /// The identity of the peer of an established connection: its certificate's name.
 pub fn peer_identity(conn: &quinn::Connection) -> Option<String> {
     let any = conn.peer_identity()?;
     let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    chain.first().and_then(|c| crate::pki::identity_of(c))
+    identity_of_chain(&chain)
 }
