@@ -110,6 +110,10 @@ pub struct ResolverStatus {
     pub up: bool,
     /// Round trip of its latest answer.
     pub latency_ms: Option<f64>,
+    /// Round trip of the latest ICMP echo (echo socket), `None` without a reply or where echo
+    /// sockets are not permitted: tells "host down" from "DNS server down".
+    #[serde(default)]
+    pub ping_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +141,10 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Packets from this peer that its policy did not allow.
     pub policy_drops: u64,
+    /// Round trip of the latest ICMP echo to the peer's public address (outside the tunnel),
+    /// `None` without a reply.
+    #[serde(default)]
+    pub ping_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

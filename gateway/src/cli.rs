@@ -232,10 +232,16 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
         let resolvers: Vec<String> = z
             .resolvers
             .iter()
-            .map(|r| match (r.up, r.latency_ms) {
-                (true, Some(ms)) => format!("{} up {ms:.1} ms", r.address),
-                (true, None) => format!("{} up", r.address),
-                (false, _) => format!("{} DOWN", r.address),
+            .map(|r| {
+                let dns = match (r.up, r.latency_ms) {
+                    (true, Some(ms)) => format!("{} up {ms:.1} ms", r.address),
+                    (true, None) => format!("{} up", r.address),
+                    (false, _) => format!("{} DOWN", r.address),
+                };
+                match r.ping_ms {
+                    Some(ms) => format!("{dns} (ping {ms:.1} ms)"),
+                    None => dns,
+                }
             })
             .collect();
         let _ = writeln!(
@@ -281,6 +287,7 @@ mod tests {
                 rx_packets: 12,
                 rx_bytes: 1200,
                 policy_drops: 1,
+                ping_ms: Some(0.2),
             }],
             refusals: vec![crate::api::Refusal {
                 identity: Some("dev-bob".into()),
@@ -301,11 +308,13 @@ mod tests {
                         address: "10.128.0.61".into(),
                         up: false,
                         latency_ms: Some(0.3),
+                        ping_ms: Some(0.1),
                     },
                     crate::api::ResolverStatus {
                         address: "10.128.0.130".into(),
                         up: true,
                         latency_ms: Some(0.25),
+                        ping_ms: None,
                     },
                 ],
             }],
@@ -318,7 +327,7 @@ PEER       REMOTE              TRANSPORT                        ADDRESS        R
 ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
 tunnel drops: policy 1
-dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN, 10.128.0.130 up 0.2 ms
+dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN (ping 0.1 ms), 10.128.0.130 up 0.2 ms
 ";
         assert_eq!(out, expected);
     }

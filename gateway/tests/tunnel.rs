@@ -58,7 +58,8 @@ fn connector_config(lab: &Lab, pki: &std::path::Path, on_servfail: &str) -> Path
         &format!(
             "[tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
-             [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}\n{zone}",
+             [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}\n{zone}\n\
+             [icmp]\nmanage_ping_group_range = true\n",
             tls(pki, "lab-gw"),
             addr::VPC_CIDR,
             addr::VPC_CIDR_V6
@@ -79,7 +80,7 @@ fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> Pa
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
+             tun = \"optun\"\n\n{}\n[icmp]\nmanage_ping_group_range = true\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
             addr::GW_WAN,
             tls(pki, name)
         ),
@@ -1052,6 +1053,28 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
         "the underlay dropped no UDP, so QUIC was never tried: {blocked_udp}"
     );
 
+    // The daemons' own reachability probes are ICMP echo sockets (ping_group_range managed):
+    // the connector pings its resolvers, the client the connector's public address, which
+    // answers even while the tunnel's UDP is blocked.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let zones = status_json(&lab, Host::VpcGateway, &connector_socket)
+            .tunnel
+            .expect("tunnel")
+            .zones;
+        let pinged = zones[0].resolvers.iter().all(|r| r.ping_ms.is_some());
+        let peer_pinged = client_peer(&lab, &client_socket).is_some_and(|p| p.ping_ms.is_some());
+        if pinged && peer_pinged {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ICMP echo results: {zones:?} / {:?}",
+            client_peer(&lab, &client_socket)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
     // 2. An ssh session opened on TCP survives the move back to QUIC.
     let stop = lab.dir().join("stop-ticking");
     let remote = format!(
@@ -1115,5 +1138,24 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
         .expect("ssh ends");
     assert!(status.success(), "ssh: {status}\n{}", session.log());
     assert!(session.log().contains("finished"), "{}", session.log());
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+
+    // 3. QUIC lost mid-session (UDP blocked again): the client is back on TCP by itself.
+    let _blocked = UdpBlocked::new(&lab);
+    let lost = Instant::now();
+    loop {
+        if let Some(p) = client_peer(&lab, &client_socket)
+            && p.transport == "tcp"
+        {
+            break;
+        }
+        assert!(
+            lost.elapsed() < Duration::from_secs(20),
+            "not on TCP within 20 s of losing QUIC; client log:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("QUIC lost: on TCP after {:?}", lost.elapsed());
     assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
 }

@@ -27,6 +27,7 @@ use crate::core::resolver::{Resolvers, Step};
 const QUERY_TIMEOUT: Duration = Duration::from_millis(1000);
 const TCP_TIMEOUT: Duration = Duration::from_secs(3);
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+const PING_EVERY: Duration = Duration::from_secs(5);
 /// Sockets in the pool: enough to spread load, few enough to leave the range to NAT.
 const POOL: u16 = 4;
 const MAX_MESSAGE: usize = 65_535;
@@ -47,6 +48,8 @@ struct ZoneState {
     servers: Vec<SocketAddr>,
     resolvers: Mutex<Resolvers>,
     stats: ZoneStats,
+    /// ICMP echo round trip per server, from `ping_resolvers`.
+    pings: Mutex<Vec<Option<Duration>>>,
 }
 
 pub struct Forwarder {
@@ -104,6 +107,7 @@ impl Forwarder {
                         PROBE_EVERY,
                     )),
                     stats: ZoneStats::default(),
+                    pings: Mutex::new(vec![None; z.servers.len()]),
                 })
             })
             .collect();
@@ -119,6 +123,7 @@ impl Forwarder {
             tasks.spawn(read_answers(s.clone(), fwd.pending.clone()));
         }
         tasks.spawn(probe(fwd.clone()));
+        tasks.spawn(ping_resolvers(fwd.clone()));
         Ok(fwd)
     }
 
@@ -235,6 +240,7 @@ impl Forwarder {
                     .lock()
                     .map(|r| r.health().to_vec())
                     .unwrap_or_default();
+                let pings = z.pings.lock().map(|p| p.clone()).unwrap_or_default();
                 ZoneStatus {
                     domain: z.domain.clone(),
                     queries: z.stats.queries.load(Ordering::Relaxed),
@@ -245,10 +251,16 @@ impl Forwarder {
                         .servers
                         .iter()
                         .zip(health)
-                        .map(|(s, h)| ResolverStatus {
+                        .enumerate()
+                        .map(|(i, (s, h))| ResolverStatus {
                             address: s.ip().to_string(),
                             up: h.up,
                             latency_ms: h.latency.map(|l| l.as_secs_f64() * 1000.0),
+                            ping_ms: pings
+                                .get(i)
+                                .copied()
+                                .flatten()
+                                .map(|l| l.as_secs_f64() * 1000.0),
                         })
                         .collect(),
                 }
@@ -302,6 +314,27 @@ async fn probe(fwd: Arc<Forwarder>) {
                     r.on_probe_answer(index, sent.elapsed());
                     tracing::info!(zone = %zone.domain, %server, "resolver answers again");
                 }
+            }
+        }
+    }
+}
+
+/// ICMP echo to every resolver, for status: whether the host answers at all, apart from its
+/// DNS server. Skipped (all `None`) where echo sockets are not permitted.
+pub async fn ping_resolvers(fwd: Arc<Forwarder>) {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    loop {
+        tick.tick().await;
+        if super::probe::check_possible().is_err() {
+            continue;
+        }
+        for zone in &fwd.zones {
+            let mut results = Vec::with_capacity(zone.servers.len());
+            for server in &zone.servers {
+                results.push(super::probe::echo(server.ip(), QUERY_TIMEOUT).await.ok());
+            }
+            if let Ok(mut p) = zone.pings.lock() {
+                *p = results;
             }
         }
     }

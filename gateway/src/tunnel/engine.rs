@@ -74,6 +74,8 @@ struct Peer {
     link: Link,
     /// Why this transport; the client updates it as QUIC probes fail.
     transport_reason: Mutex<String>,
+    /// ICMP echo round trip to the peer's public address, from `ping_peers`.
+    ping: Mutex<Option<Duration>>,
     address_v4: Ipv4Addr,
     address_v6: Ipv6Addr,
     /// Sources this peer may send from and destinations routed to it.
@@ -173,6 +175,12 @@ impl Shared {
                         rx_packets: p.counters.rx_packets.load(Ordering::Relaxed),
                         rx_bytes: p.counters.rx_bytes.load(Ordering::Relaxed),
                         policy_drops: p.counters.policy_drops.load(Ordering::Relaxed),
+                        ping_ms: p
+                            .ping
+                            .lock()
+                            .ok()
+                            .and_then(|d| *d)
+                            .map(|d| d.as_secs_f64() * 1000.0),
                     })
                     .collect()
             })
@@ -471,6 +479,7 @@ async fn start_connector(
         forwarder,
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
+    tasks.spawn(ping_peers(shared.clone()));
     tasks.spawn(follow_mtu(shared.clone(), handle, index));
     if let Some(ep) = endpoint.clone() {
         let connector = connector.clone();
@@ -694,6 +703,7 @@ impl Connector {
             identity: identity.to_string(),
             link: link.clone(),
             transport_reason: Mutex::new(reason),
+            ping: Mutex::new(None),
             address_v4,
             address_v6,
             owns,
@@ -944,6 +954,27 @@ async fn answer_too_big(
     }
 }
 
+/// ICMP echo to each peer's public address, outside the tunnel: with the tunnel down, it tells
+/// "host unreachable" from "tunnel port blocked". Skipped where echo sockets are not permitted.
+async fn ping_peers(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if super::probe::check_possible().is_err() {
+            continue;
+        }
+        let peers = shared.peers.lock().map(|p| p.clone()).unwrap_or_default();
+        for p in peers {
+            let rtt = super::probe::echo(p.link.remote().ip(), Duration::from_secs(1))
+                .await
+                .ok();
+            if let Ok(mut ping) = p.ping.lock() {
+                *ping = rtt;
+            }
+        }
+    }
+}
+
 /// Keeps the TUN's MTU at what one datagram carries; MTU discovery raises it after start.
 async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -1011,6 +1042,7 @@ async fn start_client(
     let current_rx_stub = current_rx.clone();
     let mut tasks = JoinSet::new();
     tasks.spawn(tun_to_connector(shared.clone(), tun.clone(), current_rx));
+    tasks.spawn(ping_peers(shared.clone()));
     tasks.spawn(follow_mtu(shared.clone(), handle.clone(), index));
     let client = Client {
         shared: shared.clone(),
@@ -1309,6 +1341,7 @@ impl Client {
             identity: self.server_name.clone(),
             link: link.clone(),
             transport_reason: Mutex::new(reason.clone()),
+            ping: Mutex::new(None),
             address_v4,
             address_v6,
             owns: routes.clone(),

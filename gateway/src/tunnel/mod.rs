@@ -18,6 +18,7 @@ pub mod engine;
 pub mod link;
 pub mod nat;
 pub mod net;
+pub mod probe;
 pub mod tls;
 
 pub use engine::{TunnelHandle, start};
