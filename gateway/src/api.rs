@@ -90,6 +90,11 @@ pub struct TunnelStatus {
     /// ports out of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_ports: Option<String>,
+    /// Connector: `gatewayctl access` byte streams open now, and opened since start.
+    #[serde(default)]
+    pub access_streams_active: u64,
+    #[serde(default)]
+    pub access_streams_total: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

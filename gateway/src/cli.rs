@@ -224,6 +224,13 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
             r.reason
         );
     }
+    if t.access_streams_total > 0 {
+        let _ = writeln!(
+            out,
+            "access streams: {} open, {} since start",
+            t.access_streams_active, t.access_streams_total
+        );
+    }
     if !t.drops.is_empty() {
         let drops: Vec<String> = t.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(out, "tunnel drops: {}", drops.join(", "));
@@ -297,6 +304,8 @@ mod tests {
             }],
             drops: BTreeMap::from([("policy".into(), 1)]),
             egress_ports: None,
+            access_streams_active: 1,
+            access_streams_total: 3,
             zones: vec![crate::api::ZoneStatus {
                 domain: "hoge-vpc.com".into(),
                 queries: 7,
@@ -326,6 +335,7 @@ tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
 PEER       REMOTE              TRANSPORT                        ADDRESS        RTT  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
 ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
+access streams: 1 open, 3 since start
 tunnel drops: policy 1
 dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN (ping 0.1 ms), 10.128.0.130 up 0.2 ms
 ";

@@ -1159,3 +1159,219 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     eprintln!("QUIC lost: on TCP after {:?}", lost.elapsed());
     assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
 }
+
+/// A non-root user's own copy of what `gatewayctl access` needs: its certificate and key, the
+/// CA, a client config, the ssh key and the gatewayctl binary, all owned by `nobody`.
+fn unprivileged_user_dir(lab: &Lab, pki: &std::path::Path) -> PathBuf {
+    let dir = lab.dir().join("user");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for f in ["ca.pem", "ops-alice.pem", "ops-alice.key"] {
+        std::fs::copy(pki.join(f), dir.join(f)).expect("copy pki");
+    }
+    std::fs::copy(GATEWAYCTL, dir.join("gatewayctl")).expect("copy gatewayctl");
+    let key = lab.ssh_argv("x", "x")[2].clone();
+    std::fs::copy(&key, dir.join("id")).expect("copy ssh key");
+    std::fs::write(
+        dir.join("access.toml"),
+        format!(
+            "[node]\nname = \"alice-laptop\"\n\n[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\n\n{}",
+            addr::GW_WAN,
+            tls(&dir, "ops-alice")
+        ),
+    )
+    .expect("write access.toml");
+    let out = std::process::Command::new("chown")
+        .args(["-R", "nobody:nogroup", dir.to_str().expect("utf-8")])
+        .output()
+        .expect("chown");
+    assert!(out.status.success());
+    dir
+}
+
+/// `argv` run in the operator namespace as `nobody`, with no capabilities at all.
+fn as_nobody(lab: &Lab, user: &std::path::Path, argv: &[&str]) -> std::process::Output {
+    let home = format!("HOME={}", user.display());
+    let mut full = vec![
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "env",
+        &home,
+    ];
+    full.extend_from_slice(argv);
+    lab.run(Host::Operator, &full).expect("run as nobody")
+}
+
+fn user_ssh<'a>(user: &'a str, extra: &[&'a str], target: &'a str, cmd: &'a str) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "ssh",
+        "-i",
+        &format!("{user}/id"),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=10",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push(format!("root@{target}"));
+    v.push(cmd.to_string());
+    v
+}
+
+#[test]
+fn an_unprivileged_user_reaches_ssh_through_access_without_a_tunnel() {
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })
+    .expect("lab");
+    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
+    let cc = connector_config(&lab, &pki, "failover");
+    let connector_socket = socket_path(&lab, "lab-gw");
+    let _connector = start_daemon(
+        &lab,
+        Host::VpcGateway,
+        &cc,
+        &connector_socket,
+        "connector.log",
+    );
+    let user = unprivileged_user_dir(&lab, &pki);
+    let u = user.to_str().expect("utf-8");
+    let config = format!("GATEWAY_CONFIG={u}/access.toml");
+    // No TUN, no route: the operator host cannot reach the VPC by itself.
+    let direct = lab
+        .run(
+            Host::Operator,
+            &["ping", "-c", "1", "-W", "1", addr::VPC_HOST],
+        )
+        .expect("ping");
+    assert!(
+        !direct.status.success(),
+        "the operator host has a path of its own"
+    );
+
+    // 1. ssh with the ProxyCommand, to a private name the connector resolves.
+    let proxy = format!("ProxyCommand={u}/gatewayctl access ssh --hostname %h");
+    let host = format!("ssh.{}", zone::DOMAIN);
+    let argv = user_ssh(
+        u,
+        &["-o", &proxy],
+        &host,
+        "echo shell-$((6*7)) on $(hostname -I)",
+    );
+    let mut full = vec!["env", config.as_str()];
+    full.extend(argv.iter().map(String::as_str));
+    let out = as_nobody(&lab, &user, &full);
+    assert!(
+        out.status.success(),
+        "ssh via access failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("shell-42 on ") && said.contains(addr::VPC_HOST),
+        "{said}"
+    );
+    // Through the tunnel's pinned egress range, like everything else from the connector.
+    let sshd_log = std::fs::read_to_string(lab.dir().join("sshd.log")).unwrap_or_default();
+    let from_gw: Vec<&str> = sshd_log
+        .lines()
+        .filter(|l| l.contains(&format!("from {} port 40", addr::GW_VPC)))
+        .collect();
+    assert!(!from_gw.is_empty(), "{sshd_log}");
+    let status = status_json(&lab, Host::VpcGateway, &connector_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(status.access_streams_total >= 1, "{status:?}");
+
+    // 2. A local forward: `access tcp`, then plain ssh to it.
+    let forward = lab
+        .spawn(
+            Host::Operator,
+            &[
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                &format!("{u}/gatewayctl"),
+                "access",
+                "tcp",
+                "--listen",
+                "127.0.0.1:2222",
+                "--to",
+                &format!("{host}:22"),
+                "--config",
+                &format!("{u}/access.toml"),
+            ],
+            "access-tcp.log",
+        )
+        .expect("spawn access tcp");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !forward.log().contains("forwarding") {
+        assert!(Instant::now() < deadline, "{}", forward.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let argv = user_ssh(u, &["-p", "2222"], "127.0.0.1", "echo forwarded-$((6*7))");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = as_nobody(&lab, &user, &argv);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "forwarded-42",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        forward.log()
+    );
+
+    // 3. What the policy does not allow, and names outside the zones, are refused with why.
+    for (host, port, why) in [
+        (addr::VPC_HOST, "5432", "may not reach 10.128.0.10 tcp/5432"),
+        ("db.example.org", "22", "not under this connector's zones"),
+    ] {
+        let out = as_nobody(
+            &lab,
+            &user,
+            &[
+                config.as_str(),
+                &format!("{u}/gatewayctl"),
+                "access",
+                "ssh",
+                "--hostname",
+                host,
+                "--port",
+                port,
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{host}:{port}: {err}"
+        );
+    }
+
+    // 4. Where UDP is dropped, access takes the TLS-over-TCP fallback by itself.
+    let _blocked = UdpBlocked::new(&lab);
+    let argv = user_ssh(u, &["-o", &proxy], &host, "echo over-tcp");
+    let mut full = vec!["env", config.as_str()];
+    full.extend(argv.iter().map(String::as_str));
+    let out = as_nobody(&lab, &user, &full);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "over-tcp",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: Firewall,
     },
+    /// A byte stream to a VPC host through the connector, without root, TUN or routes.
+    Access {
+        #[command(subcommand)]
+        command: Access,
+    },
     /// The tunnel's private CA: create it, issue node and client certificates.
     Pki {
         #[command(subcommand)]
@@ -56,6 +61,32 @@ enum Firewall {
         config: PathBuf,
         #[arg(long, value_enum, default_value = "table")]
         format: PlanFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum Access {
+    /// For ssh's ProxyCommand: `ssh -o ProxyCommand='gatewayctl access ssh --hostname %h' HOST`.
+    Ssh {
+        /// A VPC address, or a name under one of the connector's private zones.
+        #[arg(long)]
+        hostname: String,
+        #[arg(long, default_value_t = 22)]
+        port: u16,
+        /// A client config ([tunnel] connect, [tls]); default: $GATEWAY_CONFIG, then
+        /// ~/.config/gateway/access.toml, then /etc/gateway/gateway.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Forward a local TCP port to HOST:PORT, one stream per connection.
+    Tcp {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// HOST:PORT, HOST an address or a private name.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -89,6 +120,7 @@ fn main() -> ExitCode {
         } => status(json, socket, config),
         Command::CheckConfig { file } => check_config(&file),
         Command::Pki { command } => pki(command),
+        Command::Access { command } => access(command),
         Command::Firewall {
             command: Firewall::Plan { config, format },
         } => firewall_plan(&config, format),
@@ -219,6 +251,71 @@ fn firewall_plan(path: &Path, format: PlanFormat) -> ExitCode {
         }
         Err(e) => {
             eprintln!("gatewayctl: firewall plan: {}: {e}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config `access` reads: only its [tunnel] and [tls] matter.
+fn access_config(explicit: Option<PathBuf>) -> Result<config::Tunnel, String> {
+    let path = explicit
+        .or_else(|| std::env::var_os("GATEWAY_CONFIG").map(PathBuf::from))
+        .or_else(|| {
+            let home = std::env::var_os("XDG_CONFIG_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")))?;
+            let p = home.join("gateway/access.toml");
+            p.exists().then_some(p)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let c = config::load(&path).map_err(|e| format!("invalid config:\n{e}"))?;
+    c.tunnel.ok_or_else(|| {
+        format!(
+            "{}: no [tunnel]: access needs a client config",
+            path.display()
+        )
+    })
+}
+
+fn access(command: Access) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gatewayctl: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match command {
+            Access::Ssh {
+                hostname,
+                port,
+                config,
+            } => {
+                let cfg = access_config(config).map_err(anyhow::Error::msg)?;
+                gateway::tunnel::access::stdio(&cfg, &hostname, port).await
+            }
+            Access::Tcp { listen, to, config } => {
+                let cfg = access_config(config).map_err(anyhow::Error::msg)?;
+                let (host, port) = to
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+                    .filter(|(h, p)| !h.is_empty() && *p != 0)
+                    .ok_or_else(|| anyhow::anyhow!("--to {to:?} is not HOST:PORT"))?;
+                gateway::tunnel::access::forward(cfg, listen, host.to_string(), port).await
+            }
+        }
+    });
+    // Stdin may still be read by a blocking thread; do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatewayctl: access: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -48,6 +48,17 @@ pub enum Control {
     Keepalive {
         seq: u64,
     },
+    /// `gatewayctl access`: the first and only message on an access connection, asking for a
+    /// byte stream to `host` (an address, or a name under one of the connector's zones).
+    Open {
+        version: u32,
+        host: String,
+        port: u16,
+    },
+    /// The stream is connected to `address`; raw bytes follow both ways.
+    Opened {
+        address: std::net::SocketAddr,
+    },
     /// A message type from a newer peer: skipped, not fatal.
     #[serde(other)]
     Unknown,
@@ -67,6 +78,8 @@ pub enum ControlError {
     Closed,
     #[error("TCP link: {0}")]
     Stream(String),
+    #[error("control stream: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// The JSON body alone, for transports that frame it themselves.
@@ -104,6 +117,34 @@ pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Control, ControlErro
     }
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
+    decode(&body)
+}
+
+/// [`send`] for any byte stream (an access connection over QUIC or TLS over TCP).
+pub async fn send_io<W>(w: &mut W, msg: &Control) -> Result<(), ControlError>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    w.write_all(&encode(msg)?).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// [`recv`] for any byte stream.
+pub async fn recv_io<R>(r: &mut R) -> Result<Control, ControlError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE {
+        return Err(ControlError::TooLong(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
     decode(&body)
 }
 

@@ -7,7 +7,7 @@
 //! the tunnel, one QUIC stream per query in DNS-over-TCP framing (a 2-byte length).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 
 use crate::api::{ResolverStatus, ZoneStatus};
@@ -354,22 +354,7 @@ async fn ask_tcp(
     ports: Option<(u16, u16)>,
 ) -> anyhow::Result<Vec<u8>> {
     tokio::time::timeout(TCP_TIMEOUT, async {
-        let socket = if server.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
-        if let Some((lo, hi)) = ports {
-            socket.set_reuseaddr(true)?;
-            let port = rand::rng().random_range(lo..=hi);
-            let any: IpAddr = if server.is_ipv4() {
-                Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                std::net::Ipv6Addr::UNSPECIFIED.into()
-            };
-            socket.bind(SocketAddr::new(any, port))?;
-        }
-        let mut s = socket.connect(server).await?;
+        let mut s = super::net::tcp_connect_from_range(server, ports).await?;
         let len = u16::try_from(msg.len())?;
         s.write_all(&len.to_be_bytes()).await?;
         s.write_all(msg).await?;

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
-use super::control::{Control, PROTOCOL_VERSION};
+use super::control::{self, Control, PROTOCOL_VERSION};
 use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, SendError, TcpLink};
 use super::{dns, nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
@@ -102,6 +102,8 @@ pub struct Shared {
     learned_zones: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Connector: the pinned egress range, for status.
     egress_ports: Mutex<Option<(u16, u16)>>,
+    access_active: AtomicU64,
+    access_total: AtomicU64,
 }
 
 impl Shared {
@@ -226,6 +228,8 @@ impl Shared {
             });
         TunnelStatus {
             egress_ports,
+            access_streams_active: self.access_active.load(Ordering::Relaxed),
+            access_streams_total: self.access_total.load(Ordering::Relaxed),
             zones,
             role: self.role.into(),
             tun: self.tun.clone(),
@@ -354,6 +358,8 @@ fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
         forwarder: Mutex::new(None),
         learned_zones: Arc::new(Mutex::new(Vec::new())),
         egress_ports: Mutex::new(None),
+        access_active: AtomicU64::new(0),
+        access_total: AtomicU64::new(0),
     })
 }
 
@@ -477,6 +483,7 @@ async fn start_connector(
         routes,
         leases: Mutex::new(HashMap::new()),
         forwarder,
+        egress_ports: cfg.egress.as_ref().map(|e| e.ports),
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
@@ -533,6 +540,8 @@ struct Connector {
     /// Overlay host number per identity, so a reconnecting client keeps its address.
     leases: Mutex<HashMap<String, u32>>,
     forwarder: Option<Arc<dns::Forwarder>>,
+    /// Where `access` streams into the VPC connect from.
+    egress_ports: Option<(u16, u16)>,
 }
 
 impl Connector {
@@ -557,6 +566,16 @@ impl Connector {
             conn.close(VarInt::from_u32(1), b"no identity");
             return;
         };
+        if tls::negotiated_alpn(&conn).as_deref() == Some(tls::ALPN_ACCESS) {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+                Ok(Ok((send, recv))) => self.serve_access(&identity, remote, recv, send).await,
+                _ => tracing::info!(%identity, %remote, "access connection opened no stream"),
+            }
+            // Closing at once could overtake a refusal still in flight: let the client close.
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            conn.close(VarInt::from_u32(0), b"done");
+            return;
+        }
         let opened = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
             Ok(Ok((send, recv))) => Opened {
                 link: Link::Quic(conn.clone()),
@@ -611,8 +630,128 @@ impl Connector {
                 .refuse(None, remote, "certificate carries no name".into());
             return;
         };
+        if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_ACCESS) {
+            let (r, w) = tokio::io::split(tls);
+            self.serve_access(&identity, remote, r, w).await;
+            return;
+        }
         let opened = TcpLink::start(tls, socket, remote);
         self.serve(opened, identity).await;
+    }
+
+    /// One `gatewayctl access` stream: the request, the decision, then bytes both ways.
+    async fn serve_access<R, W>(&self, identity: &str, remote: SocketAddr, mut r: R, mut w: W)
+    where
+        R: tokio::io::AsyncRead + Unpin + Send,
+        W: tokio::io::AsyncWrite + Unpin + Send,
+    {
+        let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv_io(&mut r)).await;
+        let (host, port) = match request {
+            Ok(Ok(Control::Open {
+                version,
+                host,
+                port,
+            })) if version == PROTOCOL_VERSION => (host, port),
+            Ok(Ok(Control::Open { version, .. })) => {
+                let reason =
+                    format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");
+                let _ = control::send_io(&mut w, &Control::Refused { reason }).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                return;
+            }
+            _ => {
+                tracing::info!(%identity, %remote, "access connection sent no request");
+                return;
+            }
+        };
+        let (address, mut upstream) = match self.access_target(identity, &host, port).await {
+            Ok(t) => t,
+            Err(reason) => {
+                self.shared.refuse(
+                    Some(identity.to_string()),
+                    remote,
+                    format!("access to {host}:{port}: {reason}"),
+                );
+                let _ = control::send_io(&mut w, &Control::Refused { reason }).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                return;
+            }
+        };
+        if control::send_io(&mut w, &Control::Opened { address })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tracing::info!(%identity, %remote, %host, %address, "access stream opened");
+        self.shared.access_total.fetch_add(1, Ordering::Relaxed);
+        self.shared.access_active.fetch_add(1, Ordering::Relaxed);
+        let mut client = tokio::io::join(r, w);
+        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
+        match result {
+            Ok((up, down)) => {
+                tracing::info!(%identity, %address, bytes_up = up, bytes_down = down, "access stream closed")
+            }
+            Err(e) => tracing::info!(%identity, %address, error = %e, "access stream ended"),
+        }
+    }
+
+    /// Resolves `host`, checks policy and connects from the pinned range; the reason otherwise.
+    async fn access_target(
+        &self,
+        identity: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<(SocketAddr, tokio::net::TcpStream), String> {
+        if !self.policy.knows(identity) {
+            return Err(format!("no [[policy]] entry matches identity {identity:?}"));
+        }
+        let ip = match host.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => self.resolve_private(host).await?,
+        };
+        super::access::allowed(&self.policy, identity, ip, port)?;
+        let address = SocketAddr::new(ip, port);
+        let stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            net::tcp_connect_from_range(address, self.egress_ports),
+        )
+        .await
+        .map_err(|_| format!("connecting to {address}: timed out"))?
+        .map_err(|e| format!("connecting to {address}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        Ok((address, stream))
+    }
+
+    /// A name under one of the private zones, asked through the forwarder (A, then AAAA).
+    async fn resolve_private(&self, host: &str) -> Result<IpAddr, String> {
+        let Some(fwd) = &self.forwarder else {
+            return Err(format!(
+                "{host:?} is not an address and this connector has no [[dns.zone]]"
+            ));
+        };
+        let wire = crate::core::dns::wire_name(host).map_err(|e| format!("{host:?}: {e:?}"))?;
+        let zones: Vec<Vec<u8>> = fwd
+            .domains()
+            .iter()
+            .filter_map(|d| crate::core::dns::wire_name(d).ok())
+            .collect();
+        if crate::core::dns::matching_zone(&wire, &zones).is_none() {
+            return Err(format!(
+                "{host:?} is not under this connector's zones ({})",
+                fwd.domains().join(", ")
+            ));
+        }
+        for aaaa in [false, true] {
+            let query = super::access::address_query(host, aaaa).map_err(|e| e.to_string())?;
+            if let Some(answer) = fwd.resolve(&query).await
+                && let Some(ip) = super::access::answer_addresses(&answer).first()
+            {
+                return Ok(*ip);
+            }
+        }
+        Err(format!("{host:?} has no address in the private zone"))
     }
 
     async fn serve(&self, opened: Opened, identity: String) {
@@ -1013,8 +1152,8 @@ async fn start_client(
             net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
-        let crypto = tls::client_config(&cfg.tls)?;
-        let tcp_tls = tls::rustls_client(&cfg.tls)?;
+        let crypto = tls::client_config(&cfg.tls, tls::ALPN)?;
+        let tcp_tls = tls::rustls_client(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport()));
         let endpoint = if cfg.transport.uses_quic() {

@@ -12,6 +12,7 @@
 //! on TLS 1.3 over TCP (`link`), and the client keeps probing QUIC to move back to it.
 //! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
 
+pub mod access;
 pub mod control;
 pub mod dns;
 pub mod engine;

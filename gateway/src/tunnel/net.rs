@@ -128,3 +128,28 @@ pub fn restore(changed: &mut Vec<(String, String)>) {
         }
     }
 }
+
+/// A TCP connection to `server` from a random port of `ports` (the pinned egress range), so
+/// the VPC's ACLs need to let back only that range; any port when there is no range.
+pub async fn tcp_connect_from_range(
+    server: std::net::SocketAddr,
+    ports: Option<(u16, u16)>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    use rand::Rng;
+    let socket = if server.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some((lo, hi)) = ports {
+        socket.set_reuseaddr(true)?;
+        let port = rand::rng().random_range(lo..=hi);
+        let any: IpAddr = if server.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        socket.bind(std::net::SocketAddr::new(any, port))?;
+    }
+    socket.connect(server).await
+}

@@ -17,6 +17,8 @@ use crate::config::TlsPaths;
 
 /// ALPN of the tunnel protocol; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"gateway/1";
+/// ALPN of `gatewayctl access` connections: one byte stream to a VPC host, no tunnel.
+pub const ALPN_ACCESS: &[u8] = b"gateway-access/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -73,16 +75,17 @@ pub fn rustls_server(paths: &TlsPaths) -> Result<Arc<rustls::ServerConfig>, TlsE
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&paths.cert)?, key(&paths.key)?)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![ALPN.to_vec(), ALPN_ACCESS.to_vec()];
     Ok(Arc::new(config))
 }
 
-pub fn rustls_client(paths: &TlsPaths) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+/// The client's TLS for `alpn` ([`ALPN`] for the tunnel, [`ALPN_ACCESS`] for access streams).
+pub fn rustls_client(paths: &TlsPaths, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(&paths.ca)?)
         .with_client_auth_cert(certs(&paths.cert)?, key(&paths.key)?)?;
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -90,8 +93,17 @@ pub fn server_config(paths: &TlsPaths) -> Result<QuicServerConfig, TlsError> {
     QuicServerConfig::try_from(rustls_server(paths)?).map_err(|e| TlsError::Quic(e.to_string()))
 }
 
-pub fn client_config(paths: &TlsPaths) -> Result<QuicClientConfig, TlsError> {
-    QuicClientConfig::try_from(rustls_client(paths)?).map_err(|e| TlsError::Quic(e.to_string()))
+pub fn client_config(paths: &TlsPaths, alpn: &[u8]) -> Result<QuicClientConfig, TlsError> {
+    QuicClientConfig::try_from(rustls_client(paths, alpn)?)
+        .map_err(|e| TlsError::Quic(e.to_string()))
+}
+
+/// The ALPN protocol a QUIC connection agreed on.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// The identity a verified certificate chain names (its leaf's name).
