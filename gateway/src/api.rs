@@ -62,9 +62,21 @@ pub struct Status {
     /// steering program is at its TCX egress; `programs` are every TCX egress program there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_egress: Vec<InterfaceStatus>,
+    /// The latest reload (SIGHUP), if any: when, and what it did or why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<ReloadStatus>,
     /// ICMP echo sockets: `net.ipv4.ping_group_range` and whether probes can work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<crate::pingrange::IcmpStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    /// Seconds since the Unix epoch.
+    pub at: u64,
+    /// False when the new config was refused; the daemon then runs the old one, unchanged.
+    pub ok: bool,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,6 +293,7 @@ mod tests {
             tunnel: None,
             dns_egress: vec![],
             icmp: None,
+            last_reload: None,
         }
     }
 

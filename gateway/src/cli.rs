@@ -56,6 +56,18 @@ pub fn render_status(s: &Status) -> String {
         human_duration(s.uptime_secs)
     );
     let _ = writeln!(out, "config: {}", s.config.display());
+    if let Some(r) = &s.last_reload {
+        let when = human_duration((s.started_at + s.uptime_secs).saturating_sub(r.at));
+        if r.ok {
+            let _ = writeln!(out, "last reload: {when} ago, {}", r.message);
+        } else {
+            let _ = writeln!(
+                out,
+                "last reload: {when} ago, REFUSED (running the previous config): {}",
+                r.message
+            );
+        }
+    }
 
     out.push('\n');
     if s.interfaces.is_empty() {
@@ -398,10 +410,16 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             tunnel: None,
             dns_egress: vec![],
             icmp: None,
+            last_reload: Some(crate::api::ReloadStatus {
+                at: 5,
+                ok: false,
+                message: "tunnel.tun changed; that takes a restart".into(),
+            }),
         };
         let expected = "\
 gatewayd 0.1.0 on node lab-op (pid 42), up 1m 5s
 config: /etc/gateway/gateway.toml
+last reload: 1m 0s ago, REFUSED (running the previous config): tunnel.tun changed; that takes a restart
 
 INTERFACE  CLASSIFIER    TCX INGRESS PROGRAMS
 lan0       attached      gw_classify (id 17)

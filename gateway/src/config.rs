@@ -857,6 +857,72 @@ fn validate_tunnel(
     })
 }
 
+/// What a reload (SIGHUP) applies to a running daemon without dropping its tunnel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReloadChanges {
+    pub routes: bool,
+    pub policy: bool,
+    pub zones: bool,
+}
+
+impl ReloadChanges {
+    pub fn any(self) -> bool {
+        self.routes || self.policy || self.zones
+    }
+}
+
+/// Compares the running config with a newly read one. Routes, `[[policy]]` and `[[dns.zone]]`
+/// apply live; anything else (addresses, ports, certificates, interfaces, ...) needs a
+/// restart, and then the whole reload is refused, naming those keys, so the daemon never runs
+/// half of each.
+pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&'static str>> {
+    let mut fixed = Vec::new();
+    let mut differs = |key: &'static str, changed: bool| {
+        if changed {
+            fixed.push(key);
+        }
+    };
+    differs("node", old.node != new.node);
+    differs("dataplane.interfaces", old.interfaces != new.interfaces);
+    differs(
+        "icmp.manage_ping_group_range",
+        old.manage_ping_group_range != new.manage_ping_group_range,
+    );
+    match (&old.tunnel, &new.tunnel) {
+        (None, None) => {}
+        (Some(a), Some(b)) => {
+            differs("tunnel.listen/connect", a.role != b.role);
+            differs("tunnel.tun", a.tun != b.tun);
+            differs(
+                "tunnel.overlay",
+                a.overlay_v4 != b.overlay_v4 || a.overlay_v6 != b.overlay_v6,
+            );
+            differs("tls", a.tls != b.tls);
+            differs("client.lan", a.lan != b.lan);
+            differs("client.advertise", a.advertise != b.advertise);
+            differs("egress", a.egress != b.egress);
+            differs("client.dns_stub", a.dns_stub != b.dns_stub);
+            differs("client.dns_intercept", a.dns_intercept != b.dns_intercept);
+            differs("tunnel.transport", a.transport != b.transport);
+            differs("tunnel.fallback_port", a.fallback_port != b.fallback_port);
+            differs("tunnel.quic_timeout_ms", a.quic_timeout != b.quic_timeout);
+        }
+        _ => differs("tunnel", true),
+    }
+    if !fixed.is_empty() {
+        return Err(fixed);
+    }
+    let (policy, zones) = match (&old.tunnel, &new.tunnel) {
+        (Some(a), Some(b)) => (a.policy != b.policy, a.zones != b.zones),
+        _ => (false, false),
+    };
+    Ok(ReloadChanges {
+        routes: old.routes != new.routes,
+        policy,
+        zones,
+    })
+}
+
 /// `LOW-HIGH`, both in 1024-65535: pinned ports live above the privileged ones.
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = s
@@ -1241,6 +1307,38 @@ name = "vpc-v6"
         }
         let issue = only_issue("[node]\nname = \"n\"\n[tunnel]\nlisten = \"0.0.0.0:1\"\n");
         assert_eq!(issue.key, "tls");
+    }
+
+    #[test]
+    fn reload_applies_routes_policy_and_zones_and_refuses_the_rest() {
+        let base = format!(
+            "[node]\nname = \"gw\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\
+             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\"]\n"
+        );
+        let old = parse_str(&base).expect("valid");
+        assert_eq!(reload_changes(&old, &old), Ok(ReloadChanges::default()));
+        let more = parse_str(&format!(
+            "{base}[[route]]\ncidr = \"10.129.0.0/16\"\n[[dns.zone]]\ndomain = \"x.internal\"\n\
+             servers = [\"10.129.0.2\"]\n[[policy]]\nidentity = \"dev-*\"\nallow = [\"10.129.0.0/16\"]\n"
+        ))
+        .expect("valid");
+        let changes = reload_changes(&old, &more).expect("reloadable");
+        assert_eq!(
+            changes,
+            ReloadChanges {
+                routes: true,
+                policy: true,
+                zones: true
+            }
+        );
+        assert!(changes.any());
+        let moved = parse_str(&base.replace("0.0.0.0:7844", "0.0.0.0:7845")).expect("valid");
+        assert_eq!(
+            reload_changes(&old, &moved),
+            Err(vec!["tunnel.listen/connect"])
+        );
+        let renamed = parse_str(&base.replace("name = \"gw\"", "name = \"gw2\"")).expect("valid");
+        assert_eq!(reload_changes(&old, &renamed), Err(vec!["node"]));
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::state::{self, Record, StateDir};
 struct Shared {
     /// Routes the classifier holds: the config's, or on a client those the connector sent.
     routes: Arc<Mutex<RouteTable>>,
-    config: Config,
+    /// Replaced by a successful reload.
+    config: Mutex<Config>,
+    last_reload: Mutex<Option<crate::api::ReloadStatus>>,
     tunnel: Option<Arc<crate::tunnel::engine::Shared>>,
     dataplane: Arc<Mutex<Dataplane>>,
     started_at: u64,
@@ -114,7 +116,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shared = Arc::new(Shared {
         tunnel: tunnel.as_ref().map(|t| t.shared.clone()),
-        config,
+        config: Mutex::new(config),
+        last_reload: Mutex::new(None),
         dataplane,
         routes,
         started_at,
@@ -129,19 +132,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "sd_notify READY failed (not under systemd?)");
     }
+    let config = shared.config();
     tracing::info!(
-        node = %shared.config.node.name,
-        socket = %shared.config.node.socket.display(),
-        interfaces = ?shared.config.interfaces,
-        routes = shared.config.routes.len(),
+        node = %config.node.name,
+        socket = %config.node.socket.display(),
+        interfaces = ?config.interfaces,
+        routes = config.routes.len(),
         "gatewayd ready"
     );
 
-    wait_for_stop().await?;
+    let watchdog = tokio::spawn(watchdog());
+    wait_for_stop(|| reload(&shared, tunnel.as_ref())).await?;
+    watchdog.abort();
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
-    remove_socket(&shared.config.node.socket);
+    remove_socket(&config.node.socket);
     if let Some(t) = tunnel {
         t.stop().await;
         tracing::info!("tunnel stopped; TUN device and its routes removed");
@@ -312,7 +318,8 @@ fn remove_socket(path: &std::path::Path) {
     }
 }
 
-async fn wait_for_stop() -> anyhow::Result<()> {
+/// Runs until SIGTERM or SIGINT; SIGHUP calls `on_hup` (a reload) and carries on.
+async fn wait_for_stop(on_hup: impl Fn()) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -320,9 +327,135 @@ async fn wait_for_stop() -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
             _ = int.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP: reloading is not supported yet; restart gatewayd to apply config changes");
+            _ = hup.recv() => on_hup(),
+        }
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, when the unit asks for one. The pings come
+/// from the runtime that also serves the tunnel, so a wedged runtime stops them.
+async fn watchdog() {
+    let Some(interval) = watchdog_interval() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval / 2);
+    loop {
+        tick.tick().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+    }
+}
+
+fn watchdog_interval() -> Option<std::time::Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec))
+}
+
+/// SIGHUP: reads the config again and applies routes, policy and zones without touching the
+/// tunnel's connections. A config that is invalid, or that changes what only a restart can,
+/// is refused whole: the daemon keeps running the old one, and status says why.
+fn reload(shared: &Shared, tunnel: Option<&crate::tunnel::TunnelHandle>) {
+    let mut notify = vec![sd_notify::NotifyState::Reloading];
+    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+        notify.push(now);
+    }
+    let _ = sd_notify::notify(false, &notify);
+    let old = shared.config();
+    let result = apply_reload(shared, &old, tunnel);
+    let status = match &result {
+        Ok(message) => {
+            tracing::info!(%message, "SIGHUP: config reloaded");
+            crate::api::ReloadStatus {
+                at: unix_now(),
+                ok: true,
+                message: message.clone(),
             }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: reload refused; still running the previous config");
+            crate::api::ReloadStatus {
+                at: unix_now(),
+                ok: false,
+                message: e.clone(),
+            }
+        }
+    };
+    if let Ok(mut r) = shared.last_reload.lock() {
+        *r = Some(status);
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+fn apply_reload(
+    shared: &Shared,
+    old: &Config,
+    tunnel: Option<&crate::tunnel::TunnelHandle>,
+) -> Result<String, String> {
+    let new = crate::config::load(&old.path)
+        .and_then(|c| crate::config::check_system(&c).map(|()| c))
+        .map_err(|e| {
+            e.0.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+    let changes = crate::config::reload_changes(old, &new).map_err(|keys| {
+        format!(
+            "{} changed; that takes a restart (systemctl restart gatewayd)",
+            keys.join(", ")
+        )
+    })?;
+    if !changes.any() {
+        return Ok("no change".into());
+    }
+    let is_client = matches!(
+        new.tunnel.as_ref().map(|t| &t.role),
+        Some(crate::config::Role::Client { .. })
+    );
+    if let (Some(handle), Some(t)) = (tunnel, &new.tunnel) {
+        let offered = new.routes.iter().map(|r| r.cidr).collect();
+        handle.reload(t, offered).map_err(|e| format!("{e:#}"))?;
+    }
+    // A client's classifier holds the routes its connector sent; its own [[route]]s count only
+    // where there is no tunnel to learn from.
+    if changes.routes && !is_client {
+        let mut dp = shared
+            .dataplane
+            .lock()
+            .map_err(|_| "dataplane lock poisoned".to_string())?;
+        dp.set_routes(&new.routes.trie_entries())
+            .map_err(|e| format!("loading routes into the classifier: {e}"))?;
+        if let Ok(mut r) = shared.routes.lock() {
+            *r = new.routes.clone();
+        }
+    }
+    let mut applied = Vec::new();
+    if changes.routes {
+        applied.push(format!("{} route(s)", new.routes.len()));
+    }
+    if changes.policy {
+        applied.push("policy".to_string());
+    }
+    if changes.zones {
+        applied.push("DNS zones".to_string());
+    }
+    if let Ok(mut c) = shared.config.lock() {
+        *c = new;
+    }
+    Ok(format!("applied {}", applied.join(", ")))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn config(&self) -> Config {
+        match self.config.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 }
@@ -344,7 +477,8 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         .lock()
         .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
     let ours = dp.program_id();
-    let interfaces = classified_interfaces(&shared.config)
+    let config = shared.config();
+    let interfaces = classified_interfaces(&config)
         .iter()
         .map(|name| interface_status(name, dataplane::attached_programs(name), |p| p.id == ours))
         .collect();
@@ -372,17 +506,16 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
     Ok(Status {
         schema: STATUS_SCHEMA,
         version: env!("CARGO_PKG_VERSION").to_string(),
-        node: shared.config.node.name.clone(),
+        node: config.node.name.clone(),
         pid: std::process::id(),
-        config: absolute(&shared.config.path),
+        config: absolute(&config.path),
         started_at: shared.started_at,
         uptime_secs: shared.started.elapsed().as_secs(),
         interfaces,
         routes,
         classifier,
         tunnel: shared.tunnel.as_ref().map(|t| t.status()),
-        dns_egress: shared
-            .config
+        dns_egress: config
             .tunnel
             .iter()
             .flat_map(|t| t.dns_intercept.iter())
@@ -392,9 +525,8 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
                 })
             })
             .collect(),
-        icmp: Some(crate::pingrange::status(
-            shared.config.manage_ping_group_range,
-        )),
+        icmp: Some(crate::pingrange::status(config.manage_ping_group_range)),
+        last_reload: shared.last_reload.lock().ok().and_then(|r| r.clone()),
     })
 }
 

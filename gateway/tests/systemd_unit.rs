@@ -47,6 +47,9 @@ fn verify(unit_text: &str) -> (bool, String) {
     std::fs::create_dir_all(&bin).expect("mkdir bin");
     std::fs::copy(GATEWAYD, bin.join("gatewayd")).expect("copy gatewayd");
     std::fs::copy(GATEWAYCTL, bin.join("gatewayctl")).expect("copy gatewayctl");
+    // ExecReload's kill.
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir /bin");
+    std::fs::copy("/bin/kill", root.join("bin/kill")).expect("copy kill");
     let units = root.join("etc/systemd/system");
     std::fs::create_dir_all(&units).expect("mkdir units");
     std::fs::write(units.join("gatewayd.service"), unit_text).expect("write unit");
@@ -88,8 +91,22 @@ fn verification_catches_a_broken_unit() {
     );
 }
 
+/// The next notification that contains `what`, skipping others (watchdog pings).
+fn next_containing(sock: &UnixDatagram, what: &str) -> String {
+    let mut buf = [0u8; 512];
+    loop {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {what} notification: {e}"));
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.contains(what) {
+            return msg;
+        }
+    }
+}
+
 #[test]
-fn daemon_notifies_ready_once_serving_and_stopping_on_sigterm() {
+fn daemon_notifies_ready_watchdog_reloading_and_stopping() {
     let lab = Lab::start(LabOptions {
         servers: false,
         ..LabOptions::default()
@@ -107,31 +124,43 @@ fn daemon_notifies_ready_once_serving_and_stopping_on_sigterm() {
     );
     let socket = socket_path(&lab, "op");
     let env = format!("NOTIFY_SOCKET={}", notify.display());
+    // As systemd does: WATCHDOG_USEC, and WATCHDOG_PID naming the daemon itself (the shell's
+    // pid, which exec hands to gatewayd).
+    let exec = format!(
+        "export WATCHDOG_PID=$$; exec {GATEWAYD} --config {}",
+        config.display()
+    );
     let mut daemon = lab
         .spawn(
             Host::Operator,
-            &[
-                "env",
-                &env,
-                GATEWAYD,
-                "--config",
-                config.to_str().expect("utf-8"),
-            ],
+            &["env", &env, "WATCHDOG_USEC=400000", "sh", "-c", &exec],
             "gatewayd.log",
         )
         .expect("spawn");
 
-    let mut buf = [0u8; 256];
-    let n = sock.recv(&mut buf).expect("READY within 15 s");
-    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-    assert!(msg.contains("READY=1"), "{msg}");
+    next_containing(&sock, "READY=1");
     // READY means serving: the status socket answers and the classifier is attached.
     let status = status_json(&lab, Host::Operator, &socket);
     assert!(status.interfaces[0].classifier_attached);
 
+    // The watchdog is pinged at half the interval systemd asks for (0.4 s here).
+    sock.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    for _ in 0..3 {
+        next_containing(&sock, "WATCHDOG=1");
+    }
+
+    // SIGHUP is a reload: RELOADING with the time systemd wants, then READY again.
+    daemon.signal(libc::SIGHUP).expect("SIGHUP");
+    let reloading = next_containing(&sock, "RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    next_containing(&sock, "READY=1");
+    let status = status_json(&lab, Host::Operator, &socket);
+    let reload = status.last_reload.expect("reload reported");
+    assert!(reload.ok && reload.message == "no change", "{reload:?}");
+
     daemon.terminate().expect("SIGTERM");
-    let n = sock.recv(&mut buf).expect("STOPPING");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    next_containing(&sock, "STOPPING=1");
     assert!(
         daemon
             .wait_timeout(Duration::from_secs(10))

@@ -125,12 +125,32 @@ fn start_wrapped(site: bool, wrapper: &[&str]) -> TunnelLab {
 }
 
 fn start_full(site: bool, wrapper: &[&str], on_servfail: &str) -> TunnelLab {
+    start_owned(site, wrapper, on_servfail, None)
+}
+
+/// `owner`: the user both daemons run as; the lab directory (for sockets and state) and the
+/// certificates are made theirs.
+fn start_owned(site: bool, wrapper: &[&str], on_servfail: &str, owner: Option<&str>) -> TunnelLab {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: false,
         servers: true,
     })
     .expect("lab");
     let pki = pki(&lab, &["lab-gw", "ops-alice"]);
+    if let Some(owner) = owner {
+        for (recursive, path) in [(false, lab.dir()), (true, pki.as_path())] {
+            let mut cmd = std::process::Command::new("chown");
+            if recursive {
+                cmd.arg("-R");
+            }
+            let out = cmd.arg(owner).arg(path).output().expect("chown");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     let cc = connector_config(&lab, &pki, on_servfail);
     let connector_socket = socket_path(&lab, "lab-gw");
     let argv = |config: &std::path::Path| -> Vec<String> {
@@ -590,18 +610,90 @@ fn the_tunnel_runs_with_only_the_units_capabilities() {
         "/../systemd/gatewayd.service"
     ))
     .expect("unit");
-    let caps: Vec<String> = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("bounding set")
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let bounding = format!("-all,{}", caps.join(","));
-    let t = start_wrapped(
-        true,
-        &["setpriv", "--bounding-set", &bounding, "--inh-caps=-all"],
+    let caps = |key: &str| -> String {
+        let caps: Vec<String> = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in the unit"))
+            .split_whitespace()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect();
+        format!("-all,{}", caps.join(","))
+    };
+    let (bounding, ambient) = (caps("CapabilityBoundingSet="), caps("AmbientCapabilities="));
+    assert!(
+        unit.contains("\nUser=gateway\n"),
+        "the unit runs gatewayd as its own user"
     );
+    // Debian's udev makes /dev/net/tun 0666; a machine without udev may have it 0600. So the
+    // daemons see a 0666 node of their own, bind-mounted in a private mount namespace: the
+    // host's device node is left as it is.
+    let node = std::env::temp_dir().join(format!("gw-tun-node-{}", std::process::id()));
+    let _ = std::fs::remove_file(&node);
+    let out = std::process::Command::new("mknod")
+        .args([node.to_str().expect("utf-8"), "c", "10", "200"])
+        .output()
+        .expect("mknod");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new("chmod")
+        .args(["0666", node.to_str().expect("utf-8")])
+        .output()
+        .expect("chmod");
+    assert!(out.status.success());
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _node = RemoveOnDrop(node.clone());
+    let mount = format!(
+        "mount --bind {} /dev/net/tun && exec \"$@\"",
+        node.display()
+    );
+    // As the unit runs it: not root, the unit's ambient capabilities and bounding set only.
+    let t = start_owned(
+        true,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &mount,
+            "sh",
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--bounding-set",
+            &bounding,
+            "--inh-caps",
+            &ambient,
+            "--ambient-caps",
+            &ambient,
+        ],
+        "failover",
+        Some("nobody:nogroup"),
+    );
+    for (host, socket) in [
+        (Host::VpcGateway, &t.connector_socket),
+        (Host::Operator, &t.client_socket),
+    ] {
+        let pid = status_json(&t.lab, host, socket).pid;
+        let uid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("proc status")
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .expect("Uid line");
+        assert_eq!(uid, "65534", "{host:?} gatewayd is not running as nobody");
+    }
     assert_eq!(ssh_ok(&t.lab, Host::Office, addr::VPC_HOST), "tunnelled-42");
     assert_eq!(
         ssh_ok(&t.lab, Host::Operator, addr::VPC_HOST),
@@ -1373,5 +1465,124 @@ fn an_unprivileged_user_reaches_ssh_through_access_without_a_tunnel() {
         "over-tcp",
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_restart() {
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })
+    .expect("lab");
+    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
+    let cc = connector_config(&lab, &pki, "failover");
+    let full = std::fs::read_to_string(&cc).expect("read config");
+    let v4_route = format!("[[route]]\ncidr = \"{}\"\n", addr::VPC_CIDR);
+    assert!(full.contains(&v4_route));
+    // Start offering only the IPv6 prefix.
+    std::fs::write(&cc, full.replace(&v4_route, "")).expect("write config");
+    let connector_socket = socket_path(&lab, "lab-gw");
+    let connector = start_daemon(
+        &lab,
+        Host::VpcGateway,
+        &cc,
+        &connector_socket,
+        "connector.log",
+    );
+    let oc = client_config(&lab, &pki, "ops-alice", false);
+    let client_socket = socket_path(&lab, "ops-alice");
+    let _client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
+    wait_connected(&lab, &client_socket, Duration::from_secs(10));
+    let ping = |target: &str| {
+        lab.run(Host::Operator, &["ping", "-c", "1", "-W", "1", target])
+            .expect("ping")
+            .status
+            .success()
+    };
+    assert!(ping(addr::VPC_HOST_V6));
+    assert!(!ping(addr::VPC_HOST), "10.128.0.0/16 is not offered yet");
+    let before = client_peer(&lab, &client_socket).expect("peer");
+    let gw_before = status_json(&lab, Host::VpcGateway, &connector_socket)
+        .tunnel
+        .expect("tunnel")
+        .peers;
+
+    // Add the route, SIGHUP: usable within seconds, same connection on both ends.
+    std::fs::write(&cc, &full).expect("write config");
+    connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ping(addr::VPC_HOST) {
+        assert!(
+            Instant::now() < deadline,
+            "the new route is not usable 5 s after SIGHUP; connector log:\n{}",
+            connector.log()
+        );
+    }
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    let after = client_peer(&lab, &client_socket).expect("peer");
+    assert_eq!(
+        (after.connection_id, after.connected_since),
+        (before.connection_id, before.connected_since),
+        "the tunnel was re-established"
+    );
+    let gw = status_json(&lab, Host::VpcGateway, &connector_socket);
+    let gw_after = gw.tunnel.expect("tunnel").peers;
+    assert_eq!(
+        gw_after
+            .iter()
+            .map(|p| (p.connection_id, p.connected_since))
+            .collect::<Vec<_>>(),
+        gw_before
+            .iter()
+            .map(|p| (p.connection_id, p.connected_since))
+            .collect::<Vec<_>>()
+    );
+    let reload = gw.last_reload.expect("a reload is reported");
+    assert!(reload.ok && reload.message.contains("route"), "{reload:?}");
+    let client_routes = status_json(&lab, Host::Operator, &client_socket).routes;
+    assert!(
+        client_routes.iter().any(|r| r.cidr == addr::VPC_CIDR),
+        "the client's classifier learned it too: {client_routes:?}"
+    );
+
+    // A change that needs a restart is refused whole, and says so; nothing else moves.
+    std::fs::write(
+        &cc,
+        full.replace("0.0.0.0:7844", "0.0.0.0:7845")
+            .replace(&v4_route, ""),
+    )
+    .expect("write config");
+    connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        let r = status_json(&lab, Host::VpcGateway, &connector_socket).last_reload;
+        if let Some(r) = r.filter(|r| !r.ok) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no refusal reported");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused.message.contains("tunnel.listen") && refused.message.contains("restart"),
+        "{refused:?}"
+    );
+    assert!(
+        ping(addr::VPC_HOST),
+        "the refused reload removed the route anyway"
+    );
+    let text = gatewayctl(
+        &lab,
+        Host::VpcGateway,
+        &[
+            "status",
+            "--socket",
+            connector_socket.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("REFUSED (running the previous config)"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
     );
 }

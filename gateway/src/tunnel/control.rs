@@ -48,6 +48,11 @@ pub enum Control {
     Keepalive {
         seq: u64,
     },
+    /// Connector to client, after a reload: the routes and zones offered now (all of them).
+    Routes {
+        routes: Vec<IpNet>,
+        zones: Vec<String>,
+    },
     /// `gatewayctl access`: the first and only message on an access connection, asking for a
     /// byte stream to `host` (an address, or a name under one of the connector's zones).
     Open {

@@ -42,10 +42,59 @@ struct ZoneStats {
     servfails: AtomicU64,
 }
 
+struct ZoneSet {
+    zones: Vec<Arc<ZoneState>>,
+    wires: Vec<Vec<u8>>,
+}
+
+impl ZoneSet {
+    /// States for `zones`; a zone whose domain, servers and rules are unchanged keeps its
+    /// state from `keep` (counters, resolver health), so a reload does not reset them.
+    fn build(zones: &[Zone], keep: Option<&ZoneSet>) -> ZoneSet {
+        let zones: Vec<Arc<ZoneState>> = zones
+            .iter()
+            .filter_map(|z| {
+                let servers: Vec<SocketAddr> = z
+                    .servers
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, 53))
+                    .collect();
+                if let Some(old) = keep.and_then(|k| {
+                    k.zones.iter().find(|o| {
+                        o.domain == z.domain
+                            && o.servers == servers
+                            && o.on_servfail == z.on_servfail
+                    })
+                }) {
+                    return Some(old.clone());
+                }
+                Some(Arc::new(ZoneState {
+                    wire: dns::wire_name(&z.domain).ok()?,
+                    domain: z.domain.clone(),
+                    servers,
+                    on_servfail: z.on_servfail,
+                    resolvers: Mutex::new(Resolvers::new(
+                        z.servers.len(),
+                        z.on_servfail,
+                        PROBE_EVERY,
+                    )),
+                    stats: ZoneStats::default(),
+                    pings: Mutex::new(vec![None; z.servers.len()]),
+                }))
+            })
+            .collect();
+        ZoneSet {
+            wires: zones.iter().map(|z| z.wire.clone()).collect(),
+            zones,
+        }
+    }
+}
+
 struct ZoneState {
     wire: Vec<u8>,
     domain: String,
     servers: Vec<SocketAddr>,
+    on_servfail: crate::core::resolver::OnServfail,
     resolvers: Mutex<Resolvers>,
     stats: ZoneStats,
     /// ICMP echo round trip per server, from `ping_resolvers`.
@@ -53,8 +102,8 @@ struct ZoneState {
 }
 
 pub struct Forwarder {
-    zones: Vec<ZoneState>,
-    zone_wires: Vec<Vec<u8>>,
+    /// Swapped whole on reload; queries in flight finish with the set they started with.
+    zones: Mutex<Arc<ZoneSet>>,
     sockets: Vec<Arc<UdpSocket>>,
     next_socket: AtomicUsize,
     pending: Arc<Pending>,
@@ -90,30 +139,8 @@ impl Forwarder {
                 }
             }
         }
-        let zone_states: Vec<ZoneState> = zones
-            .iter()
-            .filter_map(|z| {
-                Some(ZoneState {
-                    wire: dns::wire_name(&z.domain).ok()?,
-                    domain: z.domain.clone(),
-                    servers: z
-                        .servers
-                        .iter()
-                        .map(|ip| SocketAddr::new(*ip, 53))
-                        .collect(),
-                    resolvers: Mutex::new(Resolvers::new(
-                        z.servers.len(),
-                        z.on_servfail,
-                        PROBE_EVERY,
-                    )),
-                    stats: ZoneStats::default(),
-                    pings: Mutex::new(vec![None; z.servers.len()]),
-                })
-            })
-            .collect();
         let fwd = Arc::new(Forwarder {
-            zone_wires: zone_states.iter().map(|z| z.wire.clone()).collect(),
-            zones: zone_states,
+            zones: Mutex::new(Arc::new(ZoneSet::build(zones, None))),
             sockets,
             next_socket: AtomicUsize::new(0),
             pending: Arc::new(Mutex::new(HashMap::new())),
@@ -127,8 +154,28 @@ impl Forwarder {
         Ok(fwd)
     }
 
+    fn zone_set(&self) -> Arc<ZoneSet> {
+        self.zones
+            .lock()
+            .map(|z| z.clone())
+            .unwrap_or_else(|_| Arc::new(ZoneSet::build(&[], None)))
+    }
+
     pub fn domains(&self) -> Vec<String> {
-        self.zones.iter().map(|z| z.domain.clone()).collect()
+        self.zone_set()
+            .zones
+            .iter()
+            .map(|z| z.domain.clone())
+            .collect()
+    }
+
+    /// Reload: the new zones take effect for the next query.
+    pub fn set_zones(&self, zones: &[Zone]) {
+        let current = self.zone_set();
+        let next = Arc::new(ZoneSet::build(zones, Some(&current)));
+        if let Ok(mut z) = self.zones.lock() {
+            *z = next;
+        }
     }
 }
 
@@ -155,10 +202,11 @@ impl Forwarder {
     /// SERVFAIL when no resolver answered), or `None` for bytes that are no query at all.
     pub async fn resolve(&self, msg: &[u8]) -> Option<Vec<u8>> {
         let q = dns::parse_query(msg).ok()?;
-        let Some(zi) = dns::matching_zone(&q.name, &self.zone_wires) else {
+        let set = self.zone_set();
+        let Some(zi) = dns::matching_zone(&q.name, &set.wires) else {
             return Some(error_response(msg, q.question_end, RCODE_REFUSED));
         };
-        let zone = &self.zones[zi];
+        let zone = set.zones.get(zi)?;
         zone.stats.queries.fetch_add(1, Ordering::Relaxed);
         let mut attempt = zone.resolvers.lock().ok()?.start(Instant::now())?;
         loop {
@@ -232,7 +280,8 @@ impl Forwarder {
     }
 
     pub fn status(&self) -> Vec<ZoneStatus> {
-        self.zones
+        self.zone_set()
+            .zones
             .iter()
             .map(|z| {
                 let health = z
@@ -296,7 +345,7 @@ async fn probe(fwd: Arc<Forwarder>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        for zone in &fwd.zones {
+        for zone in &fwd.zone_set().zones {
             let due = zone
                 .resolvers
                 .lock()
@@ -328,7 +377,7 @@ pub async fn ping_resolvers(fwd: Arc<Forwarder>) {
         if super::probe::check_possible().is_err() {
             continue;
         }
-        for zone in &fwd.zones {
+        for zone in &fwd.zone_set().zones {
             let mut results = Vec::with_capacity(zone.servers.len());
             for server in &zone.servers {
                 results.push(super::probe::echo(server.ip(), QUERY_TIMEOUT).await.ok());

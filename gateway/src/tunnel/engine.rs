@@ -259,12 +259,44 @@ pub struct TunnelHandle {
     endpoint: Option<Endpoint>,
     sysctls: Vec<(String, String)>,
     nat_table: Option<String>,
+    connector: Option<Arc<Connector>>,
 }
 
 impl TunnelHandle {
     /// Sysctls the tunnel changed, with their old values, for the crash record.
     pub fn changed_sysctls(&self) -> &[(String, String)] {
         &self.sysctls
+    }
+
+    /// Reload on a connector: new routes, policy and zones, live. Connected clients keep their
+    /// connections and get the new routes and zones pushed. Checked before anything changes:
+    /// adding the first zone or removing the last needs a restart (the forwarder's sockets).
+    pub fn reload(&self, cfg: &Tunnel, routes: Vec<IpNet>) -> anyhow::Result<()> {
+        let Some(c) = &self.connector else {
+            // A client's routes and zones come from its connector; nothing to apply.
+            return Ok(());
+        };
+        if c.forwarder.is_some() == cfg.zones.is_empty() {
+            bail!("adding the first [[dns.zone]] or removing the last needs a restart");
+        }
+        if let Some(f) = &c.forwarder {
+            f.set_zones(&cfg.zones);
+        }
+        if let Ok(mut p) = c.policy.write() {
+            *p = Arc::new(policy_of(&cfg.policy));
+        }
+        let zones = c
+            .forwarder
+            .as_ref()
+            .map(|f| f.domains())
+            .unwrap_or_default();
+        c.offer.send_if_modified(|o| {
+            let next = Offer { routes, zones };
+            let changed = *o != next;
+            *o = next;
+            changed
+        });
+        Ok(())
     }
 
     pub async fn stop(mut self) {
@@ -466,12 +498,11 @@ async fn start_connector(
     if let Ok(mut p) = shared.egress_ports.lock() {
         *p = cfg.egress.as_ref().map(|e| e.ports);
     }
-    let policy = Arc::new(Policy::new(
-        &cfg.policy
-            .iter()
-            .map(|p| (p.identity.clone(), p.allow.clone()))
-            .collect::<Vec<_>>(),
-    ));
+    let policy = std::sync::RwLock::new(Arc::new(policy_of(&cfg.policy)));
+    let offer = watch::Sender::new(Offer {
+        routes,
+        zones: forwarder.as_ref().map(|f| f.domains()).unwrap_or_default(),
+    });
     let connector = Arc::new(Connector {
         shared: shared.clone(),
         tun: tun.clone(),
@@ -480,7 +511,7 @@ async fn start_connector(
         policy,
         overlay_v4: cfg.overlay_v4,
         overlay_v6: cfg.overlay_v6,
-        routes,
+        offer,
         leases: Mutex::new(HashMap::new()),
         forwarder,
         egress_ports: cfg.egress.as_ref().map(|e| e.ports),
@@ -488,6 +519,7 @@ async fn start_connector(
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
     tasks.spawn(follow_mtu(shared.clone(), handle, index));
+    let handle_connector = connector.clone();
     if let Some(ep) = endpoint.clone() {
         let connector = connector.clone();
         tasks.spawn(async move {
@@ -525,7 +557,24 @@ async fn start_connector(
         endpoint,
         sysctls,
         nat_table: cfg.egress.as_ref().map(|e| e.table.clone()),
+        connector: Some(handle_connector),
     })
+}
+
+fn policy_of(entries: &[crate::config::PolicyEntry]) -> Policy {
+    Policy::new(
+        &entries
+            .iter()
+            .map(|p| (p.identity.clone(), p.allow.clone()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// Routes and zones a connector offers its clients.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Offer {
+    routes: Vec<IpNet>,
+    zones: Vec<String>,
 }
 
 struct Connector {
@@ -533,10 +582,12 @@ struct Connector {
     tun: Arc<AsyncDevice>,
     tun_index: u32,
     netlink: rtnetlink::Handle,
-    policy: Arc<Policy>,
+    /// Replaced whole on reload.
+    policy: std::sync::RwLock<Arc<Policy>>,
     overlay_v4: Ipv4Net,
     overlay_v6: Ipv6Net,
-    routes: Vec<IpNet>,
+    /// What clients are offered; every session pushes a change to its client.
+    offer: watch::Sender<Offer>,
     /// Overlay host number per identity, so a reconnecting client keeps its address.
     leases: Mutex<HashMap<String, u32>>,
     forwarder: Option<Arc<dns::Forwarder>>,
@@ -704,14 +755,14 @@ impl Connector {
         host: &str,
         port: u16,
     ) -> Result<(SocketAddr, tokio::net::TcpStream), String> {
-        if !self.policy.knows(identity) {
+        if !self.policy().knows(identity) {
             return Err(format!("no [[policy]] entry matches identity {identity:?}"));
         }
         let ip = match host.parse::<IpAddr>() {
             Ok(ip) => ip,
             Err(_) => self.resolve_private(host).await?,
         };
-        super::access::allowed(&self.policy, identity, ip, port)?;
+        super::access::allowed(&self.policy(), identity, ip, port)?;
         let address = SocketAddr::new(ip, port);
         let stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -794,7 +845,7 @@ impl Connector {
             self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
         }
-        if !self.policy.knows(identity) {
+        if !self.policy().knows(identity) {
             let reason = format!("no [[policy]] entry matches identity {identity:?}");
             self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
@@ -817,6 +868,8 @@ impl Connector {
                 .with_context(|| format!("routing {net} to {identity}"))?;
             owns.push(net);
         }
+        let mut offers = self.offer.subscribe();
+        let offer = offers.borrow_and_update().clone();
         send.send(&Control::Welcome {
             version: PROTOCOL_VERSION,
             node: identity.to_string(),
@@ -824,13 +877,9 @@ impl Connector {
             address_v6,
             prefix_v4: self.overlay_v4.prefix_len(),
             prefix_v6: self.overlay_v6.prefix_len(),
-            routes: self.routes.clone(),
+            routes: offer.routes,
             keepalive_secs: KEEPALIVE.as_secs(),
-            zones: self
-                .forwarder
-                .as_ref()
-                .map(|f| f.domains())
-                .unwrap_or_default(),
+            zones: offer.zones,
         })
         .await?;
         let reason = match (&link, transport_reason) {
@@ -870,7 +919,7 @@ impl Connector {
         };
         tokio::select! {
             r = self.pump_from_peer(&peer, &mut inbound) => r,
-            r = answer_keepalives(send, recv) => r,
+            r = answer_keepalives(send, recv, offers) => r,
             r = dns_requests => r,
         }
     }
@@ -884,6 +933,13 @@ impl Connector {
         // Give the refusal a moment to reach the client before the close overtakes it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         link.close(2, "refused");
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .map(|p| p.clone())
+            .unwrap_or_else(|_| Arc::new(Policy::new(&[])))
     }
 
     fn lease(&self, identity: &str) -> u32 {
@@ -919,7 +975,7 @@ impl Connector {
                 self.shared.drop_packet("spoofed_source");
                 continue;
             }
-            match self.policy.decide(&peer.identity, &meta) {
+            match self.policy().decide(&peer.identity, &meta) {
                 Decision::Allow => {
                     if let Err(e) = self.tun.send(&dgram).await {
                         tracing::debug!(error = %e, "TUN write failed");
@@ -937,11 +993,36 @@ impl Connector {
 
 /// The connector's side of the control stream after the welcome: echo keepalives, skip what
 /// a newer client may send that this version does not know.
-async fn answer_keepalives(mut send: ControlTx, mut recv: ControlRx) -> anyhow::Result<()> {
+async fn answer_keepalives(
+    mut send: ControlTx,
+    mut recv: ControlRx,
+    mut offers: watch::Receiver<Offer>,
+) -> anyhow::Result<()> {
+    // Reading runs in its own task: a QUIC read cut short by an offer change would lose
+    // framing; the channel's receive is safe to cancel.
+    let (tx, mut messages) = tokio::sync::mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = recv.recv().await;
+            let failed = msg.is_err();
+            if tx.send(msg).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(reader);
     loop {
-        let msg = tokio::time::timeout(CLIENT_SILENCE, recv.recv())
-            .await
-            .map_err(|_| anyhow!("the client sent nothing for {CLIENT_SILENCE:?}"))??;
+        let msg = tokio::select! {
+            m = tokio::time::timeout(CLIENT_SILENCE, messages.recv()) => m
+                .map_err(|_| anyhow!("the client sent nothing for {CLIENT_SILENCE:?}"))?
+                .ok_or_else(|| anyhow!("the control channel closed"))??,
+            changed = offers.changed() => {
+                changed?;
+                let offer = offers.borrow_and_update().clone();
+                send.send(&Control::Routes { routes: offer.routes, zones: offer.zones }).await?;
+                continue;
+            }
+        };
         match msg {
             Control::Keepalive { seq } => send.send(&Control::Keepalive { seq }).await?,
             Control::Unknown => {}
@@ -952,15 +1033,25 @@ async fn answer_keepalives(mut send: ControlTx, mut recv: ControlRx) -> anyhow::
 
 /// The client's side: a keepalive every CONTROL_KEEPALIVE; an error when the connector stops
 /// answering them.
-async fn send_keepalives(mut send: ControlTx, mut recv: ControlRx) -> anyhow::Result<()> {
+async fn send_keepalives(
+    mut send: ControlTx,
+    mut recv: ControlRx,
+    offers: tokio::sync::mpsc::Sender<(Vec<IpNet>, Vec<String>)>,
+) -> anyhow::Result<()> {
     let answered = Arc::new(AtomicU64::new(0));
     // Reading runs in its own task: a read cut short by the next tick would lose framing.
     let reader = {
         let answered = answered.clone();
         tokio::spawn(async move {
             while let Ok(msg) = recv.recv().await {
-                if let Control::Keepalive { seq } = msg {
-                    answered.fetch_max(seq, Ordering::Relaxed);
+                match msg {
+                    Control::Keepalive { seq } => {
+                        answered.fetch_max(seq, Ordering::Relaxed);
+                    }
+                    Control::Routes { routes, zones } => {
+                        let _ = offers.send((routes, zones)).await;
+                    }
+                    _ => {}
                 }
             }
         })
@@ -1225,6 +1316,7 @@ async fn start_client(
         endpoint,
         sysctls,
         nat_table: None,
+        connector: None,
     })
 }
 
@@ -1524,19 +1616,32 @@ impl Client {
                 }
             }
         };
+        let probing = matches!(link, Link::Tcp(_)) && self.transport == Transport::Auto;
         let probe = async {
-            match (&link, self.transport) {
-                (Link::Tcp(_), Transport::Auto) => {
-                    self.probe_quic(addr, peer.clone(), reason.clone()).await
-                }
-                _ => std::future::pending().await,
+            match probing {
+                true => self.probe_quic(addr, peer.clone(), reason.clone()).await,
+                false => std::future::pending().await,
             }
         };
-        let keepalives = send_keepalives(send, recv);
-        let result = tokio::select! {
-            r = packets => r.map(|()| None),
-            r = keepalives => r.map(|()| None),
-            quic = probe => Ok(Some(quic)),
+        let (offers_tx, mut offers) = tokio::sync::mpsc::channel(4);
+        let keepalives = send_keepalives(send, recv, offers_tx);
+        tokio::pin!(packets, probe, keepalives);
+        let mut routes = routes;
+        let result = loop {
+            tokio::select! {
+                r = &mut packets => break r.map(|()| None),
+                r = &mut keepalives => break r.map(|()| None),
+                quic = &mut probe => break Ok(Some(quic)),
+                Some((new_routes, zones)) = offers.recv() => {
+                    match self.apply_offer(&routes, &new_routes, &zones).await {
+                        Ok(()) => {
+                            tracing::info!(routes = ?new_routes, ?zones, "the connector changed its routes and zones");
+                            routes = new_routes;
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the connector's new routes failed"),
+                    }
+                }
+            }
         };
         match result {
             Ok(Some(quic)) => Ok((MoveToQuic(quic), link)),
@@ -1546,6 +1651,38 @@ impl Client {
                 Err(e)
             }
         }
+    }
+}
+
+impl Client {
+    /// Routes and zones the connector pushed after a reload: kernel routes added and removed,
+    /// the classifier and the DNS steering reloaded; the connection is untouched.
+    async fn apply_offer(
+        &self,
+        old: &[IpNet],
+        routes: &[IpNet],
+        zones: &[String],
+    ) -> anyhow::Result<()> {
+        for r in routes {
+            net::replace_route(&self.netlink, *r, self.tun_index)
+                .await
+                .with_context(|| format!("route {r} into the tunnel"))?;
+        }
+        for r in old.iter().filter(|r| !routes.contains(r)) {
+            if let Err(e) = net::delete_route(&self.netlink, *r, self.tun_index).await {
+                tracing::warn!(route = %r, error = %e, "removing a withdrawn route failed");
+            }
+        }
+        let zone_wires: Vec<Vec<u8>> = zones
+            .iter()
+            .filter_map(|d| crate::core::dns::wire_name(d).ok())
+            .collect();
+        (self.on_routes)(routes, &zone_wires, self.tun_index)
+            .context("loading routes into the classifier")?;
+        if let Ok(mut z) = self.shared.learned_zones.lock() {
+            *z = zone_wires;
+        }
+        Ok(())
     }
 }
 

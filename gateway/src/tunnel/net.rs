@@ -84,6 +84,17 @@ pub async fn replace_route(handle: &Handle, dst: IpNet, index: u32) -> Result<()
     Ok(())
 }
 
+/// Removes the route to `dst` through the TUN (a reload took it away).
+pub async fn delete_route(handle: &Handle, dst: IpNet, index: u32) -> Result<(), NetError> {
+    let msg = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .map_err(|e| NetError::Route(dst, e.to_string()))?
+        .output_interface(index)
+        .build();
+    handle.route().del(msg).execute().await?;
+    Ok(())
+}
+
 fn sysctl_path(key: &str) -> PathBuf {
     PathBuf::from("/proc/sys").join(key.replace('.', "/"))
 }
