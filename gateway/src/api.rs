@@ -260,7 +260,7 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> Result<Respon
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample_status() -> Status {

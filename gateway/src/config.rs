@@ -38,6 +38,8 @@ pub struct Config {
     /// `[icmp] manage_ping_group_range`: widen `net.ipv4.ping_group_range` to the daemon's group
     /// at start and restore it on stop.
     pub manage_ping_group_range: bool,
+    /// `[metrics] listen`: where the OpenMetrics endpoint serves `/metrics`; off when absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a node does in the tunnel, from which of `[tunnel] listen` / `connect` is set.
@@ -152,6 +154,8 @@ pub struct Node {
     pub name: String,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace`; `RUST_LOG` overrides it.
+    pub log_level: String,
 }
 
 /// One problem in a config file.
@@ -201,6 +205,13 @@ struct RawConfig {
     egress: Option<RawEgress>,
     dns: Option<RawDns>,
     icmp: Option<RawIcmp>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +293,7 @@ struct RawNode {
     name: String,
     socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    log_level: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -440,6 +452,36 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     }
 
     let manage_ping_group_range = raw.icmp.as_ref().is_some_and(|i| i.manage_ping_group_range);
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => match m.listen.parse::<SocketAddr>() {
+            Ok(a) if a.port() == 0 => {
+                push(
+                    "metrics.listen".into(),
+                    "port 0 is not a port to scrape".into(),
+                );
+                None
+            }
+            Ok(a) => Some(a),
+            Err(_) => {
+                push(
+                    "metrics.listen".into(),
+                    format!(
+                        "{:?} is not ADDRESS:PORT, e.g. 127.0.0.1:9469 (keep it local)",
+                        m.listen
+                    ),
+                );
+                None
+            }
+        },
+    };
+    let log_level = raw.node.log_level.clone().unwrap_or_else(|| "info".into());
+    if !["error", "warn", "info", "debug", "trace"].contains(&log_level.as_str()) {
+        push(
+            "node.log_level".into(),
+            format!("{log_level:?} is not one of error, warn, info, debug, trace"),
+        );
+    }
     let node_name = raw.node.name.clone();
     let tunnel = validate_tunnel(
         &node_name,
@@ -457,12 +499,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         manage_ping_group_range,
+        metrics,
         tunnel,
         path: path.to_owned(),
         node: Node {
             name: raw.node.name,
             socket,
             state_dir,
+            log_level,
         },
         interfaces: raw.dataplane.interfaces,
         routes: RouteTable::new(routes),
@@ -884,6 +928,7 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
     };
     differs("node", old.node != new.node);
     differs("dataplane.interfaces", old.interfaces != new.interfaces);
+    differs("metrics.listen", old.metrics != new.metrics);
     differs(
         "icmp.manage_ping_group_range",
         old.manage_ping_group_range != new.manage_ping_group_range,
@@ -1271,6 +1316,10 @@ name = "vpc-v6"
                 "tunnel.connect",
             ),
             ("[tunnel]\nlisten = \"7844\"\n", "tunnel.listen"),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\n[metrics]\nlisten = \"localhost\"\n",
+                "metrics.listen",
+            ),
             ("[tunnel]\nconnect = [\"gw\"]\n", "tunnel.connect[0]"),
             (
                 "[tunnel]\nlisten = \"0.0.0.0:1\"\n[[policy]]\nidentity = \"x\"\nallow = [\"10.0.0.0/8\", \"10.0.0.0/8 tcp/0\"]\n",
@@ -1307,6 +1356,14 @@ name = "vpc-v6"
         }
         let issue = only_issue("[node]\nname = \"n\"\n[tunnel]\nlisten = \"0.0.0.0:1\"\n");
         assert_eq!(issue.key, "tls");
+        let issue = only_issue("[node]\nname = \"n\"\nlog_level = \"loud\"\n");
+        assert_eq!(issue.key, "node.log_level");
+        let c = parse_str(
+            "[node]\nname = \"n\"\nlog_level = \"debug\"\n[metrics]\nlisten = \"127.0.0.1:9469\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.node.log_level, "debug");
+        assert_eq!(c.metrics, Some("127.0.0.1:9469".parse().expect("addr")));
     }
 
     #[test]

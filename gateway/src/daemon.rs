@@ -75,7 +75,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     record.sysctls = own_sysctls.clone();
     state_dir.write(&record)?;
 
-    let (dataplane, listener) = match set_up(&config) {
+    let (dataplane, (listener, metrics)) = match set_up(&config) {
         Ok(v) => v,
         Err(e) => {
             // The Dataplane, if any was made, was dropped inside set_up and detached its links.
@@ -128,6 +128,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(move |req: Request| handle(&shared, req))
     };
     let server = tokio::spawn(crate::server::serve(listener, handler));
+    let metrics = metrics.map(|l| {
+        let shared = shared.clone();
+        let snapshot = Arc::new(move || status(&shared).ok());
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, "metrics endpoint serving /metrics");
+        }
+        tokio::spawn(crate::metrics::serve(l, snapshot))
+    });
 
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         tracing::debug!(error = %e, "sd_notify READY failed (not under systemd?)");
@@ -147,6 +155,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     server.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     remove_socket(&config.node.socket);
     if let Some(t) = tunnel {
         t.stop().await;
@@ -251,7 +262,9 @@ fn check_ping_group_range(manage: bool, changed: &mut Vec<(String, String)>) {
     }
 }
 
-fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListener)> {
+type Listeners = (tokio::net::UnixListener, Option<tokio::net::TcpListener>);
+
+fn set_up(config: &Config) -> anyhow::Result<(Dataplane, Listeners)> {
     let mut dp = Dataplane::load().context("loading the eBPF classifier")?;
     dp.set_routes(&config.routes.trie_entries())
         .context("loading routes into the classifier")?;
@@ -265,9 +278,19 @@ fn set_up(config: &Config) -> anyhow::Result<(Dataplane, tokio::net::UnixListene
             .with_context(|| format!("attaching DNS steering to {iface}"))?;
         tracing::info!(interface = %iface, "DNS steering attached at TCX egress");
     }
+    let metrics = match config.metrics {
+        None => None,
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .and_then(tokio::net::TcpListener::from_std)
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            Some(l)
+        }
+    };
     let listener = crate::server::bind(&config.node.socket)
         .with_context(|| format!("binding the status socket {}", config.node.socket.display()))?;
-    Ok((dp, listener))
+    Ok((dp, (listener, metrics)))
 }
 
 /// Undoes what a run that did not stop cleanly left. Its TCX links were fd-based, so the kernel

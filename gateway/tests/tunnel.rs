@@ -59,7 +59,7 @@ fn connector_config(lab: &Lab, pki: &std::path::Path, on_servfail: &str) -> Path
             "[tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
              [[route]]\ncidr = \"{}\"\n\n[[route]]\ncidr = \"{}\"\n{POLICY}\n{zone}\n\
-             [icmp]\nmanage_ping_group_range = true\n",
+             [icmp]\nmanage_ping_group_range = true\n[metrics]\nlisten = \"127.0.0.1:9469\"\n",
             tls(pki, "lab-gw"),
             addr::VPC_CIDR,
             addr::VPC_CIDR_V6
@@ -80,7 +80,7 @@ fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> Pa
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}\n[icmp]\nmanage_ping_group_range = true\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
+             tun = \"optun\"\n\n{}\n[icmp]\nmanage_ping_group_range = true\n[metrics]\nlisten = \"127.0.0.1:9469\"\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
             addr::GW_WAN,
             tls(pki, name)
         ),
@@ -1585,4 +1585,95 @@ fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_rest
         "{}",
         String::from_utf8_lossy(&text.stdout)
     );
+}
+
+/// Every counter the metrics endpoint shows agrees with `status --json`: read metrics, status,
+/// metrics again, and the status value lies between the two reads (and traffic made it move).
+fn assert_metrics_match(
+    lab: &Lab,
+    host: Host,
+    socket: &std::path::Path,
+    pairs: &dyn Fn(&gateway::api::Status) -> Vec<(String, u64)>,
+) {
+    let ns = lab.ns(host);
+    let before = http_get_in_ns(&ns, "127.0.0.1:9469", "/metrics");
+    let status = status_json(lab, host, socket);
+    let after = http_get_in_ns(&ns, "127.0.0.1:9469", "/metrics");
+    let expected = pairs(&status);
+    assert!(!expected.is_empty());
+    for (series, value) in expected {
+        let lo = metric(&before, &series).unwrap_or_else(|| panic!("{series} missing:\n{before}"));
+        let hi = metric(&after, &series).unwrap_or_else(|| panic!("{series} missing:\n{after}"));
+        assert!(
+            lo <= value as f64 && value as f64 <= hi,
+            "{host:?} {series}: metrics {lo}..{hi}, status {value}"
+        );
+        assert!(value > 0, "{host:?} {series} never moved");
+    }
+}
+
+#[test]
+fn the_metrics_endpoint_serves_the_counters_status_shows() {
+    let t = start_with(true);
+    let lab = &t.lab;
+    lab.run_ok(
+        Host::Office,
+        &["ping", "-c", "3", "-i", "0.2", "-W", "2", addr::VPC_HOST],
+    )
+    .expect("ping from the office");
+    let db = format!("db.{}", zone::DOMAIN);
+    assert_eq!(dig(lab, &["+short", &db]).trim(), zone::DB_PRIVATE);
+
+    let peer_series = |s: &gateway::api::Status| -> Vec<(String, u64)> {
+        let t = s.tunnel.as_ref().expect("tunnel");
+        t.peers
+            .iter()
+            .flat_map(|p| {
+                let l = format!(
+                    "{{identity=\"{}\",transport=\"{}\"}}",
+                    p.identity, p.transport
+                );
+                [
+                    (format!("gateway_peer_tx_packets_total{l}"), p.tx_packets),
+                    (format!("gateway_peer_rx_packets_total{l}"), p.rx_packets),
+                    (format!("gateway_peer_tx_bytes_total{l}"), p.tx_bytes),
+                    (format!("gateway_peer_rx_bytes_total{l}"), p.rx_bytes),
+                ]
+            })
+            .collect()
+    };
+    // The client: its classifier's per-route counters (the office's traffic) and the peer.
+    assert_metrics_match(lab, Host::Operator, &t.client_socket, &|s| {
+        let mut v: Vec<(String, u64)> = s
+            .routes
+            .iter()
+            .filter(|r| r.cidr == addr::VPC_CIDR)
+            .map(|r| {
+                (
+                    format!(
+                        "gateway_route_packets_total{{route=\"{}\",cidr=\"{}\"}}",
+                        r.name, r.cidr
+                    ),
+                    r.packets,
+                )
+            })
+            .collect();
+        v.extend(peer_series(s));
+        v
+    });
+    // The connector: its peer and the private zone's DNS counters.
+    assert_metrics_match(lab, Host::VpcGateway, &t.connector_socket, &|s| {
+        let mut v = peer_series(s);
+        for z in &s.tunnel.as_ref().expect("tunnel").zones {
+            v.push((
+                format!("gateway_dns_queries_total{{zone=\"{}\"}}", z.domain),
+                z.queries,
+            ));
+            v.push((
+                format!("gateway_dns_answers_total{{zone=\"{}\"}}", z.domain),
+                z.answers,
+            ));
+        }
+        v
+    });
 }

@@ -24,7 +24,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
 
     let config = match gateway::config::load(&args.config)
         .and_then(|c| gateway::config::check_system(&c).map(|()| c))
@@ -37,6 +36,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    init_logging(&config.node.log_level);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -59,11 +59,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr: journald captures them under systemd, where timestamps and colour
-/// would only be noise. `RUST_LOG` overrides the default `info` level.
-fn init_logging() {
+/// Logs go to stderr, one line per event: journald captures them under systemd, where
+/// timestamps and colour would only be noise. `[node] log_level` sets the level; `RUST_LOG`,
+/// when set, overrides it (per module, e.g. `RUST_LOG=gateway::tunnel=debug`).
+fn init_logging(level: &str) {
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -136,3 +136,35 @@ pub fn classifier_count(ns: &str, iface: &str) -> usize {
 pub fn stderr_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// `GET path` from `addr` inside namespace `ns` (a thread that entered it), the body.
+pub fn http_get_in_ns(ns: &str, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let ns_path = format!("/var/run/netns/{ns}");
+    let (addr, path) = (addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let f = File::open(&ns_path).unwrap_or_else(|e| panic!("open {ns_path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        let mut s = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("request");
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("response");
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no header end: {response}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_string()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// The value of the series `line_prefix` (name and labels) in an OpenMetrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

@@ -1,0 +1,344 @@
+//! The opt-in metrics endpoint (`[metrics] listen`): OpenMetrics text built from the same
+//! [`Status`] snapshot `gatewayctl status --json` prints, so the two always agree. Rendering is
+//! a pure function; the HTTP side is a few lines around it.
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::api::Status;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Adds counter or gauge families to a registry and fills them in one call each.
+struct Builder {
+    registry: Registry,
+}
+
+impl Builder {
+    fn counter(&mut self, name: &str, help: &str, values: Vec<(Labels, u64)>) {
+        let family = Family::<Labels, Counter>::default();
+        for (l, v) in values {
+            family.get_or_create(&l).inc_by(v);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, values: Vec<(Labels, f64)>) {
+        let family = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for (l, v) in values {
+            family.get_or_create(&l).set(v);
+        }
+        self.registry.register(name, help, family);
+    }
+}
+
+/// The metrics for one status snapshot, in the OpenMetrics text format.
+pub fn render(s: &Status) -> String {
+    let mut b = Builder {
+        registry: Registry::with_prefix("gateway"),
+    };
+    b.registry.register(
+        "build",
+        "gatewayd version and node name",
+        Info::new(labels(&[("version", &s.version), ("node", &s.node)])),
+    );
+    b.gauge(
+        "uptime_seconds",
+        "Seconds since gatewayd started",
+        vec![(vec![], s.uptime_secs as f64)],
+    );
+    b.counter(
+        "route_packets",
+        "Packets the eBPF classifier matched to each route",
+        s.routes
+            .iter()
+            .map(|r| (labels(&[("route", &r.name), ("cidr", &r.cidr)]), r.packets))
+            .collect(),
+    );
+    b.counter(
+        "route_bytes",
+        "Bytes (from the IP header on) the eBPF classifier matched to each route",
+        s.routes
+            .iter()
+            .map(|r| (labels(&[("route", &r.name), ("cidr", &r.cidr)]), r.bytes))
+            .collect(),
+    );
+    b.counter(
+        "classifier_packets",
+        "Classifier totals by outcome",
+        s.classifier
+            .iter()
+            .map(|(k, v)| (labels(&[("outcome", k)]), *v))
+            .collect(),
+    );
+    b.gauge(
+        "program_attached",
+        "1 when the kernel reports gatewayd's classifier at the interface",
+        s.interfaces
+            .iter()
+            .chain(s.dns_egress.iter())
+            .map(|i| {
+                (
+                    labels(&[("interface", &i.name)]),
+                    f64::from(u8::from(i.classifier_attached)),
+                )
+            })
+            .collect(),
+    );
+    if let Some(icmp) = &s.icmp {
+        b.gauge(
+            "icmp_probes_possible",
+            "1 when ICMP echo sockets open (net.ipv4.ping_group_range)",
+            vec![(vec![], f64::from(u8::from(icmp.probes_possible)))],
+        );
+    }
+    if let Some(t) = &s.tunnel {
+        let peer = |p: &crate::api::PeerStatus| {
+            labels(&[("identity", &p.identity), ("transport", &p.transport)])
+        };
+        b.gauge(
+            "peers",
+            "Connected tunnel peers",
+            vec![(vec![], t.peers.len() as f64)],
+        );
+        for (name, help, get) in [
+            (
+                "peer_tx_packets",
+                "Packets sent to the peer",
+                (|p: &crate::api::PeerStatus| p.tx_packets) as fn(&crate::api::PeerStatus) -> u64,
+            ),
+            ("peer_tx_bytes", "Bytes sent to the peer", |p| p.tx_bytes),
+            ("peer_rx_packets", "Packets received from the peer", |p| {
+                p.rx_packets
+            }),
+            ("peer_rx_bytes", "Bytes received from the peer", |p| {
+                p.rx_bytes
+            }),
+            (
+                "peer_policy_drops",
+                "Packets from the peer its policy did not allow",
+                |p| p.policy_drops,
+            ),
+        ] {
+            b.counter(
+                name,
+                help,
+                t.peers.iter().map(|p| (peer(p), get(p))).collect(),
+            );
+        }
+        b.gauge(
+            "peer_rtt_seconds",
+            "Round-trip time of the peer's connection",
+            t.peers
+                .iter()
+                .map(|p| (peer(p), p.rtt_ms / 1000.0))
+                .collect(),
+        );
+        b.counter(
+            "tunnel_drops",
+            "Packets the tunnel dropped, by reason",
+            t.drops
+                .iter()
+                .map(|(k, v)| (labels(&[("reason", k)]), *v))
+                .collect(),
+        );
+        b.gauge(
+            "refusals_listed",
+            "Refused peers in the status list (the most recent ones)",
+            vec![(vec![], t.refusals.len() as f64)],
+        );
+        b.gauge(
+            "access_streams_active",
+            "gatewayctl access streams open now",
+            vec![(vec![], t.access_streams_active as f64)],
+        );
+        b.counter(
+            "access_streams",
+            "gatewayctl access streams opened",
+            vec![(vec![], t.access_streams_total)],
+        );
+        for (name, help, get) in [
+            (
+                "dns_queries",
+                "Queries for the zone",
+                (|z: &crate::api::ZoneStatus| z.queries) as fn(&crate::api::ZoneStatus) -> u64,
+            ),
+            ("dns_answers", "Answers relayed for the zone", |z| z.answers),
+            (
+                "dns_failovers",
+                "Times a query moved to the next resolver",
+                |z| z.failovers,
+            ),
+            ("dns_servfails", "Queries no resolver answered", |z| {
+                z.servfails
+            }),
+        ] {
+            b.counter(
+                name,
+                help,
+                t.zones
+                    .iter()
+                    .map(|z| (labels(&[("zone", &z.domain)]), get(z)))
+                    .collect(),
+            );
+        }
+        b.gauge(
+            "dns_resolver_up",
+            "1 when the resolver answers",
+            t.zones
+                .iter()
+                .flat_map(|z| {
+                    z.resolvers.iter().map(|r| {
+                        (
+                            labels(&[("zone", &z.domain), ("resolver", &r.address)]),
+                            f64::from(u8::from(r.up)),
+                        )
+                    })
+                })
+                .collect(),
+        );
+    }
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &b.registry).is_err() {
+        out = "# encoding failed\n# EOF\n".into();
+    }
+    out
+}
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves `GET /metrics` (anything else: 404) on `listener`, one snapshot per request.
+pub async fn serve<F>(listener: tokio::net::TcpListener, snapshot: Arc<F>)
+where
+    F: Fn() -> Option<Status> + Send + Sync + 'static,
+{
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // The request line and headers; a scrape sends no body.
+            while n < buf.len() {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    stream.read(&mut buf[n..]),
+                )
+                .await
+                {
+                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                    Ok(Ok(k)) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = match (request.starts_with("GET "), path) {
+                (true, "/metrics") => match snapshot() {
+                    Some(s) => ("200 OK", CONTENT_TYPE, render(&s)),
+                    None => (
+                        "500 Internal Server Error",
+                        "text/plain",
+                        "status unavailable\n".into(),
+                    ),
+                },
+                _ => ("404 Not Found", "text/plain", "try /metrics\n".into()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stream.write_all(body.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_peers_and_zones_become_labelled_series() {
+        let mut s = crate::api::tests::sample_status();
+        s.tunnel = Some(crate::api::TunnelStatus {
+            role: "connector".into(),
+            tun: "gwtun".into(),
+            mtu: 1400,
+            state: "listening".into(),
+            peers: vec![crate::api::PeerStatus {
+                identity: "ops-alice".into(),
+                remote: "198.51.100.10:7844".into(),
+                transport: "tcp".into(),
+                transport_reason: "no QUIC handshake in 1.5 s".into(),
+                address_v4: "100.64.0.2".into(),
+                address_v6: "fd00:64::2".into(),
+                rtt_ms: 2.5,
+                connected_since: 1,
+                connection_id: 9,
+                max_datagram: 1360,
+                tx_packets: 10,
+                tx_bytes: 1000,
+                rx_packets: 12,
+                rx_bytes: 1200,
+                policy_drops: 3,
+                ping_ms: None,
+            }],
+            refusals: vec![],
+            drops: [("policy".to_string(), 3)].into_iter().collect(),
+            zones: vec![crate::api::ZoneStatus {
+                domain: "hoge-vpc.com".into(),
+                queries: 7,
+                answers: 6,
+                failovers: 1,
+                servfails: 1,
+                resolvers: vec![crate::api::ResolverStatus {
+                    address: "10.128.0.61".into(),
+                    up: false,
+                    latency_ms: None,
+                    ping_ms: None,
+                }],
+            }],
+            egress_ports: None,
+            access_streams_active: 0,
+            access_streams_total: 2,
+        });
+        let text = render(&s);
+        for line in [
+            "gateway_route_packets_total{route=\"vpc\",cidr=\"10.128.0.0/16\"} 5",
+            "gateway_route_bytes_total{route=\"vpc\",cidr=\"10.128.0.0/16\"} 420",
+            "gateway_peer_rx_bytes_total{identity=\"ops-alice\",transport=\"tcp\"} 1200",
+            "gateway_peer_policy_drops_total{identity=\"ops-alice\",transport=\"tcp\"} 3",
+            "gateway_peer_rtt_seconds{identity=\"ops-alice\",transport=\"tcp\"} 0.0025",
+            "gateway_tunnel_drops_total{reason=\"policy\"} 3",
+            "gateway_dns_queries_total{zone=\"hoge-vpc.com\"} 7",
+            "gateway_dns_resolver_up{zone=\"hoge-vpc.com\",resolver=\"10.128.0.61\"} 0.0",
+            "gateway_access_streams_total 2",
+            "gateway_build_info{version=\"0.1.0\",node=\"lab-op\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
