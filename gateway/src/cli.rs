@@ -45,6 +45,51 @@ fn table(out: &mut String, header: &[&str], rows: &[Vec<String>], numeric: &[boo
     }
 }
 
+/// Colour for a terminal, applied to the finished plain text so the alignment computed on
+/// plain widths holds (escape codes take no columns). `anstream` strips it again when stdout
+/// is not a terminal or NO_COLOR is set, so a pipe gets the plain text.
+pub fn colourize(text: &str) -> String {
+    use anstyle::{AnsiColor, Style};
+    let red = Style::new().fg_color(Some(AnsiColor::Red.into())).bold();
+    let green = Style::new().fg_color(Some(AnsiColor::Green.into()));
+    let yellow = Style::new().fg_color(Some(AnsiColor::Yellow.into()));
+    let bold = Style::new().bold();
+    let paint = |style: Style, s: &str| format!("{style}{s}{style:#}");
+    let mut out = String::with_capacity(text.len() + 256);
+    for line in text.lines() {
+        let is_header = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.len() > 1 && w.chars().all(|c| c.is_ascii_uppercase()));
+        if is_header {
+            out.push_str(&paint(bold, line));
+            out.push('\n');
+            continue;
+        }
+        let mut l = line.to_string();
+        for (word, style) in [
+            ("NOT ATTACHED", red),
+            ("IMPOSSIBLE", red),
+            ("REFUSED", red),
+            (" DOWN", red),
+            ("NOT reserved", red),
+            ("refused:", yellow),
+            ("reconnecting", yellow),
+            ("tcp:", yellow),
+            (" attached", green),
+            (" up ", green),
+            ("connected to", green),
+        ] {
+            if l.contains(word) {
+                l = l.replace(word, &paint(style, word));
+            }
+        }
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
+}
+
 pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -352,6 +397,27 @@ tunnel drops: policy 1
 dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN (ping 0.1 ms), 10.128.0.130 up 0.2 ms
 ";
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn colour_marks_problems_and_keeps_the_plain_text() {
+        let plain = "INTERFACE  CLASSIFIER\nlan0       attached\neth1       NOT ATTACHED\n";
+        let coloured = colourize(plain);
+        assert_ne!(coloured, plain);
+        assert!(
+            coloured.contains("\u{1b}[1m\u{1b}[31mNOT ATTACHED\u{1b}[0m"),
+            "{coloured:?}"
+        );
+        let mut stripped = Vec::new();
+        {
+            let mut w = anstream::StripStream::new(&mut stripped);
+            std::io::Write::write_all(&mut w, coloured.as_bytes()).expect("write");
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&stripped),
+            plain,
+            "piped output is the plain text"
+        );
     }
 
     #[test]

@@ -277,7 +277,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_peers_and_zones_become_labelled_series() {
+    fn routes_peers_and_zones_become_labelled_series_and_fit_the_schema() {
         let mut s = crate::api::tests::sample_status();
         s.tunnel = Some(crate::api::TunnelStatus {
             role: "connector".into(),
@@ -321,6 +321,44 @@ mod tests {
             access_streams_active: 0,
             access_streams_total: 2,
         });
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/status.schema.json")).expect("schema");
+        let validator = jsonschema::validator_for(&schema).expect("valid schema");
+        let mut full = s.clone();
+        full.last_reload = Some(crate::api::ReloadStatus {
+            at: 1,
+            ok: false,
+            message: "tunnel.tun changed".into(),
+        });
+        full.dns_egress = full.interfaces.clone();
+        full.icmp = Some(crate::pingrange::IcmpStatus {
+            ping_group_range: "1\t0".into(),
+            gid: 0,
+            managed: false,
+            probes_possible: false,
+            fix: Some("sysctl -w net.ipv4.ping_group_range=\"0 0\"".into()),
+        });
+        if let Some(t) = full.tunnel.as_mut() {
+            t.refusals.push(crate::api::Refusal {
+                identity: None,
+                remote: "198.51.100.10:1".into(),
+                reason: "TLS handshake failed".into(),
+                at: 2,
+            });
+            t.egress_ports = Some("40000-40999".into());
+        }
+        let value = serde_json::to_value(&full).expect("serialise");
+        let errors: Vec<String> = validator
+            .iter_errors(&value)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut broken = value.clone();
+        broken["tunnel"]["peers"][0]["transport"] = "carrier-pigeon".into();
+        assert!(
+            !validator.is_valid(&broken),
+            "the schema checks what it documents"
+        );
         let text = render(&s);
         for line in [
             "gateway_route_packets_total{route=\"vpc\",cidr=\"10.128.0.0/16\"} 5",

@@ -1677,3 +1677,92 @@ fn the_metrics_endpoint_serves_the_counters_status_shows() {
         v
     });
 }
+
+/// Whitespace-separated cells of the first line of `text` that starts with `first`.
+fn row<'a>(text: &'a str, first: &str) -> Vec<&'a str> {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(first))
+        .unwrap_or_else(|| panic!("no row {first:?} in:\n{text}"))
+        .split_whitespace()
+        .collect()
+}
+
+#[test]
+fn status_on_a_live_tunnel_shows_the_peer_its_transport_and_counters_that_move() {
+    let t = start_with(true);
+    let lab = &t.lab;
+    let sock = t.client_socket.to_str().expect("utf-8");
+    let human = || {
+        let out = gatewayctl(lab, Host::Operator, &["status", "--socket", sock]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let before = human();
+    assert!(
+        !before.contains('\u{1b}'),
+        "colour in piped output:\n{before}"
+    );
+    lab.run_ok(
+        Host::Office,
+        &["ping", "-c", "5", "-i", "0.2", "-W", "2", addr::VPC_HOST],
+    )
+    .expect("ping");
+    let after = human();
+    // The peer row: identity, remote, transport, then the counters.
+    let peer = row(&after, "lab-gw");
+    assert_eq!(peer[1], format!("{}:7844", addr::GW_WAN), "{after}");
+    assert_eq!(peer[2], "quic", "{after}");
+    let tx = |text: &str| -> u64 {
+        let r = row(text, "lab-gw");
+        // TX PKTS/BYTES is the third cell from the end (TX, RX, POLICY DROPS).
+        r[r.len() - 3]
+            .split('/')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("TX cell in {r:?}"))
+    };
+    assert!(
+        tx(&after) >= tx(&before) + 5,
+        "before:\n{before}\nafter:\n{after}"
+    );
+    // The office's pings went through the classifier's route for the VPC.
+    let route = |text: &str| -> u64 {
+        row(text, addr::VPC_CIDR)[2]
+            .parse()
+            .unwrap_or_else(|_| panic!("{text}"))
+    };
+    assert!(route(&after) >= route(&before) + 5, "{after}");
+    assert!(after.contains("tunnel: client on optun"), "{after}");
+
+    // --json on both ends, with peers, zones, routes and programs, fits the documented schema.
+    let client = status_validated(lab, Host::Operator, &t.client_socket);
+    assert_eq!(client["tunnel"]["peers"][0]["transport"], "quic");
+    let connector = status_validated(lab, Host::VpcGateway, &t.connector_socket);
+    assert_eq!(connector["tunnel"]["zones"][0]["domain"], zone::DOMAIN);
+
+    // --watch redraws until interrupted; piped, snapshots are separated by a line.
+    let mut watch = lab
+        .spawn(
+            Host::Operator,
+            &[
+                GATEWAYCTL,
+                "status",
+                "--watch",
+                "--interval",
+                "0.3",
+                "--socket",
+                sock,
+            ],
+            "watch.log",
+        )
+        .expect("spawn watch");
+    std::thread::sleep(Duration::from_millis(1500));
+    watch.terminate().expect("SIGTERM");
+    let _ = watch.wait_timeout(Duration::from_secs(5));
+    let log = watch.log();
+    assert!(
+        log.matches("\n--- ").count() + usize::from(log.starts_with("--- ")) >= 3,
+        "{log}"
+    );
+    assert!(log.matches("TRANSPORT").count() >= 3, "{log}");
+}

@@ -32,6 +32,11 @@ enum Command {
         /// Config file to take the socket path from.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Redraw every --interval seconds until interrupted (Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value_t = 2.0, requires = "watch")]
+        interval: f64,
     },
     /// Validate a config file without starting anything; exits non-zero naming file, key and
     /// reason for every problem.
@@ -117,7 +122,9 @@ fn main() -> ExitCode {
             json,
             socket,
             config,
-        } => status(json, socket, config),
+            watch,
+            interval,
+        } => status(json, socket, config, watch, interval),
         Command::CheckConfig { file } => check_config(&file),
         Command::Pki { command } => pki(command),
         Command::Access { command } => access(command),
@@ -127,7 +134,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+fn status(
+    json: bool,
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    watch: bool,
+    interval: f64,
+) -> ExitCode {
     let socket = match resolve_socket(socket, config) {
         Ok(s) => s,
         Err(e) => {
@@ -135,7 +148,34 @@ fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitC
             return ExitCode::FAILURE;
         }
     };
-    match api::request(&socket, &Request::Status, Duration::from_secs(5)) {
+    if !watch {
+        return status_once(json, &socket);
+    }
+    let interval = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        if terminal {
+            // Home and clear, then the fresh screen: no scrolling history of old states.
+            print!("\x1b[H\x1b[2J");
+        } else {
+            println!("--- {}", unix_now());
+        }
+        // A daemon that went away is shown as such and watched for again.
+        let _ = status_once(json, &socket);
+        std::thread::sleep(interval);
+    }
+}
+
+/// Seconds since the epoch, for separators between snapshots when not on a terminal.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn status_once(json: bool, socket: &Path) -> ExitCode {
+    match api::request(socket, &Request::Status, Duration::from_secs(5)) {
         Ok(Response::Status(s)) => {
             if json {
                 match serde_json::to_string_pretty(&s) {
@@ -146,7 +186,10 @@ fn status(json: bool, socket: Option<PathBuf>, config: Option<PathBuf>) -> ExitC
                     }
                 }
             } else {
-                print!("{}", gateway::cli::render_status(&s));
+                let text = gateway::cli::colourize(&gateway::cli::render_status(&s));
+                let mut out = anstream::stdout();
+                let _ = std::io::Write::write_all(&mut out, text.as_bytes());
+                let _ = std::io::Write::flush(&mut out);
             }
             ExitCode::SUCCESS
         }

@@ -168,3 +168,37 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// `gatewayctl status --json` exactly as printed, validated against docs/status.schema.json.
+pub fn status_validated(lab: &Lab, host: Host, socket: &Path) -> serde_json::Value {
+    let out = gatewayctl(
+        lab,
+        host,
+        &[
+            "status",
+            "--json",
+            "--socket",
+            socket.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let schema: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/status.schema.json"
+        ))
+        .expect("read the schema"),
+    )
+    .expect("the schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "status --json breaks the documented schema: {errors:#?}\n{value:#}"
+    );
+    value
+}
