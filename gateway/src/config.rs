@@ -1406,6 +1406,19 @@ name = "vpc-v6"
         ));
         let c = load(path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.routes.len(), 1);
+        // `cargo xtask install` puts these in /etc/gateway/examples: they must load as shipped.
+        for (example, connector) in [("connector.toml", true), ("client.toml", false)] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join(example);
+            let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+            let role = c.tunnel.expect("a tunnel").role;
+            assert_eq!(
+                matches!(role, Role::Connector { .. }),
+                connector,
+                "{example}"
+            );
+        }
     }
 
     #[test]

@@ -31,6 +31,19 @@ enum Task {
     Bench,
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
+    /// Build release binaries and install them, the systemd unit, the sysusers entry, example
+    /// configs and the README (run as root, then follow the printed next steps).
+    Install {
+        /// Where the binaries go: PREFIX/bin (the unit's ExecStart follows it).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Stage everything under DIR instead of / (packaging, or a look first).
+        #[arg(long)]
+        dest_dir: Option<PathBuf>,
+        /// Install gatewayd and gatewayctl from DIR instead of building them.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+    },
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; the lab's real programs; systemd-analyze;
@@ -69,7 +82,123 @@ fn main() -> anyhow::Result<()> {
             print!("{}", licence_table(&root)?);
             Ok(())
         }
+        Task::Install {
+            prefix,
+            dest_dir,
+            bin_dir,
+        } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => {
+                    setup()?;
+                    build_ebpf(&root)?;
+                    step("build (release)");
+                    run(
+                        Command::new("cargo").current_dir(&root).args([
+                            "build",
+                            "--release",
+                            "-p",
+                            "gateway",
+                        ]),
+                        "cargo build --release -p gateway",
+                    )?;
+                    root.join("target/release")
+                }
+            };
+            let dest = dest_dir.unwrap_or_else(|| PathBuf::from("/"));
+            let installed = install(&root, &bin_dir, &prefix, &dest)?;
+            for p in &installed {
+                println!("installed {}", p.display());
+            }
+            println!(
+                "\nnext: systemd-sysusers; chown -R gateway:gateway /etc/gateway/pki; \
+                 cp /etc/gateway/examples/connector.toml (or client.toml) /etc/gateway/gateway.toml \
+                 and edit it; gatewayctl check-config /etc/gateway/gateway.toml; \
+                 systemctl daemon-reload && systemctl enable --now gatewayd"
+            );
+            Ok(())
+        }
     }
+}
+
+/// Copies the files of an installation under `dest` (`/` for a real one) and returns their
+/// paths. Never overwrites /etc/gateway/gateway.toml: examples go beside it.
+fn install(
+    root: &Path,
+    bin_dir: &Path,
+    prefix: &Path,
+    dest: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let under = |p: &Path| dest.join(p.strip_prefix("/").unwrap_or(p));
+    let mut installed = Vec::new();
+    let mut put =
+        |from: Option<&Path>, text: Option<String>, to: PathBuf, mode: u32| -> anyhow::Result<()> {
+            if let Some(dir) = to.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            match (from, text) {
+                (_, Some(t)) => std::fs::write(&to, t),
+                (Some(f), None) => std::fs::copy(f, &to).map(|_| ()),
+                (None, None) => Ok(()),
+            }
+            .with_context(|| format!("writing {}", to.display()))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+            installed.push(to);
+            Ok(())
+        };
+    let bin = prefix.join("bin");
+    for b in ["gatewayd", "gatewayctl"] {
+        let from = bin_dir.join(b);
+        if !from.exists() {
+            bail!(
+                "{} is missing: build it first (or leave out --bin-dir)",
+                from.display()
+            );
+        }
+        put(Some(&from), None, under(&bin.join(b)), 0o755)?;
+    }
+    let unit = std::fs::read_to_string(root.join("systemd/gatewayd.service"))
+        .context("reading systemd/gatewayd.service")?
+        .replace("/usr/local/bin/", &format!("{}/", bin.display()))
+        .replace(
+            "/usr/local/share/doc/gateway/",
+            &format!("{}/", prefix.join("share/doc/gateway").display()),
+        );
+    put(
+        None,
+        Some(unit),
+        under(Path::new("/etc/systemd/system/gatewayd.service")),
+        0o644,
+    )?;
+    put(
+        Some(&root.join("systemd/gateway.sysusers.conf")),
+        None,
+        under(Path::new("/usr/lib/sysusers.d/gateway.conf")),
+        0o644,
+    )?;
+    for example in ["connector.toml", "client.toml", "gateway.toml"] {
+        put(
+            Some(&root.join("gateway/examples").join(example)),
+            None,
+            under(&Path::new("/etc/gateway/examples").join(example)),
+            0o644,
+        )?;
+    }
+    put(
+        Some(&root.join("README.md")),
+        None,
+        under(&prefix.join("share/doc/gateway/README.md")),
+        0o644,
+    )?;
+    put(
+        Some(&root.join("docs/status.schema.json")),
+        None,
+        under(&prefix.join("share/doc/gateway/status.schema.json")),
+        0o644,
+    )?;
+    Ok(installed)
 }
 
 fn workspace_root() -> PathBuf {
@@ -389,4 +518,56 @@ fn normalise_licence(licence: &str) -> String {
     let mut parts: Vec<&str> = licence.split(" OR ").map(str::trim).collect();
     parts.sort_unstable();
     parts.join(" OR ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_stages_binaries_unit_sysusers_and_examples_under_dest_dir() {
+        let tmp = std::env::temp_dir().join(format!("gw-install-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let bins = tmp.join("bins");
+        std::fs::create_dir_all(&bins).expect("mkdir");
+        for b in ["gatewayd", "gatewayctl"] {
+            std::fs::write(bins.join(b), format!("#!/bin/sh\necho {b}\n")).expect("write");
+        }
+        let dest = tmp.join("root");
+        let files =
+            install(&workspace_root(), &bins, Path::new("/opt/gw"), &dest).expect("install");
+        for f in [
+            "opt/gw/bin/gatewayd",
+            "opt/gw/bin/gatewayctl",
+            "etc/systemd/system/gatewayd.service",
+            "usr/lib/sysusers.d/gateway.conf",
+            "etc/gateway/examples/connector.toml",
+            "etc/gateway/examples/client.toml",
+            "opt/gw/share/doc/gateway/README.md",
+        ] {
+            assert!(
+                files.contains(&dest.join(f)),
+                "{f} not installed: {files:?}"
+            );
+            assert!(dest.join(f).exists(), "{f}");
+        }
+        assert!(
+            !dest.join("etc/gateway/gateway.toml").exists(),
+            "the live config is the operator's"
+        );
+        let unit = std::fs::read_to_string(dest.join("etc/systemd/system/gatewayd.service"))
+            .expect("unit");
+        assert!(
+            unit.contains("ExecStart=/opt/gw/bin/gatewayd --config /etc/gateway/gateway.toml"),
+            "{unit}"
+        );
+        assert!(!unit.contains("/usr/local"), "{unit}");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dest.join("opt/gw/bin/gatewayd"))
+                .expect("stat")
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o755);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }
