@@ -102,6 +102,10 @@ pub struct TunnelStatus {
     /// ports out of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_ports: Option<String>,
+    /// Connector: the daemon's nftables table as the kernel has it now (present or MISSING)
+    /// and what it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<String>,
     /// Connector: `gatewayctl access` byte streams open now, and opened since start.
     #[serde(default)]
     pub access_streams_active: u64,

@@ -231,6 +231,9 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
     if let Some(p) = &t.egress_ports {
         let _ = writeln!(out, "egress ports: {p}");
     }
+    if let Some(f) = &t.firewall {
+        let _ = writeln!(out, "firewall: {f}");
+    }
     if t.peers.is_empty() {
         out.push_str("peers: none\n");
     } else {
@@ -361,6 +364,7 @@ mod tests {
             }],
             drops: BTreeMap::from([("policy".into(), 1)]),
             egress_ports: None,
+            firewall: None,
             access_streams_active: 1,
             access_streams_total: 3,
             zones: vec![crate::api::ZoneStatus {

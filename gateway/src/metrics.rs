@@ -318,6 +318,7 @@ mod tests {
                 }],
             }],
             egress_ports: None,
+            firewall: None,
             access_streams_active: 0,
             access_streams_total: 2,
         });

@@ -1585,6 +1585,26 @@ fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_rest
         "{}",
         String::from_utf8_lossy(&text.stdout)
     );
+
+    // Status asks the kernel for the firewall table rather than assuming it is there.
+    let firewall = || {
+        status_json(&lab, Host::VpcGateway, &connector_socket)
+            .tunnel
+            .expect("tunnel")
+            .firewall
+            .expect("a connector with [egress] reports its table")
+    };
+    let f = firewall();
+    assert!(
+        f.contains("gateway_lab_gw present") && f.contains("udp/7844, tcp/7844"),
+        "{f}"
+    );
+    lab.run_ok(
+        Host::VpcGateway,
+        &["nft", "delete", "table", "inet", "gateway_lab_gw"],
+    )
+    .expect("delete the table behind the daemon's back");
+    assert!(firewall().contains("MISSING"), "{}", firewall());
 }
 
 /// Every counter the metrics endpoint shows agrees with `status --json`: read metrics, status,

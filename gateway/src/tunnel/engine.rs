@@ -104,6 +104,8 @@ pub struct Shared {
     egress_ports: Mutex<Option<(u16, u16)>>,
     access_active: AtomicU64,
     access_total: AtomicU64,
+    /// Connector: the nftables table's name and what it was made to hold.
+    firewall: Mutex<Option<(String, String)>>,
 }
 
 impl Shared {
@@ -226,7 +228,18 @@ impl Shared {
                     )
                 }
             });
+        let firewall = self
+            .firewall
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .map(|(table, holds)| match nat::table_exists(&table) {
+                Ok(true) => format!("nftables table inet {table} present: {holds}"),
+                Ok(false) => format!("nftables table inet {table} MISSING (removed by someone else?): restart gatewayd to restore {holds}"),
+                Err(e) => format!("nftables table inet {table}: cannot ask the kernel: {e}"),
+            });
         TunnelStatus {
+            firewall,
             egress_ports,
             access_streams_active: self.access_active.load(Ordering::Relaxed),
             access_streams_total: self.access_total.load(Ordering::Relaxed),
@@ -392,6 +405,7 @@ fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
         egress_ports: Mutex::new(None),
         access_active: AtomicU64::new(0),
         access_total: AtomicU64::new(0),
+        firewall: Mutex::new(None),
     })
 }
 
@@ -497,6 +511,31 @@ async fn start_connector(
     }
     if let Ok(mut p) = shared.egress_ports.lock() {
         *p = cfg.egress.as_ref().map(|e| e.ports);
+    }
+    if let (Some(e), Ok(mut f)) = (&cfg.egress, shared.firewall.lock()) {
+        let mut accepts = Vec::new();
+        if cfg.transport.uses_quic() {
+            accepts.push(format!("udp/{}", listen.port()));
+        }
+        if cfg.transport.uses_tcp() {
+            accepts.push(format!(
+                "tcp/{}",
+                cfg.fallback_port.unwrap_or(listen.port())
+            ));
+        }
+        *f = Some((
+            e.table.clone(),
+            format!(
+                "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}",
+                cfg.tun,
+                e.interface,
+                e.ports.0,
+                e.ports.1,
+                accepts.join(", "),
+                e.ports.0,
+                e.ports.1
+            ),
+        ));
     }
     let policy = std::sync::RwLock::new(Arc::new(policy_of(&cfg.policy)));
     let offer = watch::Sender::new(Offer {

@@ -185,6 +185,56 @@ pub fn remove(table: &str) -> Result<(), NatError> {
     })
 }
 
+/// NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE.
+const GETTABLE: u16 = (10 << 8) | 1;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NFPROTO_INET: u8 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
+
+/// A netlink request for one inet table by name: header, nfgenmsg, the name attribute.
+fn get_table_request(name: &str, seq: u32) -> Vec<u8> {
+    let attr_len = 4 + name.len() + 1;
+    let padded = attr_len.div_ceil(4) * 4;
+    let total = 16 + 4 + padded;
+    let mut m = Vec::with_capacity(total);
+    m.extend_from_slice(&(total as u32).to_ne_bytes());
+    m.extend_from_slice(&GETTABLE.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
+    m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+    m.extend_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
+    m.extend_from_slice(name.as_bytes());
+    m.resize(total, 0);
+    m
+}
+
+/// Whether the kernel has the table now: what status reports, asked rather than assumed.
+pub fn table_exists(table: &str) -> io::Result<bool> {
+    let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
+    let portid = socket.portid();
+    let seq = 1;
+    socket.send(&get_table_request(table, seq))?;
+    let mut buffer = vec![0; nftnl::nft_nlmsg_maxsize() as usize];
+    loop {
+        let mut got_table = false;
+        for message in socket.recv(&mut buffer[..])? {
+            let message = message?;
+            match mnl::cb_run(message, seq, portid) {
+                Ok(mnl::CbResult::Stop) => return Ok(got_table),
+                Ok(mnl::CbResult::Ok) => got_table = true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        if got_table {
+            return Ok(true);
+        }
+    }
+}
+
 fn send(batch: &FinalizedBatch) -> io::Result<()> {
     let socket = mnl::Socket::new(mnl::Bus::Netfilter)?;
     let portid = socket.portid();
@@ -206,6 +256,21 @@ fn send(batch: &FinalizedBatch) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_request_is_one_aligned_netlink_message() {
+        let m = get_table_request("gateway_gw", 7);
+        assert_eq!(m.len() % 4, 0);
+        assert_eq!(
+            u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize,
+            m.len()
+        );
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), GETTABLE);
+        assert_eq!(u32::from_ne_bytes([m[8], m[9], m[10], m[11]]), 7);
+        assert_eq!(m[16], NFPROTO_INET);
+        assert_eq!(&m[24..34], b"gateway_gw");
+        assert_eq!(m[34], 0, "NUL-terminated name");
+    }
 
     #[test]
     fn interface_names_are_nul_padded_and_truncated_like_the_kernels() {

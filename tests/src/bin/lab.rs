@@ -138,6 +138,8 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         &["ping", "-n", "-c", "3", "-i", "0.2", addr::VPC_HOST],
     )?;
 
+    access_demo(&lab, gatewayctl)?;
+
     show(
         &lab,
         Host::Operator,
@@ -159,6 +161,70 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
     }
     println!("stopped: TUN devices, routes and the nftables table are gone; tearing the lab down");
     Ok(())
+}
+
+/// `gatewayctl access` as an unprivileged user: ssh with a ProxyCommand to a private name,
+/// no TUN, no route and no root needed (its own copy of a certificate, owned by nobody).
+fn access_demo(lab: &Lab, gatewayctl: &str) -> anyhow::Result<()> {
+    println!("\n--- as user nobody, without the tunnel: ssh through `gatewayctl access` ---");
+    let user = lab.dir().join("user");
+    std::fs::create_dir_all(&user)?;
+    let pki = lab.dir().join("pki");
+    for f in ["ca.pem", "ops-alice.pem", "ops-alice.key"] {
+        std::fs::copy(pki.join(f), user.join(f))?;
+    }
+    std::fs::copy(gatewayctl, user.join("gatewayctl"))?;
+    let key = lab.ssh_argv("x", "x")[2].clone();
+    std::fs::copy(&key, user.join("id"))?;
+    let u = path_str(&user)?;
+    std::fs::write(
+        user.join("access.toml"),
+        format!(
+            "[node]\nname = \"alice-laptop\"\n[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\n\
+             [tls]\nca = \"{u}/ca.pem\"\ncert = \"{u}/ops-alice.pem\"\nkey = \"{u}/ops-alice.key\"\n",
+            addr::GW_WAN
+        ),
+    )?;
+    let out = std::process::Command::new("chown")
+        .args(["-R", "nobody:nogroup", u])
+        .output()?;
+    if !out.status.success() {
+        bail!("chown: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let proxy = format!("ProxyCommand={u}/gatewayctl access ssh --hostname %h");
+    let config = format!("GATEWAY_CONFIG={u}/access.toml");
+    let home = format!("HOME={u}");
+    let identity = format!("{u}/id");
+    let target = format!("root@ssh.{}", zone::DOMAIN);
+    show(
+        lab,
+        Host::Operator,
+        &[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "env",
+            &home,
+            &config,
+            "ssh",
+            "-i",
+            &identity,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            &proxy,
+            &target,
+            "echo \"logged in to $(hostname) via gatewayctl access, from $SSH_CLIENT\"",
+        ],
+    )
 }
 
 struct Tunnel {
