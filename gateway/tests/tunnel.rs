@@ -1387,6 +1387,18 @@ fn an_unprivileged_user_reaches_ssh_through_access_without_a_tunnel() {
         .tunnel
         .expect("tunnel");
     assert!(status.access_streams_total >= 1, "{status:?}");
+    // The stream ends on the connector when ssh ends (an explicit close, not an idle timeout).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let t = status_json(&lab, Host::VpcGateway, &connector_socket)
+            .tunnel
+            .expect("tunnel");
+        if t.access_streams_active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stream still open: {t:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // 2. A local forward: `access tcp`, then plain ssh to it.
     let forward = lab

@@ -39,6 +39,15 @@ pub struct Stream {
     _keep: Option<(quinn::Endpoint, quinn::Connection)>,
 }
 
+/// Closes a QUIC access connection explicitly and lets the close go out, so the connector
+/// ends the stream now rather than after its idle timeout.
+async fn close_quic(keep: Option<(quinn::Endpoint, quinn::Connection)>) {
+    if let Some((endpoint, conn)) = keep {
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    }
+}
+
 /// Opens a stream to `host:port` through the connector `cfg` names (a client config).
 pub async fn open(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<Stream> {
     let Role::Client {
@@ -178,7 +187,7 @@ pub async fn stdio(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<()> {
     let Stream {
         mut reader,
         mut writer,
-        _keep,
+        _keep: keep,
         ..
     } = open(cfg, host, port).await?;
     let upload = async {
@@ -193,10 +202,19 @@ pub async fn stdio(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<()> {
         stdout.flush().await?;
         anyhow::Ok(())
     };
-    tokio::select! {
+    // ssh sends its ProxyCommand SIGHUP when the session ends: that too ends the stream, with
+    // a close the connector sees at once.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let result = tokio::select! {
         r = upload => r,
         r = download => r,
-    }
+        _ = hup.recv() => Ok(()),
+        _ = term.recv() => Ok(()),
+    };
+    close_quic(keep).await;
+    result
 }
 
 /// `gatewayctl access tcp`: every connection to `listen` gets its own stream to `host:port`.
@@ -224,11 +242,12 @@ pub async fn forward(
                     let Stream {
                         reader,
                         writer,
-                        _keep,
+                        _keep: keep,
                         ..
                     } = stream;
                     let mut remote = tokio::io::join(reader, writer);
                     let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+                    close_quic(keep).await;
                 }
                 Err(e) => eprintln!("gatewayctl: {from}: {e:#}"),
             }
