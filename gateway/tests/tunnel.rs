@@ -1017,6 +1017,36 @@ fn works_behind_a_stateless_acl_built_from_firewall_plan() {
     let _ = random_client.wait_timeout(Duration::from_secs(10));
 }
 
+/// A lab with only the connector running (the test starts its clients itself).
+struct ConnectorOnly {
+    lab: Lab,
+    pki: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    daemon: Spawned,
+}
+
+/// `edit` may rewrite the connector's config before it starts.
+fn connector_only(edit: impl FnOnce(&std::path::Path)) -> ConnectorOnly {
+    let lab = Lab::start(LabOptions {
+        direct_vpc_route: false,
+        servers: true,
+    })
+    .expect("lab");
+    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
+    let config = connector_config(&lab, &pki, "failover");
+    edit(&config);
+    let socket = socket_path(&lab, "lab-gw");
+    let daemon = start_daemon(&lab, Host::VpcGateway, &config, &socket, "connector.log");
+    ConnectorOnly {
+        lab,
+        pki,
+        config,
+        socket,
+        daemon,
+    }
+}
+
 /// The underlay router drops every forwarded UDP packet (QUIC included) while this lives.
 struct UdpBlocked<'a>(&'a Lab);
 
@@ -1060,21 +1090,13 @@ fn client_peer(lab: &Lab, socket: &std::path::Path) -> Option<gateway::api::Peer
 
 #[test]
 fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
-    let lab = Lab::start(LabOptions {
-        direct_vpc_route: false,
-        servers: true,
-    })
-    .expect("lab");
-    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
-    let cc = connector_config(&lab, &pki, "failover");
-    let connector_socket = socket_path(&lab, "lab-gw");
-    let _connector = start_daemon(
-        &lab,
-        Host::VpcGateway,
-        &cc,
-        &connector_socket,
-        "connector.log",
-    );
+    let ConnectorOnly {
+        lab,
+        pki,
+        config: _,
+        socket: connector_socket,
+        daemon: _connector,
+    } = connector_only(|_| {});
     let blocked = UdpBlocked::new(&lab);
 
     // 1. A client started fresh while UDP is dropped is up on TCP within 5 s.
@@ -1261,8 +1283,7 @@ fn unprivileged_user_dir(lab: &Lab, pki: &std::path::Path) -> PathBuf {
         std::fs::copy(pki.join(f), dir.join(f)).expect("copy pki");
     }
     std::fs::copy(GATEWAYCTL, dir.join("gatewayctl")).expect("copy gatewayctl");
-    let key = lab.ssh_argv("x", "x")[2].clone();
-    std::fs::copy(&key, dir.join("id")).expect("copy ssh key");
+    std::fs::copy(lab.ssh_key(), dir.join("id")).expect("copy ssh key");
     std::fs::write(
         dir.join("access.toml"),
         format!(
@@ -1297,48 +1318,22 @@ fn as_nobody(lab: &Lab, user: &std::path::Path, argv: &[&str]) -> std::process::
     lab.run(Host::Operator, &full).expect("run as nobody")
 }
 
-fn user_ssh<'a>(user: &'a str, extra: &[&'a str], target: &'a str, cmd: &'a str) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "ssh",
-        "-i",
-        &format!("{user}/id"),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
-        "-o",
-        "ConnectTimeout=10",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v.push(format!("root@{target}"));
-    v.push(cmd.to_string());
-    v
+fn user_ssh(user: &str, extra: &[&str], target: &str, cmd: &str) -> Vec<String> {
+    let key = std::path::Path::new(user).join("id");
+    let mut extra = extra.to_vec();
+    extra.extend(["-o", "ConnectTimeout=10"]);
+    gateway_lab::ssh_argv_with(&key, &extra, target, cmd)
 }
 
 #[test]
 fn an_unprivileged_user_reaches_ssh_through_access_without_a_tunnel() {
-    let lab = Lab::start(LabOptions {
-        direct_vpc_route: false,
-        servers: true,
-    })
-    .expect("lab");
-    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
-    let cc = connector_config(&lab, &pki, "failover");
-    let connector_socket = socket_path(&lab, "lab-gw");
-    let _connector = start_daemon(
-        &lab,
-        Host::VpcGateway,
-        &cc,
-        &connector_socket,
-        "connector.log",
-    );
+    let ConnectorOnly {
+        lab,
+        pki,
+        config: _,
+        socket: connector_socket,
+        daemon: _connector,
+    } = connector_only(|_| {});
     let user = unprivileged_user_dir(&lab, &pki);
     let u = user.to_str().expect("utf-8");
     let config = format!("GATEWAY_CONFIG={u}/access.toml");
@@ -1482,26 +1477,20 @@ fn an_unprivileged_user_reaches_ssh_through_access_without_a_tunnel() {
 
 #[test]
 fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_restart() {
-    let lab = Lab::start(LabOptions {
-        direct_vpc_route: false,
-        servers: true,
-    })
-    .expect("lab");
-    let pki = pki(&lab, &["lab-gw", "ops-alice"]);
-    let cc = connector_config(&lab, &pki, "failover");
-    let full = std::fs::read_to_string(&cc).expect("read config");
     let v4_route = format!("[[route]]\ncidr = \"{}\"\n", addr::VPC_CIDR);
-    assert!(full.contains(&v4_route));
-    // Start offering only the IPv6 prefix.
-    std::fs::write(&cc, full.replace(&v4_route, "")).expect("write config");
-    let connector_socket = socket_path(&lab, "lab-gw");
-    let connector = start_daemon(
-        &lab,
-        Host::VpcGateway,
-        &cc,
-        &connector_socket,
-        "connector.log",
-    );
+    let mut full = String::new();
+    let ConnectorOnly {
+        lab,
+        pki,
+        config: cc,
+        socket: connector_socket,
+        daemon: connector,
+    } = connector_only(|cc| {
+        full = std::fs::read_to_string(cc).expect("read config");
+        assert!(full.contains(&v4_route));
+        // Start offering only the IPv6 prefix.
+        std::fs::write(cc, full.replace(&v4_route, "")).expect("write config");
+    });
     let oc = client_config(&lab, &pki, "ops-alice", false);
     let client_socket = socket_path(&lab, "ops-alice");
     let _client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");

@@ -222,23 +222,17 @@ impl Lab {
 
     /// `ssh` arguments that log into the lab's sshd at `target` as root with the lab's key.
     pub fn ssh_argv(&self, target: &str, remote_cmd: &str) -> Vec<String> {
-        vec![
-            "ssh".into(),
-            "-i".into(),
-            self.ssh_key.display().to_string(),
-            "-o".into(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            "StrictHostKeyChecking=no".into(),
-            "-o".into(),
-            "UserKnownHostsFile=/dev/null".into(),
-            "-o".into(),
-            "LogLevel=ERROR".into(),
-            "-o".into(),
-            "ConnectTimeout=5".into(),
-            format!("root@{target}"),
-            remote_cmd.into(),
-        ]
+        ssh_argv_with(
+            &self.ssh_key,
+            &["-o", "ConnectTimeout=5"],
+            target,
+            remote_cmd,
+        )
+    }
+
+    /// The lab's ssh key: a copy of it lets another user log in.
+    pub fn ssh_key(&self) -> &Path {
+        &self.ssh_key
     }
 
     fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
@@ -652,6 +646,28 @@ fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> anyhow::Result
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `ssh` arguments that log in as root at `target` with `key`, non-interactively and without
+/// host-key prompts; `extra` options go before the destination.
+pub fn ssh_argv_with(key: &Path, extra: &[&str], target: &str, remote_cmd: &str) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "ssh".into(),
+        "-i".into(),
+        key.display().to_string(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        "StrictHostKeyChecking=no".into(),
+        "-o".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "-o".into(),
+        "LogLevel=ERROR".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v.push(format!("root@{target}"));
+    v.push(remote_cmd.into());
+    v
 }
 
 /// SIGKILLs every process whose network namespace is `ns`.

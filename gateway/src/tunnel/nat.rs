@@ -86,6 +86,15 @@ fn ifname(name: &str) -> [u8; 16] {
     out
 }
 
+/// Loads the TCP or UDP destination port into the register a following `cmp` reads.
+fn load_dport(rule: &mut Rule, proto: u8) {
+    if proto == IPPROTO_TCP {
+        rule.add_expr(&nft_expr!(payload tcp dport));
+    } else {
+        rule.add_expr(&nft_expr!(payload udp dport));
+    }
+}
+
 /// Creates (or replaces) the table.
 pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
     let name = cstring(&spec.table)?;
@@ -136,11 +145,7 @@ pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
         let mut rule = Rule::new(&input);
         rule.add_expr(&nft_expr!(meta l4proto));
         rule.add_expr(&nft_expr!(cmp == proto));
-        if proto == IPPROTO_TCP {
-            rule.add_expr(&nft_expr!(payload tcp dport));
-        } else {
-            rule.add_expr(&nft_expr!(payload udp dport));
-        }
+        load_dport(&mut rule, proto);
         rule.add_expr(&nft_expr!(cmp == port.to_be()));
         rule.add_expr(&nft_expr!(counter));
         rule.add_expr(&nft_expr!(verdict accept));
@@ -150,17 +155,9 @@ pub fn apply(spec: &NatSpec) -> Result<(), NatError> {
         let mut rule = Rule::new(&input);
         rule.add_expr(&nft_expr!(meta l4proto));
         rule.add_expr(&nft_expr!(cmp == proto));
-        if proto == IPPROTO_TCP {
-            rule.add_expr(&nft_expr!(payload tcp dport));
-        } else {
-            rule.add_expr(&nft_expr!(payload udp dport));
-        }
+        load_dport(&mut rule, proto);
         rule.add_expr(&nft_expr!(cmp >= spec.ports.0.to_be()));
-        if proto == IPPROTO_TCP {
-            rule.add_expr(&nft_expr!(payload tcp dport));
-        } else {
-            rule.add_expr(&nft_expr!(payload udp dport));
-        }
+        load_dport(&mut rule, proto);
         rule.add_expr(&nft_expr!(cmp <= spec.ports.1.to_be()));
         rule.add_expr(&nft_expr!(counter));
         rule.add_expr(&nft_expr!(verdict accept));

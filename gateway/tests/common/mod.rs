@@ -81,6 +81,17 @@ pub fn gatewayctl(lab: &Lab, host: Host, args: &[&str]) -> Output {
 
 /// `gatewayctl status --json`, parsed back into the type the daemon serialised.
 pub fn status_json(lab: &Lab, host: Host, socket: &Path) -> Status {
+    let out = status_json_output(lab, host, socket);
+    serde_json::from_slice(&out).unwrap_or_else(|e| {
+        panic!(
+            "status --json is not a Status ({e}):\n{}",
+            String::from_utf8_lossy(&out)
+        )
+    })
+}
+
+/// What `gatewayctl status --json` printed, after checking it succeeded.
+pub fn status_json_output(lab: &Lab, host: Host, socket: &Path) -> Vec<u8> {
     let out = gatewayctl(
         lab,
         host,
@@ -96,12 +107,7 @@ pub fn status_json(lab: &Lab, host: Host, socket: &Path) -> Status {
         "gatewayctl status --json failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status --json is not a Status ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    out.stdout
 }
 
 /// Programs the kernel reports at TCX ingress of `iface` inside namespace `ns`. Asked from a
@@ -171,18 +177,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// `gatewayctl status --json` exactly as printed, validated against docs/status.schema.json.
 pub fn status_validated(lab: &Lab, host: Host, socket: &Path) -> serde_json::Value {
-    let out = gatewayctl(
-        lab,
-        host,
-        &[
-            "status",
-            "--json",
-            "--socket",
-            socket.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let value: serde_json::Value =
+        serde_json::from_slice(&status_json_output(lab, host, socket)).expect("JSON");
     let schema: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),

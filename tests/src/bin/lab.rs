@@ -174,8 +174,7 @@ fn access_demo(lab: &Lab, gatewayctl: &str) -> anyhow::Result<()> {
         std::fs::copy(pki.join(f), user.join(f))?;
     }
     std::fs::copy(gatewayctl, user.join("gatewayctl"))?;
-    let key = lab.ssh_argv("x", "x")[2].clone();
-    std::fs::copy(&key, user.join("id"))?;
+    std::fs::copy(lab.ssh_key(), user.join("id"))?;
     let u = path_str(&user)?;
     std::fs::write(
         user.join("access.toml"),
@@ -195,36 +194,27 @@ fn access_demo(lab: &Lab, gatewayctl: &str) -> anyhow::Result<()> {
     let config = format!("GATEWAY_CONFIG={u}/access.toml");
     let home = format!("HOME={u}");
     let identity = format!("{u}/id");
-    let target = format!("root@ssh.{}", zone::DOMAIN);
-    show(
-        lab,
-        Host::Operator,
-        &[
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "env",
-            &home,
-            &config,
-            "ssh",
-            "-i",
-            &identity,
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            &proxy,
-            &target,
-            "echo \"logged in to $(hostname) via gatewayctl access, from $SSH_CLIENT\"",
-        ],
-    )
+    let mut argv: Vec<String> = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "env",
+        &home,
+        &config,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(gateway_lab::ssh_argv_with(
+        Path::new(&identity),
+        &["-o", &proxy],
+        &format!("ssh.{}", zone::DOMAIN),
+        "echo \"logged in to $(hostname) via gatewayctl access, from $SSH_CLIENT\"",
+    ));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    show(lab, Host::Operator, &argv)
 }
 
 struct Tunnel {
