@@ -1088,6 +1088,32 @@ fn client_peer(lab: &Lab, socket: &std::path::Path) -> Option<gateway::api::Peer
     t.peers.into_iter().next()
 }
 
+/// Waits until the client is connected (over `transport`, when given) and returns its peer;
+/// fails the test if that takes more than `within` seconds from `since`.
+fn wait_transport(
+    lab: &Lab,
+    socket: &std::path::Path,
+    transport: Option<&str>,
+    since: Instant,
+    within: u64,
+    client: &Spawned,
+) -> gateway::api::PeerStatus {
+    loop {
+        if let Some(p) = client_peer(lab, socket)
+            && transport.is_none_or(|t| p.transport == t)
+        {
+            eprintln!("connected over {} after {:?}", p.transport, since.elapsed());
+            return p;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(within),
+            "not connected over {transport:?} within {within} s; client log:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     let ConnectorOnly {
@@ -1104,18 +1130,7 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     let client_socket = socket_path(&lab, "ops-alice");
     let started = Instant::now();
     let client = start_daemon(&lab, Host::Operator, &oc, &client_socket, "client.log");
-    let peer = loop {
-        if let Some(p) = client_peer(&lab, &client_socket) {
-            break p;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not up within 5 s with UDP blocked; client log:\n{}",
-            client.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    eprintln!("up on {} after {:?}", peer.transport, started.elapsed());
+    let peer = wait_transport(&lab, &client_socket, None, started, 5, &client);
     assert_eq!(peer.transport, "tcp", "{peer:?}");
     assert!(
         peer.transport_reason.contains("no QUIC handshake in 1.5 s"),
@@ -1208,23 +1223,7 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     }
     blocked.lift();
     let lifted = Instant::now();
-    let back = loop {
-        if let Some(p) = client_peer(&lab, &client_socket)
-            && p.transport == "quic"
-        {
-            break p;
-        }
-        assert!(
-            lifted.elapsed() < Duration::from_secs(30),
-            "not back on QUIC within 30 s; client log:\n{}",
-            client.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    eprintln!(
-        "back on QUIC {:?} after UDP was unblocked",
-        lifted.elapsed()
-    );
+    let back = wait_transport(&lab, &client_socket, Some("quic"), lifted, 30, &client);
     assert_eq!(
         (back.address_v4.as_str(), back.address_v6.as_str()),
         (peer.address_v4.as_str(), peer.address_v6.as_str()),
@@ -1256,21 +1255,14 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
 
     // 3. QUIC lost mid-session (UDP blocked again): the client is back on TCP by itself.
     let _blocked = UdpBlocked::new(&lab);
-    let lost = Instant::now();
-    loop {
-        if let Some(p) = client_peer(&lab, &client_socket)
-            && p.transport == "tcp"
-        {
-            break;
-        }
-        assert!(
-            lost.elapsed() < Duration::from_secs(20),
-            "not on TCP within 20 s of losing QUIC; client log:\n{}",
-            client.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    eprintln!("QUIC lost: on TCP after {:?}", lost.elapsed());
+    wait_transport(
+        &lab,
+        &client_socket,
+        Some("tcp"),
+        Instant::now(),
+        20,
+        &client,
+    );
     assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
 }
 
