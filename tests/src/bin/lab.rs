@@ -97,7 +97,7 @@ fn demo(bin_dir: &Path) -> anyhow::Result<()> {
         direct_vpc_route: false,
         servers: true,
     })?;
-    let tunnel = start_tunnel(&lab, gatewayd, gatewayctl, true)?;
+    let tunnel = start_tunnel(&lab, gatewayd, gatewayctl, true, "auto")?;
     let (client_sock, connector_sock) = (tunnel.client_sock.clone(), tunnel.connector_sock.clone());
     let (mut client, mut connector) = (tunnel.client, tunnel.connector);
     println!("\n--- from the operator host itself (routes into its TUN) ---");
@@ -231,6 +231,7 @@ fn start_tunnel(
     gatewayd: &str,
     gatewayctl: &str,
     verbose: bool,
+    transport: &str,
 ) -> anyhow::Result<Tunnel> {
     let dir = lab.dir().to_path_buf();
     let pki = dir.join("pki");
@@ -280,7 +281,8 @@ fn start_tunnel(
         &client_cfg,
         format!(
             "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\n{}\n\
+             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\
+             transport = \"{transport}\"\n\n{}\n\
              [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
              dns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n",
             client_sock.display(),
@@ -375,7 +377,8 @@ struct Figure {
     name: String,
     unit: &'static str,
     direct: f64,
-    tunnel: f64,
+    quic: f64,
+    tcp: f64,
 }
 
 /// Measures from the operator host to the VPC host over the direct path (plain routing through
@@ -390,47 +393,52 @@ fn bench(bin_dir: &Path) -> anyhow::Result<()> {
         let lab = Lab::start(LabOptions::default())?;
         measure(&lab, addr::RESOLVER_PRIMARY)?
     };
-    println!("tunnel: the same hosts, no direct route, gatewayd client and connector");
-    let tunnel = {
+    let mut tunnels = Vec::new();
+    for transport in ["quic", "tcp"] {
+        println!(
+            "tunnel over {transport}: the same hosts, no direct route, gatewayd client and connector"
+        );
         let lab = Lab::start(LabOptions {
             direct_vpc_route: false,
             servers: true,
         })?;
-        let t = start_tunnel(&lab, gatewayd, gatewayctl, false)?;
+        let t = start_tunnel(&lab, gatewayd, gatewayctl, false, transport)?;
         let figures = measure(&lab, "127.0.0.53")?;
         let (mut client, mut connector) = (t.client, t.connector);
         for d in [&mut client, &mut connector] {
             d.terminate()?;
             d.wait_timeout(Duration::from_secs(10))?;
         }
-        figures
-    };
+        tunnels.push(figures);
+    }
+    let tcp = tunnels.pop().unwrap_or_default();
+    let quic = tunnels.pop().unwrap_or_default();
     let figures: Vec<Figure> = direct
         .into_iter()
-        .zip(tunnel)
-        .map(|((name, unit, d), (_, _, t))| Figure {
+        .zip(quic)
+        .zip(tcp)
+        .map(|(((name, unit, d), (_, _, q)), (_, _, t))| Figure {
             name,
             unit,
             direct: d,
-            tunnel: t,
+            quic: q,
+            tcp: t,
         })
         .collect();
     println!(
-        "\n{:<34} {:>10} {:>10} {:>8}",
-        "figure", "direct", "tunnel", "ratio"
+        "\n{:<40} {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "figure", "direct", "quic", "ratio", "tcp", "ratio"
     );
+    let ratio = |x: f64, d: f64| if d > 0.0 { x / d } else { 0.0 };
     for f in &figures {
-        let ratio = if f.direct > 0.0 {
-            f.tunnel / f.direct
-        } else {
-            0.0
-        };
         println!(
-            "{:<34} {:>10.2} {:>10.2} {:>8.3}",
+            "{:<40} {:>9.2} {:>9.2} {:>7.3} {:>9.2} {:>7.3}",
             format!("{} ({})", f.name, f.unit),
             f.direct,
-            f.tunnel,
-            ratio
+            f.quic,
+            ratio(f.quic, f.direct),
+            f.tcp,
+            ratio(f.tcp, f.direct)
         );
     }
     Ok(())
