@@ -369,7 +369,7 @@ fn refuses_foreign_certificates_and_identities_without_policy_and_says_so() {
     let t = start();
     let lab = &t.lab;
 
-    // A client certificate from another CA: the handshake fails.
+    // A client certificate from another CA, on the TCP fallback: the handshake fails there too.
     let rogue = lab.dir().join("rogue");
     let r = rogue.to_str().expect("utf-8");
     assert!(
@@ -392,7 +392,7 @@ fn refuses_foreign_certificates_and_identities_without_policy_and_says_so() {
         "ops-eve",
         &[],
         &format!(
-            "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\ntun = \"evetun\"\n\n\
+            "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\ntun = \"evetun\"\ntransport = \"tcp\"\n\n\
              [tls]\nca = \"{r}/trusted-ca.pem\"\ncert = \"{r}/ops-eve.pem\"\nkey = \"{r}/ops-eve.key\"\n",
             addr::GW_WAN
         ),
@@ -430,7 +430,7 @@ fn refuses_foreign_certificates_and_identities_without_policy_and_says_so() {
         let r = s.tunnel.expect("tunnel").refusals;
         let tls_refused = r
             .iter()
-            .any(|x| x.identity.is_none() && x.reason.contains("TLS"));
+            .any(|x| x.identity.is_none() && x.reason.contains("TLS handshake (TCP) failed"));
         let bob_refused = r.iter().any(|x| {
             x.identity.as_deref() == Some("dev-bob") && x.reason.contains("no [[policy]]")
         });
