@@ -94,9 +94,12 @@ pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "gatewayd {} on node {} (pid {}), up {}",
+        "gatewayd {} on node {}, {} (pid {}), up {}",
         s.version,
         s.node,
+        s.tunnel
+            .as_ref()
+            .map_or("classifier only", |t| t.role.as_str()),
         s.pid,
         human_duration(s.uptime_secs)
     );
@@ -487,7 +490,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             }),
         };
         let expected = "\
-gatewayd 0.1.0 on node lab-op (pid 42), up 1m 5s
+gatewayd 0.1.0 on node lab-op, classifier only (pid 42), up 1m 5s
 config: /etc/gateway/gateway.toml
 last reload: 1m 0s ago, REFUSED (running the previous config): tunnel.tun changed; that takes a restart
 

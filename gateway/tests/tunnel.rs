@@ -1746,6 +1746,13 @@ fn status_on_a_live_tunnel_shows_the_peer_its_transport_and_counters_that_move()
     };
     assert!(route(&after) >= route(&before) + 5, "{after}");
     assert!(after.contains("tunnel: client on optun"), "{after}");
+    assert!(
+        after
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("on node ops-alice, client")),
+        "{after}"
+    );
 
     // --json on both ends, with peers, zones, routes and programs, fits the documented schema.
     let client = status_validated(lab, Host::Operator, &t.client_socket);
