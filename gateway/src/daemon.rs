@@ -434,9 +434,9 @@ fn apply_reload(
         new.tunnel.as_ref().map(|t| &t.role),
         Some(crate::config::Role::Client { .. })
     );
+    // Everything that can refuse is asked first, so a refusal changes nothing.
     if let (Some(handle), Some(t)) = (tunnel, &new.tunnel) {
-        let offered = new.routes.iter().map(|r| r.cidr).collect();
-        handle.reload(t, offered).map_err(|e| format!("{e:#}"))?;
+        handle.check_reload(t).map_err(|e| format!("{e:#}"))?;
     }
     // A client's classifier holds the routes its connector sent; its own [[route]]s count only
     // where there is no tunnel to learn from.
@@ -450,6 +450,9 @@ fn apply_reload(
         if let Ok(mut r) = shared.routes.lock() {
             *r = new.routes.clone();
         }
+    }
+    if let (Some(handle), Some(t)) = (tunnel, &new.tunnel) {
+        handle.reload(t, new.routes.iter().map(|r| r.cidr).collect());
     }
     let mut applied = Vec::new();
     if changes.routes {

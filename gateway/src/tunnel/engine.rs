@@ -281,17 +281,24 @@ impl TunnelHandle {
         &self.sysctls
     }
 
-    /// Reload on a connector: new routes, policy and zones, live. Connected clients keep their
-    /// connections and get the new routes and zones pushed. Checked before anything changes:
-    /// adding the first zone or removing the last needs a restart (the forwarder's sockets).
-    pub fn reload(&self, cfg: &Tunnel, routes: Vec<IpNet>) -> anyhow::Result<()> {
-        let Some(c) = &self.connector else {
-            // A client's routes and zones come from its connector; nothing to apply.
-            return Ok(());
-        };
-        if c.forwarder.is_some() == cfg.zones.is_empty() {
+    /// Whether [`reload`](Self::reload) can apply `cfg`: adding the first zone or removing the
+    /// last needs a restart (the forwarder's sockets). Asked before anything changes.
+    pub fn check_reload(&self, cfg: &Tunnel) -> anyhow::Result<()> {
+        if let Some(c) = &self.connector
+            && c.forwarder.is_some() == cfg.zones.is_empty()
+        {
             bail!("adding the first [[dns.zone]] or removing the last needs a restart");
         }
+        Ok(())
+    }
+
+    /// Reload on a connector: new routes, policy and zones, live. Connected clients keep their
+    /// connections and get the new routes and zones pushed. A client's routes and zones come
+    /// from its connector: nothing to apply there.
+    pub fn reload(&self, cfg: &Tunnel, routes: Vec<IpNet>) {
+        let Some(c) = &self.connector else {
+            return;
+        };
         if let Some(f) = &c.forwarder {
             f.set_zones(&cfg.zones);
         }
@@ -309,7 +316,6 @@ impl TunnelHandle {
             *o = next;
             changed
         });
-        Ok(())
     }
 
     pub async fn stop(mut self) {
