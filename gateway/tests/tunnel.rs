@@ -1579,6 +1579,30 @@ fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_rest
         String::from_utf8_lossy(&text.stdout)
     );
 
+    // A policy change applies live too: ICMP withdrawn, ssh still allowed, same connection.
+    let icmp_rule = "\"10.128.0.0/16 icmp\",";
+    assert!(full.contains(icmp_rule));
+    std::fs::write(&cc, full.replace(icmp_rule, "")).expect("write config");
+    connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ping(addr::VPC_HOST) {
+        assert!(
+            Instant::now() < deadline,
+            "ICMP still allowed after the reload"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
+    let gw = status_json(&lab, Host::VpcGateway, &connector_socket);
+    let reload = gw.last_reload.expect("reload");
+    assert!(reload.ok && reload.message.contains("policy"), "{reload:?}");
+    let peers = gw.tunnel.expect("tunnel").peers;
+    assert!(peers[0].policy_drops >= 1, "{peers:?}");
+    assert_eq!(
+        (peers[0].connection_id, peers[0].connected_since),
+        (gw_before[0].connection_id, gw_before[0].connected_since)
+    );
+
     // Status asks the kernel for the firewall table rather than assuming it is there.
     let firewall = || {
         status_json(&lab, Host::VpcGateway, &connector_socket)
