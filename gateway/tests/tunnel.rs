@@ -1603,6 +1603,36 @@ fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_rest
         (gw_before[0].connection_id, gw_before[0].connected_since)
     );
 
+    // And a zone change: on_servfail = "return" makes the primary's SERVFAIL the answer.
+    let broken = format!("{}.{}", zone::BROKEN, zone::DOMAIN);
+    assert_eq!(
+        dig(&lab, &["+short", &broken]).trim(),
+        zone::BROKEN_ANSWER,
+        "failover to the secondary before the reload"
+    );
+    std::fs::write(
+        &cc,
+        full.replace(icmp_rule, "")
+            .replace("on_servfail = \"failover\"", "on_servfail = \"return\""),
+    )
+    .expect("write config");
+    connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dig(&lab, &[&broken]).contains("status: SERVFAIL") {
+        assert!(Instant::now() < deadline, "the zone change did not apply");
+    }
+    let reload = status_json(&lab, Host::VpcGateway, &connector_socket)
+        .last_reload
+        .expect("reload");
+    assert!(
+        reload.ok && reload.message.contains("DNS zones"),
+        "{reload:?}"
+    );
+    assert_eq!(
+        client_peer(&lab, &client_socket).map(|p| p.connection_id),
+        Some(before.connection_id)
+    );
+
     // Status asks the kernel for the firewall table rather than assuming it is there.
     let firewall = || {
         status_json(&lab, Host::VpcGateway, &connector_socket)
