@@ -254,6 +254,7 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
                     },
                     p.address_v4.clone(),
                     format!("{:.1} ms", p.rtt_ms),
+                    p.ping_ms.map_or("-".into(), |ms| format!("{ms:.1} ms")),
                     human_duration(now.saturating_sub(p.connected_since)),
                     format!("{}/{}", p.tx_packets, p.tx_bytes),
                     format!("{}/{}", p.rx_packets, p.rx_bytes),
@@ -269,13 +270,16 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
                 "TRANSPORT",
                 "ADDRESS",
                 "RTT",
+                "PING",
                 "CONNECTED",
                 "TX PKTS/BYTES",
                 "RX PKTS/BYTES",
                 "POLICY DROPS",
             ],
             &rows,
-            &[false, false, false, false, true, true, true, true, true],
+            &[
+                false, false, false, false, true, true, true, true, true, true,
+            ],
         );
     }
     for r in &t.refusals {
@@ -396,8 +400,8 @@ mod tests {
         render_tunnel(&mut out, &t, 165);
         let expected = "
 tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
-PEER       REMOTE              TRANSPORT                        ADDRESS        RTT  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
-ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms      1m 5s        10/1000        12/1200             1
+PEER       REMOTE              TRANSPORT                        ADDRESS        RTT    PING  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
+ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms  0.2 ms      1m 5s        10/1000        12/1200             1
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
 access streams: 1 open, 3 since start
 tunnel drops: policy 1

@@ -1232,14 +1232,22 @@ async fn answer_too_big(
 /// ICMP echo to each peer's public address, outside the tunnel: with the tunnel down, it tells
 /// "host unreachable" from "tunnel port blocked". Skipped where echo sockets are not permitted.
 async fn ping_peers(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    const EVERY: Duration = Duration::from_secs(5);
+    // A new peer is pinged within a second of joining, then every EVERY.
+    let mut last: HashMap<u64, std::time::Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         if super::probe::check_possible().is_err() {
             continue;
         }
         let peers = shared.peers.lock().map(|p| p.clone()).unwrap_or_default();
+        last.retain(|id, _| peers.iter().any(|p| p.link.id() == *id));
         for p in peers {
+            if last.get(&p.link.id()).is_some_and(|t| t.elapsed() < EVERY) {
+                continue;
+            }
+            last.insert(p.link.id(), std::time::Instant::now());
             let rtt = super::probe::echo(p.link.remote().ip(), Duration::from_secs(1))
                 .await
                 .ok();

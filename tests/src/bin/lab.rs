@@ -264,7 +264,8 @@ fn start_tunnel(
              [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
              [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
              \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n\n\
-             [[dns.zone]]\ndomain = \"{}\"\nservers = [\"{}\", \"{}\"]\n",
+             [[dns.zone]]\ndomain = \"{}\"\nservers = [\"{}\", \"{}\"]\n\n\
+             [icmp]\nmanage_ping_group_range = true\n",
             connector_sock.display(),
             dir.join("connector-state").display(),
             tls("lab-gw"),
@@ -283,6 +284,7 @@ fn start_tunnel(
             "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
              [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\
              transport = \"{transport}\"\n\n{}\n\
+             [icmp]\nmanage_ping_group_range = true\n\n\
              [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
              dns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n",
             client_sock.display(),
