@@ -641,20 +641,32 @@ struct Connector {
 }
 
 impl Connector {
-    async fn serve_quic(self: Arc<Self>, incoming: quinn::Incoming) {
-        let remote = incoming.remote_address();
-        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-            Ok(Ok(c)) => c,
+    /// A TLS handshake given HANDSHAKE_TIMEOUT; a failure is listed as a refusal in status.
+    async fn handshake<T, E: std::fmt::Display>(
+        &self,
+        remote: SocketAddr,
+        over: &str,
+        handshake: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            Ok(Ok(done)) => Some(done),
             Ok(Err(e)) => {
                 self.shared
-                    .refuse(None, remote, format!("TLS handshake failed: {e}"));
-                return;
+                    .refuse(None, remote, format!("TLS handshake{over} failed: {e}"));
+                None
             }
             Err(_) => {
                 self.shared
-                    .refuse(None, remote, "handshake timed out".into());
-                return;
+                    .refuse(None, remote, format!("handshake{over} timed out"));
+                None
             }
+        }
+    }
+
+    async fn serve_quic(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let Some(conn) = self.handshake(remote, "", incoming.into_future()).await else {
+            return;
         };
         let Some(identity) = tls::peer_identity(&conn) else {
             self.shared
@@ -703,18 +715,11 @@ impl Connector {
                 return;
             }
         };
-        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                self.shared
-                    .refuse(None, remote, format!("TLS handshake (TCP) failed: {e}"));
-                return;
-            }
-            Err(_) => {
-                self.shared
-                    .refuse(None, remote, "handshake (TCP) timed out".into());
-                return;
-            }
+        let Some(tls) = self
+            .handshake(remote, " (TCP)", acceptor.accept(stream))
+            .await
+        else {
+            return;
         };
         let identity = tls
             .get_ref()
