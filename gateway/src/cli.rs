@@ -73,10 +73,12 @@ pub fn colourize(text: &str) -> String {
             ("REFUSED", red),
             (" DOWN", red),
             ("NOT reserved", red),
+            ("MISSING", red),
             ("refused:", yellow),
             ("reconnecting", yellow),
             ("tcp:", yellow),
             (" attached", green),
+            (" present:", green),
             (" up ", green),
             ("connected to", green),
         ] {
@@ -412,11 +414,20 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
 
     #[test]
     fn colour_marks_problems_and_keeps_the_plain_text() {
-        let plain = "INTERFACE  CLASSIFIER\nlan0       attached\neth1       NOT ATTACHED\n";
+        let plain = "INTERFACE  CLASSIFIER\nlan0       attached\neth1       NOT ATTACHED\n\
+                     firewall: nftables table inet gw MISSING (removed by someone else?)\n";
         let coloured = colourize(plain);
         assert_ne!(coloured, plain);
         assert!(
             coloured.contains("\u{1b}[1m\u{1b}[31mNOT ATTACHED\u{1b}[0m"),
+            "{coloured:?}"
+        );
+        assert!(
+            coloured.contains("\u{1b}[1m\u{1b}[31mMISSING\u{1b}[0m"),
+            "a missing table is red: {coloured:?}"
+        );
+        assert!(
+            coloured.contains("\u{1b}[32m attached\u{1b}[0m"),
             "{coloured:?}"
         );
         let mut stripped = Vec::new();

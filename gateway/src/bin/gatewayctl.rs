@@ -1,5 +1,6 @@
 //! gatewayctl: the operator CLI. Talks to gatewayd over its Unix socket.
 
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,7 +36,8 @@ enum Command {
         /// Redraw every --interval seconds until interrupted (Ctrl-C).
         #[arg(long)]
         watch: bool,
-        #[arg(long, default_value_t = 2.0, requires = "watch")]
+        /// Seconds between redraws with --watch.
+        #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = interval_secs)]
         interval: f64,
     },
     /// Validate a config file without starting anything; exits non-zero naming file, key and
@@ -148,20 +150,71 @@ fn status(
             return ExitCode::FAILURE;
         }
     };
-    if !watch {
-        return status_once(json, &socket);
+    if watch {
+        return watch_status(json, &socket, Duration::from_secs_f64(interval));
     }
-    let interval = Duration::from_secs_f64(interval.clamp(0.2, 3600.0));
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    loop {
-        if terminal {
-            // Home and clear, then the fresh screen: no scrolling history of old states.
-            print!("\x1b[H\x1b[2J");
-        } else {
-            println!("--- {}", unix_now());
+    match fetch_status(json, &socket) {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            ExitCode::SUCCESS
         }
-        // A daemon that went away is shown as such and watched for again.
-        let _ = status_once(json, &socket);
+        Err(failure) => {
+            eprintln!("gatewayctl: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
+/// `--interval`: a person watching wants at most a few redraws a second, and a typo such as
+/// `nan` or `-1` must be an error, not a busy loop or a panic.
+fn interval_secs(s: &str) -> Result<f64, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (0.1..=86_400.0).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err(format!("{s} is outside 0.1..86400 seconds"))
+    }
+}
+
+/// Redraws until interrupted. Each screen is fetched and rendered before the old one is
+/// cleared, so a slow daemon never leaves a blank terminal; a daemon that goes away is one line
+/// on the screen, and the next round asks again.
+fn watch_status(json: bool, socket: &Path, interval: Duration) -> ExitCode {
+    let terminal = std::io::stdout().is_terminal();
+    loop {
+        let mut screen = String::new();
+        if terminal {
+            // Home and clear: one current state, no scrolling history of old ones.
+            screen.push_str("\x1b[H\x1b[2J");
+            if !json {
+                screen.push_str(&format!(
+                    "every {}s, {} (Ctrl-C to stop)\n\n",
+                    interval.as_secs_f64(),
+                    utc_clock(unix_now())
+                ));
+            }
+        } else {
+            // Piped: snapshots follow each other, so mark where each begins.
+            screen.push_str(&format!("--- {}\n", unix_now()));
+        }
+        match fetch_status(json, socket) {
+            Ok(text) => screen.push_str(&text),
+            Err(failure) => screen.push_str(&format!("gatewayctl: {}\n", failure.message)),
+        }
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(screen.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            // The reader went away (`| head`): nothing more to show anyone.
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
         std::thread::sleep(interval);
     }
 }
@@ -174,38 +227,49 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn status_once(json: bool, socket: &Path) -> ExitCode {
-    match api::request(socket, &Request::Status, Duration::from_secs(5)) {
-        Ok(Response::Status(s)) => {
-            if json {
-                match serde_json::to_string_pretty(&s) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("gatewayctl: encoding status: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                let text = gateway::cli::colourize(&gateway::cli::render_status(&s));
-                let mut out = anstream::stdout();
-                let _ = std::io::Write::write_all(&mut out, text.as_bytes());
-                let _ = std::io::Write::flush(&mut out);
-            }
-            ExitCode::SUCCESS
-        }
+/// `HH:MM:SS UTC`: enough to see that the screen is live, without a time-zone database.
+fn utc_clock(unix: u64) -> String {
+    let day = unix % 86_400;
+    format!("{:02}:{:02}:{:02} UTC", day / 3600, day / 60 % 60, day % 60)
+}
+
+/// Why there is no status to show: the one line for the operator, and the exit status that
+/// lets scripts tell "not running" (3) from "broken" (1).
+struct Failure {
+    message: String,
+    code: ExitCode,
+}
+
+/// The status as it is printed: JSON, or the human text, coloured when stdout takes colour.
+fn fetch_status(json: bool, socket: &Path) -> Result<String, Failure> {
+    let failed = |message: String| Failure {
+        message,
+        code: ExitCode::FAILURE,
+    };
+    let s = match api::request(socket, &Request::Status, Duration::from_secs(5)) {
+        Ok(Response::Status(s)) => s,
         Ok(Response::Error { message }) => {
-            eprintln!("gatewayctl: gatewayd reported an error: {message}");
-            ExitCode::FAILURE
+            return Err(failed(format!("gatewayd reported an error: {message}")));
         }
         Err(e @ ClientError::NotRunning { .. }) => {
-            eprintln!("gatewayctl: {e}");
-            ExitCode::from(EXIT_NOT_RUNNING)
+            return Err(Failure {
+                message: e.to_string(),
+                code: ExitCode::from(EXIT_NOT_RUNNING),
+            });
         }
-        Err(e) => {
-            eprintln!("gatewayctl: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => return Err(failed(e.to_string())),
+    };
+    if json {
+        return serde_json::to_string_pretty(&s)
+            .map(|text| text + "\n")
+            .map_err(|e| failed(format!("encoding status: {e}")));
     }
+    let text = gateway::cli::render_status(&s);
+    // NO_COLOR, CLICOLOR and whether stdout is a terminal, as anstream judges them.
+    Ok(match anstream::AutoStream::choice(&std::io::stdout()) {
+        anstream::ColorChoice::Never => text,
+        _ => gateway::cli::colourize(&text),
+    })
 }
 
 /// --socket wins; then the socket of an explicitly named config (which must be valid); then
