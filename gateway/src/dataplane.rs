@@ -59,6 +59,9 @@ pub struct Dataplane {
     /// (program name, interface, link) for every attachment this dataplane made.
     links: Vec<(&'static str, String, SchedClassifierLinkId)>,
     program_id: u32,
+    /// The (route id, prefix) pairs in the tries now, to tell a route that stays from one
+    /// that is new or renumbered.
+    loaded: Vec<(u32, IpNet)>,
     _logger: Option<aya_log::EbpfLogger>,
 }
 
@@ -82,6 +85,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             links: Vec::new(),
+            loaded: Vec::new(),
             program_id,
             _logger: logger,
         })
@@ -92,8 +96,10 @@ impl Dataplane {
         self.program_id
     }
 
-    /// Makes the tries hold exactly `routes` and zeroes those routes' counters, so a route id
-    /// reused for another prefix starts from nothing.
+    /// Makes the tries hold exactly `routes` and zeroes the counters of every id that is new or
+    /// now names another prefix, so a reused id starts from nothing while a route that stays
+    /// (a reload, a client's reconnect) keeps counting: its metrics are counters, and a
+    /// needless reset reads as a drop in traffic.
     pub fn set_routes(&mut self, routes: &[(u32, IpNet)]) -> Result<(), DataplaneError> {
         if let Some((id, _)) = routes.iter().find(|(id, _)| *id >= MAX_ROUTES) {
             return Err(DataplaneError::RouteId(*id));
@@ -110,17 +116,19 @@ impl Dataplane {
         sync_trie(&mut self.ebpf, maps::ROUTES_V6, &v6)?;
 
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let fresh = ids_to_zero(&self.loaded, routes);
         let mut counters = self.route_counter_map()?;
-        for (id, _) in routes {
+        for id in fresh {
             let zero = PerCpuValues::try_from(vec![RouteCounters::default(); cpus])
                 .map_err(DataplaneError::Cpus)?;
             counters
-                .set(*id, zero, 0)
+                .set(id, zero, 0)
                 .map_err(|source| DataplaneError::Map {
                     map: maps::ROUTE_COUNTERS,
                     source,
                 })?;
         }
+        self.loaded = routes.to_vec();
         Ok(())
     }
 
@@ -334,6 +342,16 @@ fn stale_keys<K: Ord + Copy>(present: &[K], wanted: &[K]) -> Vec<K> {
         .collect()
 }
 
+/// Route ids whose counters must start from zero: those not loaded before with the same prefix.
+fn ids_to_zero(loaded: &[(u32, IpNet)], wanted: &[(u32, IpNet)]) -> Vec<u32> {
+    let loaded: BTreeSet<(u32, IpNet)> = loaded.iter().copied().collect();
+    wanted
+        .iter()
+        .filter(|pair| !loaded.contains(pair))
+        .map(|(id, _)| *id)
+        .collect()
+}
+
 /// Per-CPU slots are written without atomics by one CPU each; the sum is the total.
 fn sum_route_counters(per_cpu: &[RouteCounters]) -> RouteCounters {
     per_cpu
@@ -398,6 +416,37 @@ mod tests {
             }
         );
         assert_eq!(sum_route_counters(&[]), RouteCounters::default());
+    }
+
+    #[test]
+    fn zeroes_counters_of_new_and_renumbered_routes_only() {
+        let net = |s: &str| -> IpNet { s.parse().expect("cidr") };
+        let before = [(0, net("10.128.0.0/16")), (1, net("fd00:128::/64"))];
+        assert_eq!(
+            ids_to_zero(&[], &before),
+            vec![0, 1],
+            "a first load zeroes all"
+        );
+        assert!(
+            ids_to_zero(&before, &before).is_empty(),
+            "a reload keeps counts"
+        );
+        let added = [
+            (0, net("10.128.0.0/16")),
+            (1, net("fd00:128::/64")),
+            (2, net("10.129.0.0/16")),
+        ];
+        assert_eq!(ids_to_zero(&before, &added), vec![2]);
+        let inserted = [
+            (0, net("10.129.0.0/16")),
+            (1, net("10.128.0.0/16")),
+            (2, net("fd00:128::/64")),
+        ];
+        assert_eq!(
+            ids_to_zero(&before, &inserted),
+            vec![0, 1, 2],
+            "an id now naming another prefix starts again"
+        );
     }
 
     #[test]
