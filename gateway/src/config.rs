@@ -38,7 +38,7 @@ pub struct Config {
     /// `[icmp] manage_ping_group_range`: widen `net.ipv4.ping_group_range` to the daemon's group
     /// at start and restore it on stop.
     pub manage_ping_group_range: bool,
-    /// `[metrics] listen`: where the OpenMetrics endpoint serves `/metrics`; off when absent.
+    /// `[metrics] listen`: where the Prometheus endpoint serves `/metrics`; off when absent.
     pub metrics: Option<SocketAddr>,
 }
 

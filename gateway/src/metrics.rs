@@ -1,6 +1,7 @@
-//! The opt-in metrics endpoint (`[metrics] listen`): OpenMetrics text built from the same
-//! [`Status`] snapshot `gatewayctl status --json` prints, so the two always agree. Rendering is
-//! a pure function; the HTTP side is a few lines around it.
+//! The opt-in metrics endpoint (`[metrics] listen`): Prometheus text (format 0.0.4, or
+//! OpenMetrics when the scraper asks for it) built from the same [`Status`] snapshot
+//! `gatewayctl status --json` prints, so the two always agree. Rendering is a pure function;
+//! the HTTP side is a few lines around it.
 
 use std::sync::Arc;
 
@@ -86,13 +87,14 @@ pub fn render(s: &Status) -> String {
     );
     b.gauge(
         "program_attached",
-        "1 when the kernel reports gatewayd's classifier at the interface",
+        "1 when the kernel reports gatewayd's program at the interface's hook",
         s.interfaces
             .iter()
-            .chain(s.dns_egress.iter())
-            .map(|i| {
+            .map(|i| (i, "tcx_ingress"))
+            .chain(s.dns_egress.iter().map(|i| (i, "tcx_egress")))
+            .map(|(i, hook)| {
                 (
-                    labels(&[("interface", &i.name)]),
+                    labels(&[("interface", &i.name), ("hook", hook)]),
                     f64::from(u8::from(i.classifier_attached)),
                 )
             })
@@ -218,16 +220,90 @@ pub fn render(s: &Status) -> String {
     out
 }
 
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Prometheus asks for this in its Accept header; everything else (curl, older scrapers, the
+/// node exporter's textfile collector) gets the classic text format.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Serves `GET /metrics` (anything else: 404) on `listener`, one snapshot per request.
+/// The same metrics in the Prometheus text format 0.0.4. prometheus-client writes only
+/// OpenMetrics, which differs in three places: a counter family is named without `_total`
+/// there (its samples have it), `info` is a type of its own (a gauge of 1 here), and the text
+/// ends with `# EOF`. Samples and label escaping are the same.
+pub fn to_text_004(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gaugehistogram" | "stateset" | "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// What one request asks for, from its head (request line and headers).
+#[derive(Debug, PartialEq, Eq)]
+enum Asked {
+    Metrics { openmetrics: bool },
+    NotFound,
+    NotAllowed,
+}
+
+fn parse_request(head: &str) -> Asked {
+    let mut lines = head.lines();
+    let mut request_line = lines.next().unwrap_or("").split_whitespace();
+    let (method, target) = (request_line.next(), request_line.next().unwrap_or(""));
+    // A query string (`?name[]=...` from some scrapers) does not change the answer.
+    let path = target.split('?').next().unwrap_or("");
+    if path != "/metrics" {
+        return Asked::NotFound;
+    }
+    if method != Some("GET") {
+        return Asked::NotAllowed;
+    }
+    let openmetrics = lines.any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("accept")
+                && value.contains("application/openmetrics-text")
+        })
+    });
+    Asked::Metrics { openmetrics }
+}
+
+/// Serves `GET /metrics` (anything else: 404 or 405) on `listener`, one snapshot per request.
 pub async fn serve<F>(listener: tokio::net::TcpListener, snapshot: Arc<F>)
 where
     F: Fn() -> Option<Status> + Send + Sync + 'static,
 {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, usually: wait instead of spinning on the error.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let snapshot = snapshot.clone();
         tokio::spawn(async move {
@@ -248,18 +324,23 @@ where
                     break;
                 }
             }
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let path = request.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match (request.starts_with("GET "), path) {
-                (true, "/metrics") => match snapshot() {
-                    Some(s) => ("200 OK", CONTENT_TYPE, render(&s)),
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, ctype, body) = match parse_request(&head) {
+                Asked::Metrics { openmetrics } => match snapshot() {
+                    Some(s) if openmetrics => ("200 OK", OPENMETRICS, render(&s)),
+                    Some(s) => ("200 OK", TEXT_004, to_text_004(&render(&s))),
                     None => (
                         "500 Internal Server Error",
                         "text/plain",
                         "status unavailable\n".into(),
                     ),
                 },
-                _ => ("404 Not Found", "text/plain", "try /metrics\n".into()),
+                Asked::NotAllowed => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET /metrics\n".into(),
+                ),
+                Asked::NotFound => ("404 Not Found", "text/plain", "try /metrics\n".into()),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -290,6 +371,7 @@ mod tests {
             "gateway_dns_queries_total{zone=\"hoge-vpc.com\"} 7",
             "gateway_dns_resolver_up{zone=\"hoge-vpc.com\",resolver=\"10.128.0.61\"} 0.0",
             "gateway_access_streams_total 2",
+            "gateway_program_attached{interface=\"wan0\",hook=\"tcx_egress\"} 1.0",
             "gateway_build_info{version=\"0.1.0\",node=\"lab-op\"} 1",
         ] {
             assert!(
@@ -298,5 +380,65 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_classic_text_format_names_counters_with_total_and_has_no_eof() {
+        let s = crate::api::tests::full_status();
+        let open = render(&s);
+        let text = to_text_004(&open);
+        for line in [
+            "# HELP gateway_route_packets_total Packets the eBPF classifier matched to each route.",
+            "# TYPE gateway_route_packets_total counter",
+            "gateway_route_packets_total{route=\"vpc\",cidr=\"10.128.0.0/16\"} 5",
+            "# TYPE gateway_build_info gauge",
+            "gateway_build_info{version=\"0.1.0\",node=\"lab-op\"} 1",
+            "# TYPE gateway_uptime_seconds gauge",
+            "# TYPE gateway_dns_resolver_up gauge",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+        assert!(!text.contains("# EOF"), "{text}");
+        // Every sample line is kept as it was; only comments change.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(samples(&open), samples(&text));
+        // Each family: HELP then TYPE, and its samples carry the TYPE line's name.
+        let mut family = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                family = rest.split(' ').next().unwrap_or("").to_string();
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(&family), "{line} outside {family}");
+            }
+        }
+    }
+
+    #[test]
+    fn requests_are_answered_by_path_method_and_accept_header() {
+        assert_eq!(
+            parse_request("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Asked::Metrics { openmetrics: false }
+        );
+        assert_eq!(
+            parse_request(
+                "GET /metrics?name[]=up HTTP/1.1\r\naccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3\r\n\r\n"
+            ),
+            Asked::Metrics { openmetrics: true }
+        );
+        assert_eq!(
+            parse_request("POST /metrics HTTP/1.1\r\n\r\n"),
+            Asked::NotAllowed
+        );
+        assert_eq!(parse_request("GET / HTTP/1.1\r\n\r\n"), Asked::NotFound);
+        assert_eq!(parse_request(""), Asked::NotFound);
+        assert_eq!(parse_request("\u{0}\u{ff}garbage"), Asked::NotFound);
     }
 }
