@@ -74,6 +74,7 @@ pub fn colourize(text: &str) -> String {
             (" DOWN", red),
             ("NOT reserved", red),
             ("MISSING", red),
+            ("is not running", red),
             ("refused:", yellow),
             ("reconnecting", yellow),
             ("tcp:", yellow),

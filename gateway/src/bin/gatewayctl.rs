@@ -203,7 +203,14 @@ fn watch_status(json: bool, socket: &Path, interval: Duration) -> ExitCode {
         }
         match fetch_status(json, socket) {
             Ok(text) => screen.push_str(&text),
-            Err(failure) => screen.push_str(&format!("gatewayctl: {}\n", failure.message)),
+            Err(failure) => {
+                let line = format!("gatewayctl: {}\n", failure.message);
+                screen.push_str(&if colour() {
+                    gateway::cli::colourize(&line)
+                } else {
+                    line
+                });
+            }
         }
         let mut out = std::io::stdout().lock();
         if out
@@ -265,11 +272,17 @@ fn fetch_status(json: bool, socket: &Path) -> Result<String, Failure> {
             .map_err(|e| failed(format!("encoding status: {e}")));
     }
     let text = gateway::cli::render_status(&s);
-    // NO_COLOR, CLICOLOR and whether stdout is a terminal, as anstream judges them.
-    Ok(match anstream::AutoStream::choice(&std::io::stdout()) {
-        anstream::ColorChoice::Never => text,
-        _ => gateway::cli::colourize(&text),
+    Ok(if colour() {
+        gateway::cli::colourize(&text)
+    } else {
+        text
     })
+}
+
+/// Whether stdout takes colour: a terminal, unless NO_COLOR (or CLICOLOR=0, TERM=dumb) says
+/// otherwise; CLICOLOR_FORCE forces it. As anstream judges them.
+fn colour() -> bool {
+    anstream::AutoStream::choice(&std::io::stdout()) != anstream::ColorChoice::Never
 }
 
 /// --socket wins; then the socket of an explicitly named config (which must be valid); then
