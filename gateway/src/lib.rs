@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
+pub mod logging;
 pub mod metrics;
 pub mod pingrange;
 pub mod pki;

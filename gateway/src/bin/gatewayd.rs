@@ -1,11 +1,9 @@
 //! gatewayd: the daemon. Argument parsing and logging setup, then the library.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// Exit status for a config that does not validate; the systemd unit does not restart on it,
 /// since restarting cannot fix a file.
@@ -36,7 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    init_logging(&config.node.log_level);
+    gateway::logging::init(&config.node.log_level);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -56,22 +54,5 @@ fn main() -> ExitCode {
             eprintln!("gatewayd: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs go to stderr, one line per event: journald captures them under systemd, where
-/// timestamps and colour would only be noise. `[node] log_level` sets the level; `RUST_LOG`,
-/// when set, overrides it (per module, e.g. `RUST_LOG=gateway::tunnel=debug`).
-fn init_logging(level: &str) {
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!journald && std::io::stderr().is_terminal());
-    if journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
     }
 }

@@ -1,0 +1,86 @@
+//! gatewayd's log: the level from `[node] log_level`, RUST_LOG above it, one line per event,
+//! no colour when stderr is not a terminal, no timestamps under journald.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use gateway_lab::{Host, Lab, LabOptions};
+
+/// Runs gatewayd under `env ARGS` until it is ready, stops it, and returns its whole log.
+fn run_and_stop(lab: &Lab, env: &[&str], config: &std::path::Path, log: &str) -> String {
+    let socket = socket_path(lab, "op");
+    let mut argv = vec!["env"];
+    argv.extend_from_slice(env);
+    argv.extend_from_slice(&[GATEWAYD, "--config", config.to_str().expect("utf-8")]);
+    let mut daemon = start_daemon_argv(lab, Host::Operator, &argv, &socket, log);
+    status_json(lab, Host::Operator, &socket);
+    daemon.terminate().expect("SIGTERM");
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("gatewayd exits");
+    assert!(
+        exit.success(),
+        "gatewayd exit {exit}; log:\n{}",
+        daemon.log()
+    );
+    daemon.log()
+}
+
+#[test]
+fn log_level_comes_from_the_config_and_rust_log_overrides_it() {
+    let lab = Lab::start(LabOptions {
+        servers: false,
+        ..LabOptions::default()
+    })
+    .expect("lab");
+    let config = write_config(&lab, "op", &["lan0"], "");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    std::fs::write(
+        &config,
+        text.replacen("[node]\n", "[node]\nlog_level = \"warn\"\n", 1),
+    )
+    .expect("write config");
+
+    let quiet = run_and_stop(&lab, &["-u", "RUST_LOG"], &config, "warn.log");
+    assert!(
+        !quiet.contains("INFO") && !quiet.contains("gatewayd ready"),
+        "log_level = \"warn\" still logged info:\n{quiet}"
+    );
+
+    let loud = run_and_stop(&lab, &["RUST_LOG=info"], &config, "info.log");
+    assert!(
+        loud.contains("gatewayd ready"),
+        "RUST_LOG=info ignored:\n{loud}"
+    );
+    assert!(!loud.contains('\u{1b}'), "colour in a log file:\n{loud}");
+    // One line per event, each starting with its timestamp (not under journald).
+    for line in loud.lines() {
+        assert!(
+            line.starts_with("20"),
+            "not an event line: {line:?}\n{loud}"
+        );
+    }
+
+    let broken = run_and_stop(&lab, &["RUST_LOG=gateway=[[["], &config, "broken.log");
+    assert!(
+        broken.contains("RUST_LOG") && broken.contains("WARN") && !broken.contains("INFO"),
+        "a broken RUST_LOG falls back to log_level, and says so:\n{broken}"
+    );
+
+    // Under systemd journald stamps each line itself: none from us.
+    let journal = run_and_stop(
+        &lab,
+        &["RUST_LOG=info", "JOURNAL_STREAM=8:1234"],
+        &config,
+        "journal.log",
+    );
+    assert!(journal.contains("gatewayd ready"), "{journal}");
+    for line in journal.lines() {
+        assert!(
+            !line.starts_with(|c: char| c.is_ascii_digit()),
+            "a timestamp under journald: {line:?}"
+        );
+    }
+}
