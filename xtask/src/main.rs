@@ -543,7 +543,9 @@ mod tests {
             "usr/lib/sysusers.d/gateway.conf",
             "etc/gateway/examples/connector.toml",
             "etc/gateway/examples/client.toml",
+            "etc/gateway/examples/gateway.toml",
             "opt/gw/share/doc/gateway/README.md",
+            "opt/gw/share/doc/gateway/status.schema.json",
         ] {
             assert!(
                 files.contains(&dest.join(f)),
