@@ -57,6 +57,12 @@ pub fn colourize(text: &str) -> String {
     let paint = |style: Style, s: &str| format!("{style}{s}{style:#}");
     let mut out = String::with_capacity(text.len() + 256);
     for line in text.lines() {
+        // The first line's "up 5m" is uptime, not a resolver's health.
+        if line.starts_with("gatewayd ") {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
         let is_header = line
             .split_whitespace()
             .next()
@@ -211,7 +217,11 @@ pub fn render_status(s: &Status) -> String {
         let _ = writeln!(
             out,
             "icmp: ping_group_range \"{}\" (gid {}{}), echo probes {}",
-            i.ping_group_range,
+            // The kernel separates the two numbers with a tab; a terminal would widen it.
+            i.ping_group_range
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
             i.gid,
             if i.managed { ", managed" } else { "" },
             if i.probes_possible {
@@ -441,6 +451,32 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             plain,
             "piped output is the plain text"
         );
+    }
+
+    #[test]
+    fn icmp_line_names_the_range_and_the_fix() {
+        let mut s = crate::api::tests::sample_status();
+        s.icmp = Some(crate::pingrange::IcmpStatus {
+            ping_group_range: "1\t0".into(),
+            gid: 0,
+            managed: false,
+            probes_possible: false,
+            fix: Some("sysctl -w net.ipv4.ping_group_range=\"0 0\"".into()),
+        });
+        let text = render_status(&s);
+        assert!(
+            text.ends_with(
+                "\nicmp: ping_group_range \"1 0\" (gid 0), echo probes IMPOSSIBLE\n  \
+                 fix: sysctl -w net.ipv4.ping_group_range=\"0 0\"\n"
+            ),
+            "{text}"
+        );
+        let coloured = colourize(&text);
+        assert!(
+            coloured.starts_with("gatewayd 0.1.0 on node lab-op, classifier only (pid 42), up 1h"),
+            "uptime is not a health word: {coloured:?}"
+        );
+        assert!(coloured.contains("\u{1b}[31mIMPOSSIBLE"), "{coloured:?}");
     }
 
     #[test]

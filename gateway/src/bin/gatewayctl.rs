@@ -24,7 +24,7 @@ struct Args {
 enum Command {
     /// Show what the daemon is doing: programs attached, routes and their counters.
     Status {
-        /// Print the status as JSON (schema in the README).
+        /// Print the status as JSON (schema: docs/status.schema.json).
         #[arg(long)]
         json: bool,
         /// Daemon socket; defaults to [node] socket of --config, then /run/gateway/gatewayd.sock.
