@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use gateway_lab::{Host, Lab, LabOptions};
 
@@ -63,12 +61,7 @@ fn status_says_when_probes_are_impossible_and_management_widens_then_restores() 
         text.contains("echo probes IMPOSSIBLE") && text.contains("fix: sysctl -w"),
         "{text}"
     );
-    d.terminate().expect("SIGTERM");
-    assert!(
-        d.wait_timeout(Duration::from_secs(10))
-            .expect("exit")
-            .success()
-    );
+    stop_cleanly(&mut d);
     assert_eq!(sysctl(&lab), "1 0", "management off changes nothing");
 
     let on = write_config(&lab, "on", &[], "[icmp]\nmanage_ping_group_range = true\n");
@@ -82,11 +75,6 @@ fn status_says_when_probes_are_impossible_and_management_widens_then_restores() 
         "{icmp:?}"
     );
     assert_eq!(sysctl(&lab), "0 0", "widened just to the daemon's group");
-    d.terminate().expect("SIGTERM");
-    assert!(
-        d.wait_timeout(Duration::from_secs(10))
-            .expect("exit")
-            .success()
-    );
+    stop_cleanly(&mut d);
     assert_eq!(sysctl(&lab), "1 0", "the old value is back after stop");
 }

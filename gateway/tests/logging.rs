@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use gateway_lab::{Host, Lab, LabOptions};
 
@@ -16,15 +14,7 @@ fn run_and_stop(lab: &Lab, env: &[&str], config: &std::path::Path, log: &str) ->
     argv.extend_from_slice(&[GATEWAYD, "--config", config.to_str().expect("utf-8")]);
     let mut daemon = start_daemon_argv(lab, Host::Operator, &argv, &socket, log);
     status_json(lab, Host::Operator, &socket);
-    daemon.terminate().expect("SIGTERM");
-    let exit = daemon
-        .wait_timeout(Duration::from_secs(10))
-        .expect("gatewayd exits");
-    assert!(
-        exit.success(),
-        "gatewayd exit {exit}; log:\n{}",
-        daemon.log()
-    );
+    stop_cleanly(&mut daemon);
     daemon.log()
 }
 

@@ -148,13 +148,5 @@ fn metrics_agree_with_status_json_once_traffic_stops() {
     let (head, _) = exchange(&ns, "DELETE /metrics HTTP/1.1\r\n\r\n");
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
 
-    daemon.terminate().expect("SIGTERM");
-    let exit = daemon
-        .wait_timeout(Duration::from_secs(10))
-        .expect("gatewayd exits");
-    assert!(
-        exit.success(),
-        "gatewayd exit {exit}; log:\n{}",
-        daemon.log()
-    );
+    stop_cleanly(&mut daemon);
 }

@@ -82,13 +82,5 @@ fn live_status_json_fits_the_documented_schema_as_counters_move_and_after_a_relo
         "a reload keeps counters"
     );
 
-    daemon.terminate().expect("SIGTERM");
-    let exit = daemon
-        .wait_timeout(Duration::from_secs(10))
-        .expect("gatewayd exits");
-    assert!(
-        exit.success(),
-        "gatewayd exit {exit}; log:\n{}",
-        daemon.log()
-    );
+    stop_cleanly(&mut daemon);
 }

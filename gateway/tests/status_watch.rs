@@ -52,21 +52,7 @@ fn watch_shows_not_running_while_the_daemon_is_away_and_resumes_when_it_returns(
     let mut daemon = start_daemon(&lab, Host::Operator, &config, &socket, "gatewayd.log");
     let sock = socket.to_str().expect("utf-8");
 
-    let mut watch = lab
-        .spawn(
-            Host::Operator,
-            &[
-                GATEWAYCTL,
-                "status",
-                "--watch",
-                "--interval",
-                "0.3",
-                "--socket",
-                sock,
-            ],
-            "watch.log",
-        )
-        .expect("spawn watch");
+    let mut watch = spawn_watch(&lab, Host::Operator, sock, "watch.log");
     wait_for_output(&watch, "two screens", |l| l.matches("ROUTE").count() >= 2);
 
     daemon.terminate().expect("SIGTERM");

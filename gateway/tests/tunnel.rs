@@ -1815,21 +1815,7 @@ fn status_on_a_live_tunnel_shows_the_peer_its_transport_and_counters_that_move()
     assert_eq!(connector["tunnel"]["zones"][0]["domain"], zone::DOMAIN);
 
     // --watch redraws until interrupted; piped, snapshots are separated by a line.
-    let mut watch = lab
-        .spawn(
-            Host::Operator,
-            &[
-                GATEWAYCTL,
-                "status",
-                "--watch",
-                "--interval",
-                "0.3",
-                "--socket",
-                sock,
-            ],
-            "watch.log",
-        )
-        .expect("spawn watch");
+    let mut watch = spawn_watch(lab, Host::Operator, sock, "watch.log");
     std::thread::sleep(Duration::from_millis(1500));
     watch.terminate().expect("SIGTERM");
     let _ = watch.wait_timeout(Duration::from_secs(5));

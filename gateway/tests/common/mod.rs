@@ -198,3 +198,35 @@ pub fn status_validated(lab: &Lab, host: Host, socket: &Path) -> serde_json::Val
     );
     value
 }
+
+/// SIGTERM, then the clean exit expected of gatewayd; its log when it does not exit 0.
+pub fn stop_cleanly(daemon: &mut Spawned) {
+    daemon.terminate().expect("SIGTERM");
+    let exit = daemon
+        .wait_timeout(Duration::from_secs(10))
+        .expect("gatewayd exits");
+    assert!(
+        exit.success(),
+        "gatewayd exit {exit}; log:\n{}",
+        daemon.log()
+    );
+}
+
+/// `gatewayctl status --watch --interval 0.3 --socket SOCKET` running in the background in
+/// `host`, its output in `log`.
+pub fn spawn_watch(lab: &Lab, host: Host, socket: &str, log: &str) -> Spawned {
+    lab.spawn(
+        host,
+        &[
+            GATEWAYCTL,
+            "status",
+            "--watch",
+            "--interval",
+            "0.3",
+            "--socket",
+            socket,
+        ],
+        log,
+    )
+    .expect("spawn gatewayctl status --watch")
+}
