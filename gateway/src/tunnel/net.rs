@@ -74,23 +74,27 @@ pub async fn add_address(
     Ok(())
 }
 
-pub async fn replace_route(handle: &Handle, dst: IpNet, index: u32) -> Result<(), NetError> {
-    let msg = RouteMessageBuilder::<IpAddr>::new()
+/// The route to `dst` out of the interface `index`, as rtnetlink takes it to add or delete.
+fn route_message(
+    dst: IpNet,
+    index: u32,
+) -> Result<rtnetlink::packet_route::route::RouteMessage, NetError> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(dst.network(), dst.prefix_len())
         .map_err(|e| NetError::Route(dst, e.to_string()))?
         .output_interface(index)
-        .build();
+        .build())
+}
+
+pub async fn replace_route(handle: &Handle, dst: IpNet, index: u32) -> Result<(), NetError> {
+    let msg = route_message(dst, index)?;
     handle.route().add(msg).replace().execute().await?;
     Ok(())
 }
 
 /// Removes the route to `dst` through the TUN (a reload took it away).
 pub async fn delete_route(handle: &Handle, dst: IpNet, index: u32) -> Result<(), NetError> {
-    let msg = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .map_err(|e| NetError::Route(dst, e.to_string()))?
-        .output_interface(index)
-        .build();
+    let msg = route_message(dst, index)?;
     handle.route().del(msg).execute().await?;
     Ok(())
 }
