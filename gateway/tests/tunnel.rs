@@ -1633,6 +1633,26 @@ fn sighup_adds_a_route_without_touching_the_tunnel_and_refuses_what_needs_a_rest
         Some(before.connection_id)
     );
 
+    // Withdrawing a route removes it from the client too, still on the same connection.
+    std::fs::write(&cc, full.replace(&v4_route, "")).expect("write config");
+    connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let routes = lab
+            .run_ok(Host::Operator, &["ip", "route", "show", addr::VPC_CIDR])
+            .expect("ip route");
+        if routes.trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "route still there: {routes}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ping(addr::VPC_HOST_V6), "the remaining route still works");
+    assert_eq!(
+        client_peer(&lab, &client_socket).map(|p| p.connection_id),
+        Some(before.connection_id)
+    );
+
     // Status asks the kernel for the firewall table rather than assuming it is there.
     let firewall = || {
         status_json(&lab, Host::VpcGateway, &connector_socket)
