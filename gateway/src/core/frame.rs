@@ -4,12 +4,14 @@
 //!
 //! The decoder is a state machine fed arbitrary chunks (`push`), yielding whole frames
 //! (`next_frame`); it never allocates per frame beyond the payload it returns, never panics,
-//! and reports an unknown type or an over-long frame as an error, after which the stream is
-//! not trusted any more.
+//! and reports an unknown type, a type this side never receives, or a length above its
+//! [`Limits`] as an error as soon as the 3-byte header is in (before any of the payload is
+//! waited for), after which the stream is not trusted any more.
 
 /// Largest payload: an IP packet of the largest TUN MTU, or a DNS message.
 pub const MAX_PAYLOAD: usize = 65_535;
-const HEADER: usize = 3;
+/// Type and length.
+pub const HEADER: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -40,6 +42,72 @@ impl FrameType {
 pub enum FrameError {
     UnknownType(u8),
     TooLong(usize),
+    /// A type this side never receives (a connector gets no DNS answers, a client no queries).
+    Unexpected(FrameType),
+}
+
+impl FrameError {
+    /// A fixed name for counters.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FrameError::UnknownType(_) => "frame_unknown_type",
+            FrameError::TooLong(_) => "frame_too_long",
+            FrameError::Unexpected(_) => "frame_unexpected_type",
+        }
+    }
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::UnknownType(t) => write!(f, "unknown frame type {t}"),
+            FrameError::TooLong(n) => write!(f, "frame of {n} bytes is above this side's limit"),
+            FrameError::Unexpected(t) => write!(f, "{t:?} frame, which this side never receives"),
+        }
+    }
+}
+
+/// Largest payload accepted per frame type; `None`: that type is a protocol error here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub control: usize,
+    pub packet: usize,
+    pub dns_query: Option<usize>,
+    pub dns_answer: Option<usize>,
+}
+
+impl Limits {
+    /// Everything up to [`MAX_PAYLOAD`]: only for tests and tools; links use their side's.
+    pub const ANY: Limits = Limits {
+        control: MAX_PAYLOAD,
+        packet: MAX_PAYLOAD,
+        dns_query: Some(MAX_PAYLOAD),
+        dns_answer: Some(MAX_PAYLOAD),
+    };
+
+    fn max(&self, kind: FrameType) -> Option<usize> {
+        match kind {
+            FrameType::Control => Some(self.control),
+            FrameType::Packet => Some(self.packet),
+            FrameType::DnsQuery => self.dns_query,
+            FrameType::DnsAnswer => self.dns_answer,
+        }
+    }
+}
+
+/// The type and payload length a frame header announces, if `limits` accept them: checked
+/// before the payload is read or buffered.
+pub fn check_header(
+    header: [u8; HEADER],
+    limits: &Limits,
+) -> Result<(FrameType, usize), FrameError> {
+    let kind = FrameType::from_u8(header[0]).ok_or(FrameError::UnknownType(header[0]))?;
+    let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+    match limits.max(kind) {
+        None => Err(FrameError::Unexpected(kind)),
+        Some(max) if len > max => Err(FrameError::TooLong(len)),
+        Some(_) => Ok((kind, len)),
+    }
 }
 
 /// Appends one frame to `out`.
@@ -51,14 +119,31 @@ pub fn encode(kind: FrameType, payload: &[u8], out: &mut Vec<u8>) -> Result<(), 
     Ok(())
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
     failed: Option<FrameError>,
+    limits: Limits,
+}
+
+impl Default for Decoder {
+    /// A decoder with [`Limits::ANY`].
+    fn default() -> Decoder {
+        Decoder::new(Limits::ANY)
+    }
 }
 
 impl Decoder {
+    pub fn new(limits: Limits) -> Decoder {
+        Decoder {
+            buf: Vec::new(),
+            start: 0,
+            failed: None,
+            limits,
+        }
+    }
+
     pub fn push(&mut self, bytes: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();
@@ -76,12 +161,13 @@ impl Decoder {
         if pending.len() < HEADER {
             return Ok(None);
         }
-        let Some(kind) = FrameType::from_u8(pending[0]) else {
-            let e = FrameError::UnknownType(pending[0]);
-            self.failed = Some(e);
-            return Err(e);
+        let (kind, len) = match check_header([pending[0], pending[1], pending[2]], &self.limits) {
+            Ok(h) => h,
+            Err(e) => {
+                self.failed = Some(e);
+                return Err(e);
+            }
         };
-        let len = usize::from(u16::from_be_bytes([pending[1], pending[2]]));
         if pending.len() < HEADER + len {
             return Ok(None);
         }
@@ -152,6 +238,44 @@ mod tests {
             Err(FrameError::TooLong(MAX_PAYLOAD + 1))
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn headers_are_checked_against_the_limits_before_the_payload() {
+        let limits = Limits {
+            control: 8,
+            packet: 1360,
+            dns_query: Some(100),
+            dns_answer: None,
+        };
+        assert_eq!(
+            check_header([0, 0, 8], &limits),
+            Ok((FrameType::Control, 8))
+        );
+        assert_eq!(
+            check_header([0, 0, 9], &limits),
+            Err(FrameError::TooLong(9))
+        );
+        assert_eq!(
+            check_header([1, 0xff, 0xff], &limits),
+            Err(FrameError::TooLong(65_535))
+        );
+        assert_eq!(
+            check_header([3, 0, 4], &limits),
+            Err(FrameError::Unexpected(FrameType::DnsAnswer))
+        );
+        assert_eq!(
+            check_header([7, 0, 0], &limits),
+            Err(FrameError::UnknownType(7))
+        );
+        // The decoder refuses a 64 KiB packet frame from its header alone.
+        let mut d = Decoder::new(limits);
+        d.push(&[1, 0xff, 0xff]);
+        assert_eq!(d.next_frame(), Err(FrameError::TooLong(65_535)));
+        let mut d = Decoder::new(limits);
+        d.push(&[1, 0x05, 0x50]);
+        d.push(&[0; 100]);
+        assert_eq!(d.next_frame(), Ok(None), "1360 bytes fit; waiting for them");
     }
 
     #[test]
