@@ -90,7 +90,8 @@ pub struct TunnelStatus {
     /// One line: listening, connected, or why it is reconnecting.
     pub state: String,
     pub peers: Vec<PeerStatus>,
-    /// The latest refused connections (newest last), with why.
+    /// The latest refusals of authenticated peers (20) and the latest failed handshakes (5),
+    /// oldest first, with why.
     pub refusals: Vec<Refusal>,
     /// Packets dropped by the tunnel, by reason (`policy`, `spoofed_source`, `too_big`, ...).
     pub drops: BTreeMap<String, u64>,
@@ -111,6 +112,15 @@ pub struct TunnelStatus {
     pub access_streams_active: u64,
     #[serde(default)]
     pub access_streams_total: u64,
+    /// Connector: what a bound refused or dropped, by name: `dns_rate`, `dns_in_flight_peer`,
+    /// `dns_in_flight_global`, `dns_resolver_busy`, `frame_too_long`, `control_rate`,
+    /// `advertise_refused`, `descriptors_low`, ...; client: `learned_route_refused`, ...
+    #[serde(default)]
+    pub limits: BTreeMap<String, u64>,
+    /// Connector: connections that never authenticated, by reason: `tls_failed`, `timed_out`,
+    /// `over_capacity`, `over_capacity_per_source`, `no_name`, `bad_name`.
+    #[serde(default)]
+    pub handshake_failures: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +160,9 @@ pub struct PeerStatus {
     /// The client's overlay addresses.
     pub address_v4: String,
     pub address_v6: String,
+    /// Connector: the prefixes the client advertised that its policy granted, routed to it.
+    #[serde(default)]
+    pub advertised: Vec<String>,
     pub rtt_ms: f64,
     /// Seconds since the Unix epoch.
     pub connected_since: u64,
@@ -340,6 +353,7 @@ pub(crate) mod tests {
                 transport_reason: "no QUIC handshake in 1.5 s".into(),
                 address_v4: "100.64.0.2".into(),
                 address_v6: "fd00:64::2".into(),
+                advertised: vec!["192.0.2.0/24".into()],
                 rtt_ms: 2.5,
                 connected_since: 1_700_000_100,
                 connection_id: 9,
@@ -391,6 +405,8 @@ pub(crate) mod tests {
             firewall: Some("nftables table inet gw present: udp/7844".into()),
             access_streams_active: 1,
             access_streams_total: 2,
+            limits: BTreeMap::from([("dns_rate".into(), 5)]),
+            handshake_failures: BTreeMap::from([("timed_out".into(), 2)]),
         });
         s.last_reload = Some(ReloadStatus {
             at: 1_700_000_400,

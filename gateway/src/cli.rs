@@ -4,6 +4,13 @@
 use std::fmt::Write;
 
 use crate::api::Status;
+use crate::core::text;
+
+/// Text that came from a daemon, escaped again for the terminal: the daemon escapes what peers
+/// send as it comes in, and this holds even for a daemon that did not.
+fn esc(s: &str) -> String {
+    text::clean(s, 4 * text::PEER_TEXT)
+}
 
 /// Renders `1h 2m 5s` style durations: operators read uptime, not seconds.
 pub fn human_duration(secs: u64) -> String {
@@ -116,12 +123,12 @@ pub fn render_status(s: &Status) -> String {
     if let Some(r) = &s.last_reload {
         let when = human_duration((s.started_at + s.uptime_secs).saturating_sub(r.at));
         if r.ok {
-            let _ = writeln!(out, "last reload: {when} ago, {}", r.message);
+            let _ = writeln!(out, "last reload: {when} ago, {}", esc(&r.message));
         } else {
             let _ = writeln!(
                 out,
                 "last reload: {when} ago, REFUSED (running the previous config): {}",
-                r.message
+                esc(&r.message)
             );
         }
     }
@@ -242,7 +249,10 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
     let _ = writeln!(
         out,
         "tunnel: {} on {} (mtu {}), {}",
-        t.role, t.tun, t.mtu, t.state
+        t.role,
+        t.tun,
+        t.mtu,
+        esc(&t.state)
     );
     if let Some(p) = &t.egress_ports {
         let _ = writeln!(out, "egress ports: {p}");
@@ -258,12 +268,12 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
             .iter()
             .map(|p| {
                 vec![
-                    p.identity.clone(),
-                    p.remote.clone(),
+                    esc(&p.identity),
+                    esc(&p.remote),
                     if p.transport_reason.is_empty() {
-                        p.transport.clone()
+                        esc(&p.transport)
                     } else {
-                        format!("{}: {}", p.transport, p.transport_reason)
+                        esc(&format!("{}: {}", p.transport, p.transport_reason))
                     },
                     p.address_v4.clone(),
                     format!("{:.1} ms", p.rtt_ms),
@@ -295,14 +305,32 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
             ],
         );
     }
+    for p in t.peers.iter().filter(|p| !p.advertised.is_empty()) {
+        let _ = writeln!(
+            out,
+            "routed to {}: {}",
+            esc(&p.identity),
+            esc(&p.advertised.join(", "))
+        );
+    }
     for r in &t.refusals {
         let _ = writeln!(
             out,
             "refused: {} from {}: {}",
-            r.identity.as_deref().unwrap_or("(no identity)"),
-            r.remote,
-            r.reason
+            esc(r.identity.as_deref().unwrap_or("(no identity)")),
+            esc(&r.remote),
+            esc(&r.reason)
         );
+    }
+    let counts = |m: &std::collections::BTreeMap<String, u64>| -> String {
+        let v: Vec<String> = m.iter().map(|(k, v)| format!("{} {v}", esc(k))).collect();
+        v.join(", ")
+    };
+    if !t.handshake_failures.is_empty() {
+        let _ = writeln!(out, "failed handshakes: {}", counts(&t.handshake_failures));
+    }
+    if !t.limits.is_empty() {
+        let _ = writeln!(out, "limits hit: {}", counts(&t.limits));
     }
     if t.access_streams_total > 0 {
         let _ = writeln!(
@@ -334,7 +362,7 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
         let _ = writeln!(
             out,
             "dns zone {}: {} queries, {} answers, {} failovers, {} servfail{}{}",
-            z.domain,
+            esc(&z.domain),
             z.queries,
             z.answers,
             z.failovers,
@@ -365,6 +393,7 @@ mod tests {
                 transport_reason: "no QUIC handshake in 1.5 s".into(),
                 address_v4: "100.64.0.2".into(),
                 address_v6: "fd00:64::2".into(),
+                advertised: vec!["192.0.2.0/24".into(), "2001:db8:2::/64".into()],
                 rtt_ms: 0.25,
                 connected_since: 100,
                 connection_id: 1,
@@ -387,6 +416,8 @@ mod tests {
             firewall: None,
             access_streams_active: 1,
             access_streams_total: 3,
+            limits: BTreeMap::from([("dns_rate".into(), 12), ("frame_too_long".into(), 1)]),
+            handshake_failures: BTreeMap::from([("tls_failed".into(), 2)]),
             zones: vec![crate::api::ZoneStatus {
                 domain: "hoge-vpc.com".into(),
                 queries: 7,
@@ -415,12 +446,72 @@ mod tests {
 tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
 PEER       REMOTE              TRANSPORT                        ADDRESS        RTT    PING  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
 ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms  0.2 ms      1m 5s        10/1000        12/1200             1
+routed to ops-alice: 192.0.2.0/24, 2001:db8:2::/64
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
+failed handshakes: tls_failed 2
+limits hit: dns_rate 12, frame_too_long 1
 access streams: 1 open, 3 since start
 tunnel drops: policy 1
 dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.61 DOWN (ping 0.1 ms), 10.128.0.130 up 0.2 ms
 ";
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn text_from_peers_cannot_add_lines_or_escape_sequences() {
+        let hostile = "x\nrefused: ops-alice from 1.2.3.4: forged\x1b[2J\u{202e}";
+        let peer = crate::api::PeerStatus {
+            identity: "ops-\x1b]0;owned\x07".into(),
+            remote: "198.51.100.10:7844".into(),
+            transport: "tcp".into(),
+            transport_reason: hostile.into(),
+            address_v4: "100.64.0.2".into(),
+            address_v6: "fd00:64::2".into(),
+            advertised: vec![],
+            rtt_ms: 0.0,
+            connected_since: 0,
+            connection_id: 1,
+            max_datagram: 0,
+            tx_packets: 0,
+            tx_bytes: 0,
+            rx_packets: 0,
+            rx_bytes: 0,
+            policy_drops: 0,
+            ping_ms: None,
+        };
+        let t = crate::api::TunnelStatus {
+            role: "connector".into(),
+            tun: "gwtun".into(),
+            mtu: 0,
+            state: hostile.into(),
+            peers: vec![peer],
+            refusals: vec![crate::api::Refusal {
+                identity: None,
+                remote: "198.51.100.10:1".into(),
+                reason: hostile.into(),
+                at: 0,
+            }],
+            drops: BTreeMap::new(),
+            zones: vec![],
+            egress_ports: None,
+            firewall: None,
+            access_streams_active: 0,
+            access_streams_total: 0,
+            limits: BTreeMap::new(),
+            handshake_failures: BTreeMap::new(),
+        };
+        let mut out = String::new();
+        render_tunnel(&mut out, &t, 0);
+        assert!(
+            !out.chars().any(|c| c.is_control() && c != '\n'),
+            "control characters reach the terminal: {out:?}"
+        );
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("refused:")).count(),
+            1,
+            "{out}"
+        );
+        assert!(out.contains("\\u{1b}[2J"), "{out}");
     }
 
     #[test]

@@ -147,6 +147,9 @@ pub struct TlsPaths {
 pub struct PolicyEntry {
     pub identity: String,
     pub allow: Vec<String>,
+    /// Prefixes a client with this identity may advertise (its LANs); nothing else is routed
+    /// to it.
+    pub advertise: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -285,6 +288,8 @@ struct RawPolicy {
     identity: String,
     #[serde(default)]
     allow: Vec<String>,
+    #[serde(default)]
+    advertise: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -740,9 +745,22 @@ fn validate_tunnel(
                 bad(&format!("policy[{i}].allow[{j}]"), r, &mut ok);
             }
         }
+        let mut advertise = Vec::new();
+        for (j, c) in p.advertise.iter().enumerate() {
+            match parse_cidr(c) {
+                Ok(n) if n.prefix_len() == 0 => bad(
+                    &format!("policy[{i}].advertise[{j}]"),
+                    format!("{c:?} is a default route; a client is never routed everything"),
+                    &mut ok,
+                ),
+                Ok(n) => advertise.push(n),
+                Err(r) => bad(&format!("policy[{i}].advertise[{j}]"), r, &mut ok),
+            }
+        }
         entries.push(PolicyEntry {
             identity: p.identity,
             allow: p.allow,
+            advertise,
         });
     }
     let egress = match egress {
@@ -1260,10 +1278,15 @@ name = "vpc-v6"
         let c = parse_str(&format!(
             "[node]\nname = \"vpc-gw-1\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\
              [egress]\ninterface = \"ens5\"\nport_range = \"40000-40999\"\n\
-             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\"]\n"
+             [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\"]\n\
+             advertise = [\"192.0.2.0/24\"]\n"
         ))
         .expect("valid");
         let t = c.tunnel.expect("tunnel");
+        assert_eq!(
+            t.policy[0].advertise,
+            ["192.0.2.0/24".parse::<IpNet>().expect("net")]
+        );
         assert_eq!(
             t.role,
             Role::Connector {
@@ -1324,6 +1347,14 @@ name = "vpc-v6"
             (
                 "[tunnel]\nlisten = \"0.0.0.0:1\"\n[[policy]]\nidentity = \"x\"\nallow = [\"10.0.0.0/8\", \"10.0.0.0/8 tcp/0\"]\n",
                 "policy[0].allow[1]",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\n[[policy]]\nidentity = \"x\"\nadvertise = [\"192.0.2.0/24\", \"192.0.2.1/24\"]\n",
+                "policy[0].advertise[1]",
+            ),
+            (
+                "[tunnel]\nlisten = \"0.0.0.0:1\"\n[[policy]]\nidentity = \"x\"\nadvertise = [\"0.0.0.0/0\"]\n",
+                "policy[0].advertise[0]",
             ),
             (
                 "[tunnel]\nlisten = \"0.0.0.0:1\"\n[egress]\ninterface = \"e\"\nport_range = \"1-99999\"\n",

@@ -23,6 +23,7 @@ const POLICY: &str = r#"
 identity = "ops-*"
 allow = ["10.128.0.0/16 tcp/22", "10.128.0.0/16 tcp/5201", "10.128.0.0/16 icmp",
          "10.128.0.0/16 udp/53", "fd00:128::/64"]
+advertise = ["192.0.2.0/24", "2001:db8:2::/64"]
 "#;
 
 fn pki(lab: &Lab, names: &[&str]) -> PathBuf {

@@ -114,9 +114,12 @@ pub async fn open(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<Stream>
             },
         )
         .await?;
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, control::recv_io(&mut reader))
-            .await
-            .map_err(|_| anyhow!("{server_name} did not answer the request"))??;
+        let answer = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT * 2,
+            control::recv_io(&mut reader, control::MAX_MESSAGE),
+        )
+        .await
+        .map_err(|_| anyhow!("{server_name} did not answer the request"))??;
         return match answer {
             Control::Opened { address } => Ok(Stream {
                 reader,

@@ -12,8 +12,15 @@ use serde::{Deserialize, Serialize};
 /// Bumped when a message changes meaning; a peer with another version is refused with a
 /// message that says so.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// No control message comes near this; more is a broken or hostile peer.
+/// No control message comes near this; more is a broken or hostile peer. What a client may
+/// receive (a welcome or routes update listing many routes and zones).
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// What a connector reads from a client, the hello included (and an access request): a hello
+/// with [`core::advertise::MAX_ADVERTISED`] IPv6 prefixes and a transport reason is under
+/// 4 KiB; keepalives are tiny. Nothing bigger is read before the welcome.
+///
+/// [`core::advertise::MAX_ADVERTISED`]: crate::core::advertise::MAX_ADVERTISED
+pub const MAX_CLIENT_MESSAGE: usize = 8 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -71,7 +78,7 @@ pub enum Control {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control message of {0} bytes exceeds {MAX_MESSAGE}")]
+    #[error("control message of {0} bytes exceeds this side's limit")]
     TooLong(usize),
     #[error("control stream: {0}")]
     Read(#[from] quinn::ReadExactError),
@@ -113,11 +120,12 @@ pub async fn send(stream: &mut quinn::SendStream, msg: &Control) -> Result<(), C
     Ok(())
 }
 
-pub async fn recv(stream: &mut quinn::RecvStream) -> Result<Control, ControlError> {
+/// One message of at most `max` bytes; a longer one is refused from its length prefix.
+pub async fn recv(stream: &mut quinn::RecvStream, max: usize) -> Result<Control, ControlError> {
     let mut len = [0u8; 4];
     stream.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > max {
         return Err(ControlError::TooLong(len));
     }
     let mut body = vec![0u8; len];
@@ -137,7 +145,7 @@ where
 }
 
 /// [`recv`] for any byte stream.
-pub async fn recv_io<R>(r: &mut R) -> Result<Control, ControlError>
+pub async fn recv_io<R>(r: &mut R, max: usize) -> Result<Control, ControlError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
@@ -145,7 +153,7 @@ where
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE {
+    if len > max {
         return Err(ControlError::TooLong(len));
     }
     let mut body = vec![0u8; len];

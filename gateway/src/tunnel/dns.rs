@@ -5,8 +5,12 @@
 //! query ID and matched on ID, resolver address and question name. A truncated answer is asked
 //! again over TCP. The client's stub listener relays queries for the connector's zones through
 //! the tunnel, one QUIC stream per query in DNS-over-TCP framing (a 2-byte length).
+//!
+//! Every bound is counted in the tunnel's `limits`: queries in flight at all
+//! ([`MAX_IN_FLIGHT`]), per resolver ([`PER_RESOLVER`], the query-ID table) and per client
+//! ([`PeerDns`]: a rate and its own in-flight share), so a client flooding a silent resolver
+//! gets SERVFAIL or silence while everyone else is answered.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +20,12 @@ use anyhow::Context;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::api::{ResolverStatus, ZoneStatus};
 use crate::config::Zone;
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
+use crate::core::limits::{IdRefused, QueryIds, Tally, TokenBucket};
 use crate::core::resolver::{Resolvers, Step};
 
 /// How long one resolver gets before the next is asked.
@@ -31,8 +36,29 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// Sockets in the pool: enough to spread load, few enough to leave the range to NAT.
 const POOL: u16 = 4;
 const MAX_MESSAGE: usize = 65_535;
+/// Largest query a client may relay: one question (a name is at most 255 bytes) and EDNS
+/// options; real queries stay under 600 bytes. Both ends check it, so a bigger one is refused
+/// by the client instead of breaking the link.
+pub const MAX_QUERY: usize = 4096;
+/// Queries being resolved at once, for all clients and access streams together: with the
+/// resolvers' 1 s timeout this is ~1,000 queries/s towards silent resolvers, far above what
+/// answering resolvers need in flight, and far below the 65,536 query IDs.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Query IDs in flight towards one resolver (one ID space per resolver address).
+const PER_RESOLVER: usize = 512;
+/// Random IDs tried for one query before giving up: with at most PER_RESOLVER of 65,536 in
+/// use, 16 draws all colliding has a probability below 10^-33.
+const ID_TRIES: usize = 16;
+/// One client's queries being resolved at once: above dnsperf's 100 outstanding queries, a
+/// quarter of MAX_IN_FLIGHT so three flooding clients still leave room for the rest.
+pub const PEER_IN_FLIGHT: usize = 256;
+/// One client's query rate (per second, and the burst): half of what one Route 53 Resolver
+/// endpoint address accepts (10,000/s), far above a workstation or a site's office.
+const PEER_RATE: u32 = 5000;
+/// A DNS stream that does not deliver its query (or take its answer) in this long is dropped.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
-type Pending = Mutex<HashMap<(u16, SocketAddr), (Vec<u8>, oneshot::Sender<Vec<u8>>)>>;
+type Pending = Mutex<QueryIds<(Vec<u8>, oneshot::Sender<Vec<u8>>)>>;
 
 #[derive(Default)]
 struct ZoneStats {
@@ -109,6 +135,8 @@ pub struct Forwarder {
     pending: Arc<Pending>,
     /// The pinned range TCP retries also come from, so the VPC's ACL needs nothing wider.
     ports: Option<(u16, u16)>,
+    in_flight: Arc<Semaphore>,
+    tally: Arc<Tally>,
 }
 
 impl Forwarder {
@@ -117,6 +145,7 @@ impl Forwarder {
         zones: &[Zone],
         ports: Option<(u16, u16)>,
         tasks: &mut tokio::task::JoinSet<()>,
+        tally: Arc<Tally>,
     ) -> anyhow::Result<Arc<Forwarder>> {
         let mut sockets = Vec::new();
         match ports {
@@ -143,8 +172,10 @@ impl Forwarder {
             zones: Mutex::new(Arc::new(ZoneSet::build(zones, None))),
             sockets,
             next_socket: AtomicUsize::new(0),
-            pending: Arc::new(Mutex::new(HashMap::new())),
+            pending: Arc::new(Mutex::new(QueryIds::new(PER_RESOLVER))),
             ports,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tally,
         });
         for s in &fwd.sockets {
             tasks.spawn(read_answers(s.clone(), fwd.pending.clone()));
@@ -179,21 +210,116 @@ impl Forwarder {
     }
 }
 
+/// One client's share of the forwarder: a query rate and its own queries in flight.
+pub struct PeerDns {
+    bucket: Mutex<TokenBucket>,
+    in_flight: Arc<Semaphore>,
+    tally: Arc<Tally>,
+}
+
+/// What to do with one query from a client.
+pub enum Admit {
+    /// Resolve it, holding the permit until answered.
+    Go(OwnedSemaphorePermit),
+    /// Over the client's rate: dropped without an answer.
+    Drop,
+    /// Too many of its queries in flight: answered SERVFAIL at once.
+    Busy,
+}
+
+impl PeerDns {
+    pub fn new(tally: Arc<Tally>, now: Instant) -> Arc<PeerDns> {
+        Arc::new(PeerDns {
+            bucket: Mutex::new(TokenBucket::new(PEER_RATE, PEER_RATE, now)),
+            in_flight: Arc::new(Semaphore::new(PEER_IN_FLIGHT)),
+            tally,
+        })
+    }
+
+    /// Decides (and counts) what happens to a query that arrived at `now`.
+    pub fn admit(&self, now: Instant) -> Admit {
+        if !self.bucket.lock().is_ok_and(|mut b| b.take(now)) {
+            self.tally.bump("dns_rate");
+            return Admit::Drop;
+        }
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(p) => Admit::Go(p),
+            Err(_) => {
+                self.tally.bump("dns_in_flight_peer");
+                Admit::Busy
+            }
+        }
+    }
+}
+
+/// SERVFAIL for `query`, or nothing for bytes that are no query.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = dns::parse_query(query).ok()?;
+    Some(error_response(query, q.question_end, RCODE_SERVFAIL))
+}
+
 /// Serves a client's DNS streams (every stream after the control stream) until the
-/// connection ends.
-pub async fn serve_streams(conn: quinn::Connection, fwd: Arc<Forwarder>) -> anyhow::Result<()> {
+/// connection ends. A task per stream: their number is bounded by the streams QUIC lets the
+/// client open at once (`engine::transport`).
+pub async fn serve_streams(
+    conn: quinn::Connection,
+    fwd: Arc<Forwarder>,
+    peer: Arc<PeerDns>,
+) -> anyhow::Result<()> {
     loop {
         let (mut send, mut recv) = conn.accept_bi().await?;
-        let fwd = fwd.clone();
+        let (fwd, peer) = (fwd.clone(), peer.clone());
         tokio::spawn(async move {
-            let Ok(query) = read_framed(&mut recv).await else {
+            let Ok(query) = read_framed(&mut recv, MAX_QUERY).await else {
+                peer.tally.bump("dns_stream_unread");
                 return;
             };
-            if let Some(answer) = fwd.resolve(&query).await {
-                let _ = write_framed(&mut send, &answer).await;
-                let _ = send.finish();
+            let answer = match peer.admit(Instant::now()) {
+                Admit::Drop => {
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                    return;
+                }
+                Admit::Busy => servfail(&query),
+                Admit::Go(_permit) => fwd.resolve(&query).await,
+            };
+            if let Some(answer) = answer {
+                let sent = tokio::time::timeout(STREAM_TIMEOUT, write_framed(&mut send, &answer));
+                if matches!(sent.await, Ok(Ok(()))) {
+                    let _ = send.finish();
+                }
             }
         });
+    }
+}
+
+/// Answers the DNS queries a client sends on its TCP link: a task per admitted query, so at
+/// most [`PEER_IN_FLIGHT`] at once; SERVFAIL beyond that, nothing beyond the rate.
+pub async fn serve_frames(
+    link: Arc<super::link::TcpLink>,
+    mut queries: mpsc::Receiver<(u32, Vec<u8>)>,
+    fwd: Arc<Forwarder>,
+    peer: Arc<PeerDns>,
+) {
+    while let Some((id, query)) = queries.recv().await {
+        match peer.admit(Instant::now()) {
+            Admit::Drop => {}
+            Admit::Busy => {
+                if let Some(answer) = servfail(&query)
+                    && link.try_answer_dns(id, &answer).is_err()
+                {
+                    peer.tally.bump("dns_answer_queue_full");
+                }
+            }
+            Admit::Go(permit) => {
+                let (link, fwd) = (link.clone(), fwd.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Some(answer) = fwd.resolve(&query).await {
+                        let _ = link.answer_dns(id, &answer).await;
+                    }
+                });
+            }
+        }
     }
 }
 
@@ -208,10 +334,25 @@ impl Forwarder {
         };
         let zone = set.zones.get(zi)?;
         zone.stats.queries.fetch_add(1, Ordering::Relaxed);
+        let servfail = || {
+            zone.stats.servfails.fetch_add(1, Ordering::Relaxed);
+            Some(error_response(msg, q.question_end, RCODE_SERVFAIL))
+        };
+        let Ok(_permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.tally.bump("dns_in_flight_global");
+            return servfail();
+        };
         let mut attempt = zone.resolvers.lock().ok()?.start(Instant::now())?;
         loop {
             let server = *zone.servers.get(attempt.current)?;
-            let answer = self.ask_udp(server, msg, &q.name).await;
+            let answer = match self.ask_udp(server, msg, &q.name).await {
+                Ok(a) => a,
+                Err(refused) => {
+                    // Not the resolver's fault: its health stays as it is.
+                    self.tally.bump(refused.name());
+                    return servfail();
+                }
+            };
             let now = Instant::now();
             let step;
             let mut delivered = None;
@@ -220,7 +361,11 @@ impl Forwarder {
                     if dns::truncated(&a)
                         && let Ok(full) = ask_tcp(server, msg, self.ports).await
                     {
-                        a = full;
+                        if answers(&full, &q.name) {
+                            a = full;
+                        } else {
+                            self.tally.bump("dns_bad_tcp_answer");
+                        }
                     }
                     let rcode = dns::response_rcode(&a).unwrap_or(RCODE_SERVFAIL);
                     step = zone
@@ -237,46 +382,56 @@ impl Forwarder {
             match step {
                 Step::Deliver => {
                     let mut a = delivered?;
-                    a[..2].copy_from_slice(&q.id.to_be_bytes());
+                    let Some(id) = a.get_mut(..2) else {
+                        return servfail();
+                    };
+                    id.copy_from_slice(&q.id.to_be_bytes());
                     zone.stats.answers.fetch_add(1, Ordering::Relaxed);
                     return Some(a);
                 }
                 Step::Ask(_) => {
                     zone.stats.failovers.fetch_add(1, Ordering::Relaxed);
                 }
-                Step::GiveUp => {
-                    zone.stats.servfails.fetch_add(1, Ordering::Relaxed);
-                    return Some(error_response(msg, q.question_end, RCODE_SERVFAIL));
-                }
+                Step::GiveUp => return servfail(),
             }
         }
     }
 
     /// Sends `msg` under a fresh random ID and waits for the answer with that ID, from that
-    /// resolver, for that name; anything else arriving on the socket is ignored.
-    async fn ask_udp(&self, server: SocketAddr, msg: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    /// resolver, for that name; anything else arriving on the socket is ignored. `Ok(None)`:
+    /// no answer in time; `Err`: no ID could be had (the resolver is not asked).
+    async fn ask_udp(
+        &self,
+        server: SocketAddr,
+        msg: &[u8],
+        name: &[u8],
+    ) -> Result<Option<Vec<u8>>, IdRefused> {
         let i = self.next_socket.fetch_add(1, Ordering::Relaxed) % self.sockets.len().max(1);
-        let socket = self.sockets.get(i)?;
+        let Some(socket) = self.sockets.get(i) else {
+            return Ok(None);
+        };
         let (tx, rx) = oneshot::channel();
-        let id = {
-            let mut pending = self.pending.lock().ok()?;
-            let mut id = rand::rng().random::<u16>();
-            while pending.contains_key(&(id, server)) {
-                id = rand::rng().random::<u16>();
-            }
-            pending.insert((id, server), (name.to_vec(), tx));
-            id
+        // Drawn before the lock: under it, only a scan of these few.
+        let candidates: [u16; ID_TRIES] = rand::rng().random();
+        let id = match self.pending.lock() {
+            Ok(mut pending) => pending.insert(server, &candidates, (name.to_vec(), tx))?,
+            Err(_) => return Ok(None),
         };
         let mut out = msg.to_vec();
-        out[..2].copy_from_slice(&id.to_be_bytes());
+        if let Some(head) = out.get_mut(..2) {
+            head.copy_from_slice(&id.to_be_bytes());
+        }
         let answer = match socket.send_to(&out, server).await {
-            Ok(_) => tokio::time::timeout(QUERY_TIMEOUT, rx).await.ok()?.ok(),
+            Ok(_) => tokio::time::timeout(QUERY_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
             Err(_) => None,
         };
         if let Ok(mut pending) = self.pending.lock() {
-            pending.remove(&(id, server));
+            pending.remove(id, server);
         }
-        answer
+        Ok(answer)
     }
 
     pub fn status(&self) -> Vec<ZoneStatus> {
@@ -331,10 +486,8 @@ async fn read_answers(socket: Arc<UdpSocket>, pending: Arc<Pending>) {
         let id = u16::from_be_bytes([msg[0], msg[1]]);
         let Ok(mut p) = pending.lock() else { return };
         // Spoof resistance: the ID, the resolver's address and the question must all match.
-        let matches = p
-            .get(&(id, from))
-            .is_some_and(|(name, _)| dns::parse_name(msg, 12).is_ok_and(|(got, _)| &got == name));
-        if matches && let Some((_, tx)) = p.remove(&(id, from)) {
+        let matches = p.get(id, from).is_some_and(|(name, _)| answers(msg, name));
+        if matches && let Some((_, tx)) = p.remove(id, from) {
             let _ = tx.send(msg.to_vec());
         }
     }
@@ -357,7 +510,7 @@ async fn probe(fwd: Arc<Forwarder>) {
                 };
                 let query = soa_query(&zone.wire);
                 let sent = Instant::now();
-                if fwd.ask_udp(server, &query, &zone.wire).await.is_some()
+                if let Ok(Some(_)) = fwd.ask_udp(server, &query, &zone.wire).await
                     && let Ok(mut r) = zone.resolvers.lock()
                 {
                     r.on_probe_answer(index, sent.elapsed());
@@ -409,11 +562,20 @@ async fn ask_tcp(
         s.write_all(msg).await?;
         let mut l = [0u8; 2];
         s.read_exact(&mut l).await?;
-        let mut a = vec![0u8; usize::from(u16::from_be_bytes(l))];
+        let len = usize::from(u16::from_be_bytes(l));
+        // Shorter than a header is no answer; `answers` checks the rest.
+        anyhow::ensure!(len >= 12, "a {len}-byte answer over TCP");
+        let mut a = vec![0u8; len];
         s.read_exact(&mut a).await?;
         anyhow::Ok(a)
     })
     .await?
+}
+
+/// Whether `msg` is a response whose question is `name` (wire form, lowercase): an answer
+/// from outside is used only then, whatever its length or content.
+fn answers(msg: &[u8], name: &[u8]) -> bool {
+    dns::response_rcode(msg).is_some() && dns::parse_name(msg, 12).is_ok_and(|(got, _)| got == name)
 }
 
 /// A response with `rcode` that repeats the query's question and nothing else.
@@ -428,13 +590,19 @@ pub fn error_response(query: &[u8], question_end: usize, rcode: u8) -> Vec<u8> {
     r
 }
 
-/// Reads one DNS-over-TCP-framed message from a stream.
-pub async fn read_framed(recv: &mut quinn::RecvStream) -> anyhow::Result<Vec<u8>> {
-    let mut l = [0u8; 2];
-    recv.read_exact(&mut l).await?;
-    let mut m = vec![0u8; usize::from(u16::from_be_bytes(l))];
-    recv.read_exact(&mut m).await?;
-    Ok(m)
+/// Reads one DNS-over-TCP-framed message of at most `max` bytes from a stream, within
+/// [`STREAM_TIMEOUT`].
+pub async fn read_framed(recv: &mut quinn::RecvStream, max: usize) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(STREAM_TIMEOUT, async {
+        let mut l = [0u8; 2];
+        recv.read_exact(&mut l).await?;
+        let len = usize::from(u16::from_be_bytes(l));
+        anyhow::ensure!(len <= max, "a {len}-byte DNS message, above {max}");
+        let mut m = vec![0u8; len];
+        recv.read_exact(&mut m).await?;
+        Ok(m)
+    })
+    .await?
 }
 
 pub async fn write_framed(send: &mut quinn::SendStream, msg: &[u8]) -> anyhow::Result<()> {
@@ -484,7 +652,7 @@ pub async fn relay(conn: &quinn::Connection, msg: &[u8]) -> anyhow::Result<Vec<u
         let (mut send, mut recv) = conn.open_bi().await?;
         write_framed(&mut send, msg).await?;
         send.finish()?;
-        read_framed(&mut recv).await
+        read_framed(&mut recv, MAX_MESSAGE).await
     })
     .await?
 }

@@ -1,30 +1,36 @@
-//! The tunnel's tasks: TUN pump, QUIC endpoint and TCP fallback listener, per-peer packet
-//! pumps, reconnection and the client's move back from TCP to QUIC.
+//! The tunnel's shared state and the connector's tasks: TUN pump, QUIC endpoint and TCP
+//! fallback listener, handshakes (bounded), sessions and per-peer packet pumps. The client's
+//! side is `client`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use quinn::{Endpoint, TransportConfig, VarInt};
-use rand::Rng;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
 use super::control::{self, Control, PROTOCOL_VERSION};
-use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, SendError, TcpLink};
+use super::keepalive::answer_keepalives;
+use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, SendError, Side, TcpLink};
+use super::peer_routes::Advertised;
 use super::{dns, nat, net, tls};
 use crate::api::{PeerStatus, Refusal, TunnelStatus};
-use crate::config::{Role, Transport, Tunnel};
+use crate::config::{Role, Tunnel};
+use crate::core::advertise::{self, Grants};
+use crate::core::limits::{HandshakeSlots, LogLimit, SlotRefused, Tally};
 use crate::core::policy::{Decision, Policy};
+use crate::core::text::{PEER_NAME, PEER_TEXT, clean, is_clean};
 use crate::core::{icmp, mss, packet};
 
 /// Largest IP packet the TUN can hand us; buffers are this big.
-const MAX_PACKET: usize = 65_535;
+pub(super) const MAX_PACKET: usize = 65_535;
 /// UDP payload size QUIC starts with: its datagrams then hold 1362-byte packets, above IPv6's
 /// 1280 minimum, so the TUN can carry IPv6 from the first packet. MTU discovery raises it.
 const INITIAL_MTU: u16 = 1400;
@@ -33,20 +39,44 @@ const MTU_CEILING: u16 = 1472;
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// A connector that vanished is noticed within this, and the client starts reconnecting.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refusals of authenticated peers kept for status: they name who and why.
 const MAX_REFUSALS: usize = 20;
+/// Failed handshakes kept for status, apart: anyone can cause them, so they must not push the
+/// refusals above out; their counts by reason are kept too.
+const MAX_HANDSHAKE_FAILURES: usize = 5;
 const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
-/// Control-stream keepalives: they prove the connector's engine (not only its QUIC stack)
-/// answers; this many unanswered in a row and the client reconnects.
-const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
-const KEEPALIVES_MISSED: u64 = 3;
-/// The connector ends a session whose client sent no control message for this long: a TCP
-/// link to a vanished client would otherwise linger until TCP gives up, many minutes later.
-const CLIENT_SILENCE: Duration = Duration::from_secs(10);
-/// A client on the TCP fallback tries QUIC again this often (with jitter).
-const QUIC_PROBE_EVERY: Duration = Duration::from_secs(5);
+/// Connections between their first packet and the welcome (TLS, then the hello), at once: each
+/// holds up to two descriptors and ~100 KiB of TLS state; 256 is ~30 MiB at most, and far more
+/// than legitimate clients ever start in one handshake time.
+const MAX_PENDING: usize = 256;
+/// The same from one source (an IPv4 address, an IPv6 /64): a site's NAT starting all its
+/// clients at once stays below it, a single host cannot take the whole budget.
+const MAX_PENDING_PER_SOURCE: usize = 16;
+/// Above this many pending handshakes, a QUIC client must prove its address (a Retry) first,
+/// so spoofed sources cannot hold slots.
+const RETRY_ABOVE: usize = MAX_PENDING / 4;
+/// Descriptors kept free below RLIMIT_NOFILE: new TCP connections (and access streams) are
+/// refused closer to it, so `gatewayctl status`, netlink and DNS retries always get one.
+const FD_HEADROOM: u64 = 128;
+/// `gatewayctl access` streams open at once: two descriptors each.
+const MAX_ACCESS_STREAMS: u64 = 256;
+/// QUIC streams a client may have open at once: its control stream and its DNS queries.
+const CLIENT_STREAMS: u32 = 1 + dns::PEER_IN_FLIGHT as u32;
+/// Unread bytes per QUIC stream from a client: a control message or a query, with framing.
+const CLIENT_STREAM_WINDOW: u32 = 2 * control::MAX_CLIENT_MESSAGE as u32;
+/// Unread bytes over all of a client's streams: every DNS stream holding a full query.
+const CLIENT_CONNECTION_WINDOW: u32 = CLIENT_STREAMS * dns::MAX_QUERY as u32;
+/// What a client accepts per stream from its connector (a welcome or a large DNS answer) and
+/// over all streams.
+const CONNECTOR_STREAM_WINDOW: u32 = 2 * control::MAX_MESSAGE as u32;
+const CONNECTOR_CONNECTION_WINDOW: u32 = 4 << 20;
+/// Datagrams received and not yet read by the engine, per connection: 4 MiB is ~11 ms at
+/// 3 Gbit/s, enough to ride out a busy runtime tick on two cores; only welcomed connections
+/// keep any (before the welcome they are read and dropped).
+const DATAGRAM_RECEIVE_BUFFER: usize = 4 << 20;
 
-fn now_unix() -> u64 {
+pub(super) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -54,34 +84,36 @@ fn now_unix() -> u64 {
 }
 
 #[derive(Default)]
-struct Counters {
-    tx_packets: AtomicU64,
-    tx_bytes: AtomicU64,
-    rx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
+pub(super) struct Counters {
+    pub(super) tx_packets: AtomicU64,
+    pub(super) tx_bytes: AtomicU64,
+    pub(super) rx_packets: AtomicU64,
+    pub(super) rx_bytes: AtomicU64,
     policy_drops: AtomicU64,
 }
 
 impl Counters {
-    fn add(count: &AtomicU64, bytes: &AtomicU64, n: usize) {
+    pub(super) fn add(count: &AtomicU64, bytes: &AtomicU64, n: usize) {
         count.fetch_add(1, Ordering::Relaxed);
         bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
-struct Peer {
-    identity: String,
-    link: Link,
+pub(super) struct Peer {
+    pub(super) identity: String,
+    pub(super) link: Link,
     /// Why this transport; the client updates it as QUIC probes fail.
-    transport_reason: Mutex<String>,
+    pub(super) transport_reason: Mutex<String>,
     /// ICMP echo round trip to the peer's public address, from `ping_peers`.
-    ping: Mutex<Option<Duration>>,
-    address_v4: Ipv4Addr,
-    address_v6: Ipv6Addr,
+    pub(super) ping: Mutex<Option<Duration>>,
+    pub(super) address_v4: Ipv4Addr,
+    pub(super) address_v6: Ipv6Addr,
     /// Sources this peer may send from and destinations routed to it.
-    owns: Vec<IpNet>,
-    connected_since: u64,
-    counters: Arc<Counters>,
+    pub(super) owns: Vec<IpNet>,
+    /// Connector: the prefixes of `owns` the client advertised (and the policy granted).
+    pub(super) advertised: Vec<IpNet>,
+    pub(super) connected_since: u64,
+    pub(super) counters: Arc<Counters>,
 }
 
 /// What `gatewayctl status` reads; shared by every task of the tunnel.
@@ -89,17 +121,25 @@ pub struct Shared {
     role: &'static str,
     tun: String,
     mtu: AtomicU32,
-    peers: Mutex<Vec<Arc<Peer>>>,
+    pub(super) peers: Mutex<Vec<Arc<Peer>>>,
     refusals: Mutex<VecDeque<Refusal>>,
+    /// Failed handshakes (no authenticated identity), kept apart from `refusals`.
+    failed_handshakes: Mutex<VecDeque<Refusal>>,
+    /// Their counts by reason.
+    handshake_failures: Tally,
+    /// What a bound refused or dropped, by name (DNS, frames, handshakes, routes).
+    pub(super) limits: Arc<Tally>,
+    /// Warnings a peer can cause at will are logged at most this often.
+    warn_limit: Mutex<LogLimit>,
     drops: Mutex<HashMap<String, u64>>,
     state: Mutex<String>,
     /// Client: the connector's overlay addresses, the far end of the tunnel, from which its
     /// ICMP "too big" messages come (an address of this node would be dropped as a martian).
-    far_end: Mutex<(Ipv4Addr, Ipv6Addr)>,
+    pub(super) far_end: Mutex<(Ipv4Addr, Ipv6Addr)>,
     /// Connector: the DNS forwarder, for its zones' status.
     forwarder: Mutex<Option<Arc<dns::Forwarder>>>,
     /// Client: the zones the connector answers, in wire form.
-    learned_zones: Arc<Mutex<Vec<Vec<u8>>>>,
+    pub(super) learned_zones: Arc<Mutex<Vec<Vec<u8>>>>,
     /// Connector: the pinned egress range, for status.
     egress_ports: Mutex<Option<(u16, u16)>>,
     access_active: AtomicU64,
@@ -108,31 +148,67 @@ pub struct Shared {
     firewall: Mutex<Option<(String, String)>>,
 }
 
+/// Appends to a ring of at most `max` entries.
+fn push_ring(ring: &Mutex<VecDeque<Refusal>>, max: usize, entry: Refusal) {
+    if let Ok(mut r) = ring.lock() {
+        while r.len() >= max {
+            r.pop_front();
+        }
+        r.push_back(entry);
+    }
+}
+
 impl Shared {
-    fn drop_packet(&self, reason: &str) {
+    pub(super) fn drop_packet(&self, reason: &str) {
         if let Ok(mut d) = self.drops.lock() {
             *d.entry(reason.to_string()).or_default() += 1;
         }
     }
 
-    fn refuse(&self, identity: Option<String>, remote: SocketAddr, reason: String) {
-        tracing::warn!(?identity, %remote, %reason, "peer refused");
-        if let Ok(mut r) = self.refusals.lock() {
-            if r.len() == MAX_REFUSALS {
-                r.pop_front();
-            }
-            r.push_back(Refusal {
-                identity,
-                remote: remote.to_string(),
-                reason,
-                at: now_unix(),
-            });
-        }
+    /// `Some(lines left out)` when a peer-caused warning may be logged now.
+    fn may_warn(&self) -> Option<u64> {
+        self.warn_limit
+            .lock()
+            .ok()
+            .and_then(|mut l| l.allow(Instant::now()))
     }
 
-    fn set_state(&self, s: impl Into<String>) {
+    /// An authenticated peer refused; what it supplied is escaped and cut here.
+    pub(super) fn refuse(&self, identity: Option<String>, remote: SocketAddr, reason: String) {
+        let identity = identity.map(|i| clean(&i, PEER_NAME));
+        let reason = clean(&reason, PEER_TEXT);
+        if let Some(skipped) = self.may_warn() {
+            tracing::warn!(?identity, %remote, %reason, skipped, "peer refused");
+        }
+        let entry = Refusal {
+            identity,
+            remote: remote.to_string(),
+            reason,
+            at: now_unix(),
+        };
+        push_ring(&self.refusals, MAX_REFUSALS, entry);
+    }
+
+    /// A connection that never authenticated: counted by `kind`, the latest few kept apart.
+    fn handshake_failed(&self, remote: SocketAddr, kind: &'static str, reason: String) {
+        self.handshake_failures.bump(kind);
+        let reason = clean(&reason, PEER_TEXT);
+        if let Some(skipped) = self.may_warn() {
+            tracing::warn!(%remote, %reason, skipped, "handshake failed");
+        }
+        let entry = Refusal {
+            identity: None,
+            remote: remote.to_string(),
+            reason,
+            at: now_unix(),
+        };
+        push_ring(&self.failed_handshakes, MAX_HANDSHAKE_FAILURES, entry);
+    }
+
+    pub(super) fn set_state(&self, s: impl Into<String>) {
         if let Ok(mut st) = self.state.lock() {
-            *st = s.into();
+            // It quotes errors and refusal reasons from the far end.
+            *st = clean(&s.into(), 2 * PEER_TEXT);
         }
     }
 
@@ -170,6 +246,7 @@ impl Shared {
                             .unwrap_or_default(),
                         address_v4: p.address_v4.to_string(),
                         address_v6: p.address_v6.to_string(),
+                        advertised: p.advertised.iter().map(|n| n.to_string()).collect(),
                         rtt_ms: p.link.rtt().as_secs_f64() * 1000.0,
                         connected_since: p.connected_since,
                         connection_id: p.link.id(),
@@ -197,9 +274,11 @@ impl Shared {
                 .map(|z| {
                     z.iter()
                         .map(|w| crate::api::ZoneStatus {
-                            domain: crate::core::dns::dotted(w)
-                                .trim_end_matches('.')
-                                .to_string(),
+                            // Label bytes are the connector's: any byte may be in them.
+                            domain: clean(
+                                crate::core::dns::dotted(w).trim_end_matches('.'),
+                                PEER_NAME,
+                            ),
                             queries: 0,
                             answers: 0,
                             failovers: 0,
@@ -249,11 +328,18 @@ impl Shared {
             mtu: self.mtu.load(Ordering::Relaxed),
             state: self.state.lock().map(|s| s.clone()).unwrap_or_default(),
             peers,
-            refusals: self
-                .refusals
-                .lock()
-                .map(|r| r.iter().cloned().collect())
-                .unwrap_or_default(),
+            refusals: {
+                let mut all: Vec<Refusal> = Vec::new();
+                for ring in [&self.refusals, &self.failed_handshakes] {
+                    if let Ok(r) = ring.lock() {
+                        all.extend(r.iter().cloned());
+                    }
+                }
+                all.sort_by_key(|r| r.at);
+                all
+            },
+            limits: self.limits.snapshot(),
+            handshake_failures: self.handshake_failures.snapshot(),
             drops: self
                 .drops
                 .lock()
@@ -267,12 +353,12 @@ impl Shared {
 /// through it, disappears when the last task holding it ends.
 pub struct TunnelHandle {
     pub shared: Arc<Shared>,
-    tasks: JoinSet<()>,
+    pub(super) tasks: JoinSet<()>,
     /// `None` when the config says `transport = "tcp"`.
-    endpoint: Option<Endpoint>,
-    sysctls: Vec<(String, String)>,
-    nat_table: Option<String>,
-    connector: Option<Arc<Connector>>,
+    pub(super) endpoint: Option<Endpoint>,
+    pub(super) sysctls: Vec<(String, String)>,
+    pub(super) nat_table: Option<String>,
+    pub(super) connector: Option<Arc<Connector>>,
 }
 
 impl TunnelHandle {
@@ -293,8 +379,10 @@ impl TunnelHandle {
     }
 
     /// Reload on a connector: new routes, policy and zones, live. Connected clients keep their
-    /// connections and get the new routes and zones pushed. A client's routes and zones come
-    /// from its connector: nothing to apply there.
+    /// connections and get the new routes and zones pushed, except a client whose advertised
+    /// prefixes are no longer granted (or now overlap an offered route): its session is closed,
+    /// and its reconnect is refused with the reason. A client's routes and zones come from its
+    /// connector: nothing to apply there.
     pub fn reload(&self, cfg: &Tunnel, routes: Vec<IpNet>) {
         let Some(c) = &self.connector else {
             return;
@@ -304,6 +392,22 @@ impl TunnelHandle {
         }
         if let Ok(mut p) = c.policy.write() {
             *p = Arc::new(policy_of(&cfg.policy));
+        }
+        c.advertised.set_grants(grants_of(&cfg.policy));
+        let grants = c.advertised.grants();
+        let peers = self
+            .shared
+            .peers
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        for p in peers {
+            if let Err(r) = advertise::still_granted(&p.identity, &p.advertised, &grants, &routes) {
+                let reason = format!("session closed on reload: {r}");
+                self.shared
+                    .refuse(Some(p.identity.clone()), p.link.remote(), reason);
+                p.link.close(4, "advertised prefix no longer granted");
+            }
         }
         let zones = c
             .forwarder
@@ -341,7 +445,10 @@ impl TunnelHandle {
     }
 }
 
-fn transport() -> TransportConfig {
+/// QUIC settings for `side`: what the protocol needs from the other end and no more. A client
+/// opens one control stream and one stream per DNS query, never a unidirectional one; a
+/// connector opens no streams at all.
+pub(super) fn transport(side: Side) -> TransportConfig {
     let mut t = TransportConfig::default();
     t.initial_mtu(INITIAL_MTU);
     let mut mtud = quinn::MtuDiscoveryConfig::default();
@@ -349,14 +456,26 @@ fn transport() -> TransportConfig {
     t.mtu_discovery_config(Some(mtud));
     t.keep_alive_interval(Some(KEEPALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
-    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     t.datagram_send_buffer_size(4 << 20);
-    // One stream per relayed DNS query: leave room for bursts.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    let (streams, stream_window, window) = match side {
+        Side::Connector => (
+            CLIENT_STREAMS,
+            CLIENT_STREAM_WINDOW,
+            CLIENT_CONNECTION_WINDOW,
+        ),
+        Side::Client => (0, CONNECTOR_STREAM_WINDOW, CONNECTOR_CONNECTION_WINDOW),
+    };
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
+    t.stream_receive_window(VarInt::from_u32(stream_window));
+    t.receive_window(VarInt::from_u32(window));
     t
 }
 
-async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
+pub(super) async fn create_tun(
+    name: &str,
+) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
     let dev = tun_rs::DeviceBuilder::new()
         .name(name)
         .build_async()
@@ -384,7 +503,7 @@ pub async fn start(
             server_name,
             source_port,
         } => {
-            start_client(
+            super::client::start_client(
                 cfg,
                 connect.clone(),
                 server_name.clone(),
@@ -396,13 +515,18 @@ pub async fn start(
     }
 }
 
-fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
+pub(super) fn shared(role: &'static str, tun: &str, state: &str) -> Arc<Shared> {
     Arc::new(Shared {
         role,
         tun: tun.into(),
         mtu: AtomicU32::new(0),
         peers: Mutex::new(Vec::new()),
         refusals: Mutex::new(VecDeque::new()),
+        failed_handshakes: Mutex::new(VecDeque::new()),
+        handshake_failures: Tally::default(),
+        limits: Arc::new(Tally::default()),
+        // A line a second, ten in a burst: enough to see an attack, not enough to fill a disk.
+        warn_limit: Mutex::new(LogLimit::new(1, 10, Instant::now())),
         drops: Mutex::new(HashMap::new()),
         state: Mutex::new(state.into()),
         far_end: Mutex::new((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)),
@@ -430,7 +554,12 @@ async fn start_connector(
         let crypto = tls::server_config(&cfg.tls)?;
         let tcp_tls = tls::rustls_server(&cfg.tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(Arc::new(transport()));
+        server.transport_config(Arc::new(transport(Side::Connector)));
+        // Connection attempts quinn holds for us: MAX_PENDING are being handshaken, the rest
+        // are refused by quinn itself; each holds at most 64 KiB of early packets.
+        server.max_incoming(2 * MAX_PENDING);
+        server.incoming_buffer_size(64 << 10);
+        server.incoming_buffer_size_total(8 << 20);
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
         let own_v4 = nth_v4(cfg.overlay_v4, 1).context("overlay too small")?;
         let own_v6 = nth_v6(cfg.overlay_v6, 1);
@@ -500,7 +629,7 @@ async fn start_connector(
         None
     } else {
         let ports = cfg.egress.as_ref().map(|e| e.ports);
-        match dns::Forwarder::start(&cfg.zones, ports, &mut tasks).await {
+        match dns::Forwarder::start(&cfg.zones, ports, &mut tasks, shared.limits.clone()).await {
             Ok(f) => Some(f),
             Err(e) => {
                 tasks.shutdown().await;
@@ -548,11 +677,13 @@ async fn start_connector(
         routes,
         zones: forwarder.as_ref().map(|f| f.domains()).unwrap_or_default(),
     });
+    let overlay = vec![IpNet::V4(cfg.overlay_v4), IpNet::V6(cfg.overlay_v6)];
     let connector = Arc::new(Connector {
         shared: shared.clone(),
         tun: tun.clone(),
-        tun_index: index,
-        netlink: handle.clone(),
+        advertised: Advertised::new(grants_of(&cfg.policy), overlay, handle.clone(), index),
+        slots: Mutex::new(HandshakeSlots::new(MAX_PENDING, MAX_PENDING_PER_SOURCE)),
+        nofile: nofile_limit(),
         policy,
         overlay_v4: cfg.overlay_v4,
         overlay_v6: cfg.overlay_v6,
@@ -570,8 +701,21 @@ async fn start_connector(
         tasks.spawn(async move {
             let mut clients = JoinSet::new();
             while let Some(incoming) = ep.accept().await {
+                let remote = incoming.remote_address();
+                let slot = match connector.slot(remote) {
+                    Some(s) => s,
+                    None => {
+                        incoming.refuse();
+                        continue;
+                    }
+                };
+                if slot.busy() && !incoming.remote_address_validated() && incoming.may_retry() {
+                    drop(slot);
+                    let _ = incoming.retry();
+                    continue;
+                }
                 let c = connector.clone();
-                clients.spawn(async move { c.serve_quic(incoming).await });
+                clients.spawn(async move { c.serve_quic(incoming, slot).await });
                 while clients.try_join_next().is_some() {}
             }
         });
@@ -588,9 +732,15 @@ async fn start_connector(
                         continue;
                     }
                 };
+                if !connector.descriptors_left(&stream) {
+                    continue;
+                }
+                let Some(slot) = connector.slot(remote) else {
+                    continue;
+                };
                 let c = connector.clone();
                 let acceptor = acceptor.clone();
-                clients.spawn(async move { c.serve_tcp(stream, remote, acceptor).await });
+                clients.spawn(async move { c.serve_tcp(stream, remote, acceptor, slot).await });
                 // Reap finished sessions so a long-lived connector does not accumulate them.
                 while clients.try_join_next().is_some() {}
             }
@@ -606,6 +756,25 @@ async fn start_connector(
     })
 }
 
+fn grants_of(entries: &[crate::config::PolicyEntry]) -> Grants {
+    Grants::new(
+        entries
+            .iter()
+            .map(|p| (p.identity.clone(), p.advertise.clone())),
+    )
+}
+
+/// The soft RLIMIT_NOFILE (what `LimitNOFILE=` sets under systemd).
+fn nofile_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct passed, nothing else.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    if rc == 0 { r.rlim_cur } else { 1024 }
+}
+
 fn policy_of(entries: &[crate::config::PolicyEntry]) -> Policy {
     Policy::new(
         &entries
@@ -617,16 +786,44 @@ fn policy_of(entries: &[crate::config::PolicyEntry]) -> Policy {
 
 /// Routes and zones a connector offers its clients.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Offer {
-    routes: Vec<IpNet>,
-    zones: Vec<String>,
+pub(super) struct Offer {
+    pub(super) routes: Vec<IpNet>,
+    pub(super) zones: Vec<String>,
 }
 
-struct Connector {
+/// A pending handshake's share of the connector's bounds, given back when dropped (after the
+/// welcome or the refusal, or when the connection fails first).
+struct Slot {
+    connector: Arc<Connector>,
+    ip: IpAddr,
+}
+
+impl Slot {
+    /// Enough handshakes are pending that new QUIC clients must prove their address.
+    fn busy(&self) -> bool {
+        self.connector
+            .slots
+            .lock()
+            .is_ok_and(|s| s.pending() > RETRY_ABOVE)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.connector.slots.lock() {
+            s.release(self.ip);
+        }
+    }
+}
+
+pub(super) struct Connector {
     shared: Arc<Shared>,
     tun: Arc<AsyncDevice>,
-    tun_index: u32,
-    netlink: rtnetlink::Handle,
+    /// Clients' advertised prefixes and their kernel routes.
+    advertised: Advertised,
+    slots: Mutex<HandshakeSlots>,
+    /// RLIMIT_NOFILE at start.
+    nofile: u64,
     /// Replaced whole on reload.
     policy: std::sync::RwLock<Arc<Policy>>,
     overlay_v4: Ipv4Net,
@@ -641,7 +838,44 @@ struct Connector {
 }
 
 impl Connector {
-    /// A TLS handshake given HANDSHAKE_TIMEOUT; a failure is listed as a refusal in status.
+    /// A pending-handshake slot for a connection from `remote`; `None` (counted, and logged at
+    /// a bounded rate) when the connector or that source has as many as it may.
+    fn slot(self: &Arc<Self>, remote: SocketAddr) -> Option<Slot> {
+        let taken = self
+            .slots
+            .lock()
+            .map_err(|_| SlotRefused::Global)
+            .and_then(|mut s| s.take(remote.ip()));
+        match taken {
+            Ok(()) => Some(Slot {
+                connector: self.clone(),
+                ip: remote.ip(),
+            }),
+            Err(why) => {
+                let reason = match why {
+                    SlotRefused::Global => format!("{MAX_PENDING} handshakes already pending"),
+                    SlotRefused::Source => format!(
+                        "{MAX_PENDING_PER_SOURCE} handshakes already pending from this source"
+                    ),
+                };
+                self.shared.handshake_failed(remote, why.name(), reason);
+                None
+            }
+        }
+    }
+
+    /// Whether a descriptor just opened leaves FD_HEADROOM below the limit. The kernel hands
+    /// out the lowest free number, so descriptor `n` means at least `n` are open.
+    fn descriptors_left(&self, new: &impl AsRawFd) -> bool {
+        let n = u64::try_from(new.as_raw_fd()).unwrap_or(u64::MAX);
+        if n.saturating_add(FD_HEADROOM) < self.nofile {
+            return true;
+        }
+        self.shared.limits.bump("descriptors_low");
+        false
+    }
+
+    /// A TLS handshake given HANDSHAKE_TIMEOUT; a failure is counted and listed apart.
     async fn handshake<T, E: std::fmt::Display>(
         &self,
         remote: SocketAddr,
@@ -651,32 +885,50 @@ impl Connector {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
             Ok(Ok(done)) => Some(done),
             Ok(Err(e)) => {
-                self.shared
-                    .refuse(None, remote, format!("TLS handshake{over} failed: {e}"));
+                let reason = format!("TLS handshake{over} failed: {e}");
+                self.shared.handshake_failed(remote, "tls_failed", reason);
                 None
             }
             Err(_) => {
-                self.shared
-                    .refuse(None, remote, format!("handshake{over} timed out"));
+                let reason = format!("handshake{over} timed out");
+                self.shared.handshake_failed(remote, "timed_out", reason);
                 None
             }
         }
     }
 
-    async fn serve_quic(self: Arc<Self>, incoming: quinn::Incoming) {
+    /// The identity a verified certificate names, if it is a plain name that status and logs
+    /// can show as it is.
+    fn identity(&self, remote: SocketAddr, name: Option<String>) -> Option<String> {
+        match name {
+            Some(n) if is_clean(&n, PEER_NAME) => Some(n),
+            Some(n) => {
+                let reason = format!("certificate name {:?} is not a plain name", clean(&n, 64));
+                self.shared.handshake_failed(remote, "bad_name", reason);
+                None
+            }
+            None => {
+                let reason = "certificate carries no name".to_string();
+                self.shared.handshake_failed(remote, "no_name", reason);
+                None
+            }
+        }
+    }
+
+    async fn serve_quic(self: Arc<Self>, incoming: quinn::Incoming, slot: Slot) {
         let remote = incoming.remote_address();
         let Some(conn) = self.handshake(remote, "", incoming.into_future()).await else {
             return;
         };
-        let Some(identity) = tls::peer_identity(&conn) else {
-            self.shared
-                .refuse(None, remote, "certificate carries no name".into());
+        let Some(identity) = self.identity(remote, tls::peer_identity(&conn)) else {
             conn.close(VarInt::from_u32(1), b"no identity");
             return;
         };
         if tls::negotiated_alpn(&conn).as_deref() == Some(tls::ALPN_ACCESS) {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
-                Ok(Ok((send, recv))) => self.serve_access(&identity, remote, recv, send).await,
+                Ok(Ok((send, recv))) => {
+                    self.serve_access(&identity, remote, recv, send, slot).await
+                }
                 _ => tracing::info!(%identity, %remote, "access connection opened no stream"),
             }
             // Closing at once could overtake a refusal still in flight: let the client close.
@@ -688,7 +940,7 @@ impl Connector {
             Ok(Ok((send, recv))) => Opened {
                 link: Link::Quic(conn.clone()),
                 control_tx: ControlTx::Quic(send),
-                control_rx: ControlRx::Quic(recv),
+                control_rx: ControlRx::quic(recv, Side::Connector),
                 inbound: Inbound::Quic(conn.clone()),
                 dns_queries: None,
             },
@@ -698,7 +950,7 @@ impl Connector {
                 return;
             }
         };
-        self.serve(opened, identity).await;
+        self.serve(opened, identity, slot).await;
     }
 
     async fn serve_tcp(
@@ -706,47 +958,56 @@ impl Connector {
         stream: tokio::net::TcpStream,
         remote: SocketAddr,
         acceptor: tokio_rustls::TlsAcceptor,
+        slot: Slot,
     ) {
         let _ = stream.set_nodelay(true);
-        let socket = match std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "duplicating a TCP socket failed");
-                return;
-            }
-        };
         let Some(tls) = self
             .handshake(remote, " (TCP)", acceptor.accept(stream))
             .await
         else {
             return;
         };
-        let identity = tls
+        let name = tls
             .get_ref()
             .1
             .peer_certificates()
             .and_then(tls::identity_of_chain);
-        let Some(identity) = identity else {
-            self.shared
-                .refuse(None, remote, "certificate carries no name".into());
+        let Some(identity) = self.identity(remote, name) else {
             return;
         };
         if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_ACCESS) {
             let (r, w) = tokio::io::split(tls);
-            self.serve_access(&identity, remote, r, w).await;
+            self.serve_access(&identity, remote, r, w, slot).await;
             return;
         }
-        let opened = TcpLink::start(tls, socket, remote);
-        self.serve(opened, identity).await;
+        // Only an authenticated peer gets its socket duplicated (for TCP_INFO and shutdown).
+        let socket = match tls.get_ref().0.as_fd().try_clone_to_owned() {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared.limits.bump("descriptors_low");
+                tracing::warn!(error = %e, "duplicating a TCP socket failed");
+                return;
+            }
+        };
+        let tally = self.shared.limits.clone();
+        let opened = TcpLink::start(tls, socket, remote, Side::Connector, tally);
+        self.serve(opened, identity, slot).await;
     }
 
     /// One `gatewayctl access` stream: the request, the decision, then bytes both ways.
-    async fn serve_access<R, W>(&self, identity: &str, remote: SocketAddr, mut r: R, mut w: W)
-    where
+    async fn serve_access<R, W>(
+        &self,
+        identity: &str,
+        remote: SocketAddr,
+        mut r: R,
+        mut w: W,
+        slot: Slot,
+    ) where
         R: tokio::io::AsyncRead + Unpin + Send,
         W: tokio::io::AsyncWrite + Unpin + Send,
     {
-        let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv_io(&mut r)).await;
+        let max = control::MAX_CLIENT_MESSAGE;
+        let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, control::recv_io(&mut r, max)).await;
         let (host, port) = match request {
             Ok(Ok(Control::Open {
                 version,
@@ -765,13 +1026,23 @@ impl Connector {
                 return;
             }
         };
-        let (address, mut upstream) = match self.access_target(identity, &host, port).await {
+        // Reserved before connecting, so the bound holds however many arrive at once.
+        let active = self.shared.access_active.fetch_add(1, Ordering::Relaxed);
+        let target = if active >= MAX_ACCESS_STREAMS {
+            self.shared.limits.bump("access_streams");
+            Err(format!("{MAX_ACCESS_STREAMS} access streams already open"))
+        } else {
+            self.access_target(identity, &host, port).await
+        };
+        let (address, mut upstream) = match target {
             Ok(t) => t,
             Err(reason) => {
+                self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
+                // The request's host is the client's text: cut and escaped in the refusal.
                 self.shared.refuse(
                     Some(identity.to_string()),
                     remote,
-                    format!("access to {host}:{port}: {reason}"),
+                    format!("access to {}:{port}: {reason}", clean(&host, 64)),
                 );
                 let _ = control::send_io(&mut w, &Control::Refused { reason }).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
@@ -782,11 +1053,13 @@ impl Connector {
             .await
             .is_err()
         {
+            self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        drop(slot);
+        let host = clean(&host, PEER_NAME);
         tracing::info!(%identity, %remote, %host, %address, "access stream opened");
         self.shared.access_total.fetch_add(1, Ordering::Relaxed);
-        self.shared.access_active.fetch_add(1, Ordering::Relaxed);
         let mut client = tokio::io::join(r, w);
         let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
@@ -808,6 +1081,9 @@ impl Connector {
         if !self.policy().knows(identity) {
             return Err(format!("no [[policy]] entry matches identity {identity:?}"));
         }
+        if host.len() > crate::core::dns::MAX_NAME {
+            return Err(format!("a host name of {} bytes is no name", host.len()));
+        }
         let ip = match host.parse::<IpAddr>() {
             Ok(ip) => ip,
             Err(_) => self.resolve_private(host).await?,
@@ -821,6 +1097,9 @@ impl Connector {
         .await
         .map_err(|_| format!("connecting to {address}: timed out"))?
         .map_err(|e| format!("connecting to {address}: {e}"))?;
+        if !self.descriptors_left(&stream) {
+            return Err("the connector is short of descriptors".into());
+        }
         let _ = stream.set_nodelay(true);
         Ok((address, stream))
     }
@@ -855,10 +1134,10 @@ impl Connector {
         Err(format!("{host:?} has no address in the private zone"))
     }
 
-    async fn serve(&self, opened: Opened, identity: String) {
+    async fn serve(&self, opened: Opened, identity: String, slot: Slot) {
         let link = opened.link.clone();
         let remote = link.remote();
-        if let Err(e) = self.session(opened, &identity).await {
+        if let Err(e) = self.session(opened, &identity, slot).await {
             tracing::info!(%identity, %remote, transport = link.kind(), error = %format!("{e:#}"), "client session ended");
         }
         let id = link.id();
@@ -866,9 +1145,10 @@ impl Connector {
             peers.retain(|p| p.link.id() != id);
         }
         link.close(0, "session ended");
+        self.advertised.release(id).await;
     }
 
-    async fn session(&self, opened: Opened, identity: &str) -> anyhow::Result<()> {
+    async fn session(&self, opened: Opened, identity: &str, slot: Slot) -> anyhow::Result<()> {
         let Opened {
             link,
             control_tx: mut send,
@@ -877,9 +1157,15 @@ impl Connector {
             dns_queries,
         } = opened;
         let remote = link.remote();
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.recv())
-            .await
-            .context("no hello")??;
+        // Datagrams sent before the welcome are read and dropped while the hello is awaited.
+        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+            tokio::select! {
+                h = recv.recv() => h,
+                never = inbound.discard(&self.shared.limits) => match never {},
+            }
+        })
+        .await
+        .context("no hello")??;
         let Control::Hello {
             version,
             advertise,
@@ -908,18 +1194,25 @@ impl Connector {
             self.refuse(&link, &mut send, identity, reason).await;
             return Ok(());
         };
+        let mut offers = self.offer.subscribe();
+        let offer = offers.borrow_and_update().clone();
+        let claimed = self
+            .advertised
+            .claim(identity, link.id(), &advertise, &offer.routes)
+            .await;
+        let advertised = match claimed {
+            Ok(a) => a,
+            Err(reason) => {
+                self.shared.limits.bump("advertise_refused");
+                self.refuse(&link, &mut send, identity, reason).await;
+                return Ok(());
+            }
+        };
         let mut owns = vec![
             IpNet::from(IpAddr::V4(address_v4)),
             IpNet::from(IpAddr::V6(address_v6)),
         ];
-        for net in advertise {
-            net::replace_route(&self.netlink, net, self.tun_index)
-                .await
-                .with_context(|| format!("routing {net} to {identity}"))?;
-            owns.push(net);
-        }
-        let mut offers = self.offer.subscribe();
-        let offer = offers.borrow_and_update().clone();
+        owns.extend(&advertised);
         send.send(&Control::Welcome {
             version: PROTOCOL_VERSION,
             node: identity.to_string(),
@@ -932,8 +1225,10 @@ impl Connector {
             zones: offer.zones,
         })
         .await?;
+        link.welcomed();
+        drop(slot);
         let reason = match (&link, transport_reason) {
-            (_, Some(r)) => format!("client: {r}"),
+            (_, Some(r)) => format!("client: {}", clean(&r, PEER_TEXT)),
             (Link::Quic(_), None) => String::new(),
             (Link::Tcp(_), None) => "client chose TCP".into(),
         };
@@ -945,6 +1240,7 @@ impl Connector {
             address_v4,
             address_v6,
             owns,
+            advertised,
             connected_since: now_unix(),
             counters: Arc::new(Counters::default()),
         });
@@ -957,19 +1253,23 @@ impl Connector {
             peers.push(peer.clone());
         }
         tracing::info!(%identity, %remote, transport = link.kind(), %address_v4, %address_v6, "client connected");
+        let share = dns::PeerDns::new(self.shared.limits.clone(), Instant::now());
         let dns_requests = async {
             match (&self.forwarder, &link, dns_queries) {
-                (Some(f), Link::Quic(conn), _) => dns::serve_streams(conn.clone(), f.clone()).await,
+                (Some(f), Link::Quic(conn), _) => {
+                    dns::serve_streams(conn.clone(), f.clone(), share).await
+                }
                 (Some(f), Link::Tcp(t), Some(q)) => {
-                    serve_tcp_dns(t.clone(), q, f.clone()).await;
+                    dns::serve_frames(t.clone(), q, f.clone(), share).await;
                     Ok(())
                 }
                 _ => std::future::pending().await,
             }
         };
+        let tally = self.shared.limits.clone();
         tokio::select! {
             r = self.pump_from_peer(&peer, &mut inbound) => r,
-            r = answer_keepalives(send, recv, offers) => r,
+            r = answer_keepalives(send, recv, offers, tally) => r,
             r = dns_requests => r,
         }
     }
@@ -1041,111 +1341,8 @@ impl Connector {
     }
 }
 
-/// The connector's side of the control stream after the welcome: echo keepalives, skip what
-/// a newer client may send that this version does not know.
-async fn answer_keepalives(
-    mut send: ControlTx,
-    mut recv: ControlRx,
-    mut offers: watch::Receiver<Offer>,
-) -> anyhow::Result<()> {
-    // Reading runs in its own task: a QUIC read cut short by an offer change would lose
-    // framing; the channel's receive is safe to cancel.
-    let (tx, mut messages) = tokio::sync::mpsc::channel(16);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = recv.recv().await;
-            let failed = msg.is_err();
-            if tx.send(msg).await.is_err() || failed {
-                return;
-            }
-        }
-    });
-    let _abort = AbortOnDrop(reader);
-    loop {
-        let msg = tokio::select! {
-            m = tokio::time::timeout(CLIENT_SILENCE, messages.recv()) => m
-                .map_err(|_| anyhow!("the client sent nothing for {CLIENT_SILENCE:?}"))?
-                .ok_or_else(|| anyhow!("the control channel closed"))??,
-            changed = offers.changed() => {
-                changed?;
-                let offer = offers.borrow_and_update().clone();
-                send.send(&Control::Routes { routes: offer.routes, zones: offer.zones }).await?;
-                continue;
-            }
-        };
-        match msg {
-            Control::Keepalive { seq } => send.send(&Control::Keepalive { seq }).await?,
-            Control::Unknown => {}
-            other => tracing::debug!(?other, "unexpected control message ignored"),
-        }
-    }
-}
-
-/// The client's side: a keepalive every CONTROL_KEEPALIVE; an error when the connector stops
-/// answering them.
-async fn send_keepalives(
-    mut send: ControlTx,
-    mut recv: ControlRx,
-    offers: tokio::sync::mpsc::Sender<(Vec<IpNet>, Vec<String>)>,
-) -> anyhow::Result<()> {
-    let answered = Arc::new(AtomicU64::new(0));
-    // Reading runs in its own task: a read cut short by the next tick would lose framing.
-    let reader = {
-        let answered = answered.clone();
-        tokio::spawn(async move {
-            while let Ok(msg) = recv.recv().await {
-                match msg {
-                    Control::Keepalive { seq } => {
-                        answered.fetch_max(seq, Ordering::Relaxed);
-                    }
-                    Control::Routes { routes, zones } => {
-                        let _ = offers.send((routes, zones)).await;
-                    }
-                    _ => {}
-                }
-            }
-        })
-    };
-    let _abort = AbortOnDrop(reader);
-    let mut tick = tokio::time::interval(CONTROL_KEEPALIVE);
-    let mut seq = 0u64;
-    loop {
-        tick.tick().await;
-        let last = answered.load(Ordering::Relaxed);
-        if seq >= last + KEEPALIVES_MISSED {
-            bail!("the connector answered no control keepalive since #{last}");
-        }
-        seq += 1;
-        send.send(&Control::Keepalive { seq }).await?;
-    }
-}
-
-/// Answers the DNS queries a client sends on its TCP link, each in its own task.
-async fn serve_tcp_dns(
-    link: Arc<TcpLink>,
-    mut queries: tokio::sync::mpsc::Receiver<(u32, Vec<u8>)>,
-    fwd: Arc<dns::Forwarder>,
-) {
-    while let Some((id, query)) = queries.recv().await {
-        let (link, fwd) = (link.clone(), fwd.clone());
-        tokio::spawn(async move {
-            if let Some(answer) = fwd.resolve(&query).await {
-                let _ = link.answer_dns(id, &answer).await;
-            }
-        });
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// One packet from the TUN; `None` (and a status that says why) if the TUN is gone.
-async fn read_tun(shared: &Shared, tun: &AsyncDevice, buf: &mut [u8]) -> Option<usize> {
+pub(super) async fn read_tun(shared: &Shared, tun: &AsyncDevice, buf: &mut [u8]) -> Option<usize> {
     match tun.recv(buf).await {
         Ok(n) => Some(n),
         Err(e) => {
@@ -1185,14 +1382,14 @@ async fn tun_to_peers(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Sent {
+pub(super) enum Sent {
     Ok,
     TooBig,
     Dropped,
 }
 
 /// Clamps a SYN's MSS to what one datagram carries, then sends the packet as a datagram.
-fn send_to(shared: &Shared, link: &Link, counters: &Counters, pkt: &mut [u8]) -> Sent {
+pub(super) fn send_to(shared: &Shared, link: &Link, counters: &Counters, pkt: &mut [u8]) -> Sent {
     if let Some(max) = link.max_packet() {
         mss::clamp(pkt, max);
     }
@@ -1211,7 +1408,7 @@ fn send_to(shared: &Shared, link: &Link, counters: &Counters, pkt: &mut [u8]) ->
 
 /// A packet too big for a datagram is answered, never silently dropped: the sender gets
 /// "fragmentation needed" / "packet too big" with the tunnel's MTU, through the TUN.
-async fn answer_too_big(
+pub(super) async fn answer_too_big(
     shared: &Shared,
     tun: &AsyncDevice,
     link: &Link,
@@ -1236,7 +1433,7 @@ async fn answer_too_big(
 
 /// ICMP echo to each peer's public address, outside the tunnel: with the tunnel down, it tells
 /// "host unreachable" from "tunnel port blocked". Skipped where echo sockets are not permitted.
-async fn ping_peers(shared: Arc<Shared>) {
+pub(super) async fn ping_peers(shared: Arc<Shared>) {
     const EVERY: Duration = Duration::from_secs(5);
     // A new peer is pinged within a second of joining, then every EVERY.
     let mut last: HashMap<u64, std::time::Instant> = HashMap::new();
@@ -1264,7 +1461,7 @@ async fn ping_peers(shared: Arc<Shared>) {
 }
 
 /// Keeps the TUN's MTU at what one datagram carries; MTU discovery raises it after start.
-async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32) {
+pub(super) async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
@@ -1284,538 +1481,6 @@ async fn follow_mtu(shared: Arc<Shared>, netlink: rtnetlink::Handle, index: u32)
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Client
-
-async fn start_client(
-    cfg: &Tunnel,
-    connect: Vec<String>,
-    server_name: String,
-    source_port: u16,
-    on_routes: super::RoutesHook,
-) -> anyhow::Result<TunnelHandle> {
-    let mut sysctls = Vec::new();
-    let result = async {
-        if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
-            // A site gateway forwards its LAN's replies from the TUN to the LAN.
-            net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
-            net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
-        }
-        let crypto = tls::client_config(&cfg.tls, tls::ALPN)?;
-        let tcp_tls = tls::rustls_client(&cfg.tls, tls::ALPN)?;
-        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport()));
-        let endpoint = if cfg.transport.uses_quic() {
-            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port));
-            let mut endpoint = Endpoint::client(bind)
-                .with_context(|| format!("binding UDP source port {bind}"))?;
-            endpoint.set_default_client_config(client);
-            Some(endpoint)
-        } else {
-            None
-        };
-        let (tun, index, handle) = create_tun(&cfg.tun).await?;
-        anyhow::Ok((tun, index, handle, endpoint, tcp_tls))
-    }
-    .await;
-    let (tun, index, handle, endpoint, tcp_tls) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            net::restore(&mut sysctls);
-            return Err(e);
-        }
-    };
-    let shared = shared("client", &cfg.tun, "connecting");
-    let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
-    let current_rx_stub = current_rx.clone();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(tun_to_connector(shared.clone(), tun.clone(), current_rx));
-    tasks.spawn(ping_peers(shared.clone()));
-    tasks.spawn(follow_mtu(shared.clone(), handle.clone(), index));
-    let client = Client {
-        shared: shared.clone(),
-        endpoint: endpoint.clone(),
-        tcp: tokio_rustls::TlsConnector::from(tcp_tls),
-        transport: cfg.transport,
-        fallback_port: cfg.fallback_port,
-        quic_timeout: cfg.quic_timeout,
-        source_port,
-        tun,
-        tun_index: index,
-        netlink: handle,
-        connect,
-        server_name,
-        advertise: cfg.advertise.clone(),
-        current: current_tx,
-        on_routes,
-    };
-    tasks.spawn(client.run());
-    if let Some(stub) = cfg.dns_stub {
-        match tokio::net::UdpSocket::bind(stub).await {
-            Ok(socket) => {
-                let rx = current_rx_stub;
-                tasks.spawn(dns::serve_stub(
-                    Arc::new(socket),
-                    shared.learned_zones.clone(),
-                    move || rx.borrow().as_ref().map(|p| p.link.clone()),
-                ));
-                tracing::info!(%stub, "DNS stub listening for the connector's zones");
-            }
-            Err(e) => {
-                tasks.shutdown().await;
-                net::restore(&mut sysctls);
-                return Err(anyhow!("binding the DNS stub to {stub}: {e}"));
-            }
-        }
-    }
-    Ok(TunnelHandle {
-        shared,
-        tasks,
-        endpoint,
-        sysctls,
-        nat_table: None,
-        connector: None,
-    })
-}
-
-struct Client {
-    shared: Arc<Shared>,
-    endpoint: Option<Endpoint>,
-    tcp: tokio_rustls::TlsConnector,
-    transport: Transport,
-    fallback_port: Option<u16>,
-    quic_timeout: Duration,
-    /// Pinned source port, for QUIC and for the TCP fallback alike (0: any).
-    source_port: u16,
-    tun: Arc<AsyncDevice>,
-    tun_index: u32,
-    netlink: rtnetlink::Handle,
-    connect: Vec<String>,
-    server_name: String,
-    advertise: Vec<IpNet>,
-    current: watch::Sender<Option<Arc<Peer>>>,
-    on_routes: super::RoutesHook,
-}
-
-/// How a session ended without an error: QUIC works again, here is its link.
-struct MoveToQuic(Opened);
-
-impl Client {
-    /// Connects, serves until the connection dies, and again, with backoff and jitter so a
-    /// fleet of clients does not reconnect in lockstep.
-    async fn run(self) {
-        let mut failures: u32 = 0;
-        loop {
-            for target in &self.connect {
-                match self.serve_target(target).await {
-                    Ok(()) => failures = 0,
-                    Err(e) => {
-                        let e = format!("{e:#}");
-                        tracing::warn!(%target, error = %e, "tunnel down");
-                        self.shared.set_state(format!("reconnecting: {e}"));
-                        failures = failures.saturating_add(1);
-                    }
-                }
-                self.current.send_replace(None);
-                if let Ok(mut p) = self.shared.peers.lock() {
-                    p.clear();
-                }
-                let base = Duration::from_millis(250)
-                    .saturating_mul(1u32 << failures.min(4))
-                    .min(Duration::from_secs(4));
-                let jitter = rand::rng().random_range(0..=base.as_millis() as u64 / 2);
-                tokio::time::sleep(base + Duration::from_millis(jitter)).await;
-            }
-        }
-    }
-
-    /// Opens a link to `target` (QUIC, else TCP in auto mode) and serves it; when a session on
-    /// TCP finds QUIC working again, the next session runs on QUIC with the same overlay
-    /// addresses, the TCP link kept until the QUIC one is welcomed.
-    async fn serve_target(&self, target: &str) -> anyhow::Result<()> {
-        let addr = tokio::net::lookup_host(target)
-            .await
-            .with_context(|| format!("resolving {target}"))?
-            .next()
-            .ok_or_else(|| anyhow!("{target} resolves to nothing"))?;
-        let (mut opened, mut reason) = self.open(addr).await?;
-        let mut previous: Option<Link> = None;
-        loop {
-            let (MoveToQuic(quic), old) =
-                self.session(addr, opened, reason, previous.take()).await?;
-            tracing::info!(%addr, "QUIC works again; moving the tunnel back from TCP");
-            opened = quic;
-            reason = String::new();
-            previous = Some(old);
-        }
-    }
-
-    /// The first link to `addr` that works, and why it is that one.
-    async fn open(&self, addr: SocketAddr) -> anyhow::Result<(Opened, String)> {
-        match self.transport {
-            Transport::Quic => Ok((
-                self.open_quic(addr, HANDSHAKE_TIMEOUT).await?,
-                String::new(),
-            )),
-            Transport::Tcp => Ok((
-                self.open_tcp(addr).await?,
-                "transport = \"tcp\" in the config".into(),
-            )),
-            Transport::Auto => match self.open_quic(addr, self.quic_timeout).await {
-                Ok(o) => Ok((o, String::new())),
-                Err(quic) => {
-                    let why = format!("{quic:#}");
-                    tracing::info!(%addr, reason = %why, "QUIC failed; trying the TCP fallback");
-                    let o = self
-                        .open_tcp(addr)
-                        .await
-                        .map_err(|tcp| anyhow!("QUIC: {why}; TCP fallback: {tcp:#}"))?;
-                    Ok((o, why))
-                }
-            },
-        }
-    }
-
-    async fn open_quic(&self, addr: SocketAddr, timeout: Duration) -> anyhow::Result<Opened> {
-        let endpoint = self
-            .endpoint
-            .as_ref()
-            .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
-        let conn = tokio::time::timeout(timeout, async {
-            let conn = endpoint.connect(addr, &self.server_name)?.await?;
-            let (send, recv) = conn.open_bi().await?;
-            anyhow::Ok((conn, send, recv))
-        })
-        .await
-        .map_err(|_| anyhow!("no QUIC handshake in {}", secs(timeout)))??;
-        let (conn, send, recv) = conn;
-        Ok(Opened {
-            link: Link::Quic(conn.clone()),
-            control_tx: ControlTx::Quic(send),
-            control_rx: ControlRx::Quic(recv),
-            inbound: Inbound::Quic(conn),
-            dns_queries: None,
-        })
-    }
-
-    async fn open_tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
-        let addr = SocketAddr::new(addr.ip(), self.fallback_port.unwrap_or(addr.port()));
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
-            let socket = if addr.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
-            if self.source_port != 0 {
-                // The same pinned port as QUIC's, so a stateless ACL needs no ephemeral range;
-                // reuse lets a reconnect bind it while the last connection is in TIME_WAIT.
-                socket.set_reuseaddr(true)?;
-                let any: IpAddr = if addr.is_ipv4() {
-                    Ipv4Addr::UNSPECIFIED.into()
-                } else {
-                    Ipv6Addr::UNSPECIFIED.into()
-                };
-                socket
-                    .bind(SocketAddr::new(any, self.source_port))
-                    .with_context(|| format!("binding TCP source port {}", self.source_port))?;
-            }
-            let stream = socket
-                .connect(addr)
-                .await
-                .with_context(|| format!("TCP connect to {addr}"))?;
-            stream.set_nodelay(true)?;
-            let fd = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned()?;
-            let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
-                .map_err(|e| anyhow!("server_name {:?}: {e}", self.server_name))?;
-            let tls = self
-                .tcp
-                .connect(name, stream)
-                .await
-                .with_context(|| format!("TLS over TCP to {addr}"))?;
-            anyhow::Ok(TcpLink::start(tls, fd, addr))
-        })
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "no TCP+TLS handshake with {addr} in {}",
-                secs(HANDSHAKE_TIMEOUT)
-            )
-        })?
-    }
-
-    /// Keeps trying QUIC while the tunnel runs on TCP; returns the first QUIC link that works.
-    async fn probe_quic(&self, addr: SocketAddr, peer: Arc<Peer>, first_reason: String) -> Opened {
-        loop {
-            let jitter = rand::rng().random_range(0..=QUIC_PROBE_EVERY.as_millis() as u64 / 5);
-            tokio::time::sleep(QUIC_PROBE_EVERY + Duration::from_millis(jitter)).await;
-            match self.open_quic(addr, self.quic_timeout).await {
-                Ok(o) => return o,
-                Err(e) => {
-                    tracing::debug!(error = %format!("{e:#}"), "QUIC probe failed");
-                    if let Ok(mut r) = peer.transport_reason.lock() {
-                        *r = format!(
-                            "{first_reason}; QUIC retried every {}, last: {e:#}",
-                            secs(QUIC_PROBE_EVERY)
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Hello, welcome, routes, then packets until the link dies (an error) or, on TCP in auto
-    /// mode, until QUIC works again. `previous` (the link being replaced) is closed once this
-    /// one carries the traffic.
-    async fn session(
-        &self,
-        addr: SocketAddr,
-        opened: Opened,
-        reason: String,
-        previous: Option<Link>,
-    ) -> anyhow::Result<(MoveToQuic, Link)> {
-        let Opened {
-            link,
-            control_tx: mut send,
-            control_rx: mut recv,
-            mut inbound,
-            ..
-        } = opened;
-        send.send(&Control::Hello {
-            version: PROTOCOL_VERSION,
-            node: self.server_name.clone(),
-            advertise: self.advertise.clone(),
-            transport_reason: (!reason.is_empty()).then(|| reason.clone()),
-        })
-        .await?;
-        let welcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, recv.recv())
-            .await
-            .context("no answer to hello")??;
-        let (address_v4, address_v6, prefix_v4, prefix_v6, routes, node, zones) = match welcome {
-            Control::Welcome {
-                address_v4,
-                address_v6,
-                prefix_v4,
-                prefix_v6,
-                routes,
-                node,
-                zones,
-                ..
-            } => (
-                address_v4, address_v6, prefix_v4, prefix_v6, routes, node, zones,
-            ),
-            Control::Refused { reason } => {
-                self.shared
-                    .refuse(Some(self.server_name.clone()), addr, reason.clone());
-                bail!("refused by the connector: {reason}");
-            }
-            other => bail!("unexpected answer to hello: {other:?}"),
-        };
-        net::add_address(&self.netlink, self.tun_index, address_v4.into(), prefix_v4).await?;
-        net::add_address(&self.netlink, self.tun_index, address_v6.into(), prefix_v6).await?;
-        for r in &routes {
-            net::replace_route(&self.netlink, *r, self.tun_index)
-                .await
-                .with_context(|| format!("route {r} into the tunnel"))?;
-        }
-        let zone_wires: Vec<Vec<u8>> = zones
-            .iter()
-            .filter_map(|d| crate::core::dns::wire_name(d).ok())
-            .collect();
-        (self.on_routes)(&routes, &zone_wires, self.tun_index)
-            .context("loading routes into the classifier")?;
-        if let Ok(mut z) = self.shared.learned_zones.lock() {
-            *z = zone_wires;
-        }
-        let peer = Arc::new(Peer {
-            identity: self.server_name.clone(),
-            link: link.clone(),
-            transport_reason: Mutex::new(reason.clone()),
-            ping: Mutex::new(None),
-            address_v4,
-            address_v6,
-            owns: routes.clone(),
-            connected_since: now_unix(),
-            counters: Arc::new(Counters::default()),
-        });
-        if let Ok(mut p) = self.shared.peers.lock() {
-            *p = vec![peer.clone()];
-        }
-        let far_v4 = Ipv4Net::new(address_v4, prefix_v4)
-            .ok()
-            .and_then(|n| nth_v4(n.trunc(), 1));
-        let far_v6 = Ipv6Net::new(address_v6, prefix_v6).map(|n| nth_v6(n.trunc(), 1));
-        if let (Some(v4), Ok(v6), Ok(mut far)) = (far_v4, far_v6, self.shared.far_end.lock()) {
-            *far = (v4, v6);
-        }
-        self.current.send_replace(Some(peer.clone()));
-        if let Some(old) = previous {
-            old.close(0, "moved to another transport");
-        }
-        let via = match &link {
-            Link::Quic(_) => format!("connected to {addr} over QUIC"),
-            Link::Tcp(_) => format!("connected to {} over TCP: {reason}", link.remote()),
-        };
-        self.shared.set_state(via);
-        tracing::info!(%addr, transport = link.kind(), %reason, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
-        let packets = async {
-            loop {
-                let dgram = match inbound.packet().await {
-                    Ok(d) => d,
-                    Err(e) => return Err::<(), _>(e),
-                };
-                Counters::add(
-                    &peer.counters.rx_packets,
-                    &peer.counters.rx_bytes,
-                    dgram.len(),
-                );
-                if let Err(e) = self.tun.send(&dgram).await {
-                    tracing::debug!(error = %e, "TUN write failed");
-                    self.shared.drop_packet("tun_write");
-                }
-            }
-        };
-        let probing = matches!(link, Link::Tcp(_)) && self.transport == Transport::Auto;
-        let probe = async {
-            match probing {
-                true => self.probe_quic(addr, peer.clone(), reason.clone()).await,
-                false => std::future::pending().await,
-            }
-        };
-        let (offers_tx, mut offers) = tokio::sync::mpsc::channel(4);
-        let keepalives = send_keepalives(send, recv, offers_tx);
-        tokio::pin!(packets, probe, keepalives);
-        let mut routes = routes;
-        let result = loop {
-            tokio::select! {
-                r = &mut packets => break r.map(|()| None),
-                r = &mut keepalives => break r.map(|()| None),
-                quic = &mut probe => break Ok(Some(quic)),
-                Some((new_routes, zones)) = offers.recv() => {
-                    match self.apply_offer(&routes, &new_routes, &zones).await {
-                        Ok(()) => {
-                            tracing::info!(routes = ?new_routes, ?zones, "the connector changed its routes and zones");
-                            routes = new_routes;
-                        }
-                        Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the connector's new routes failed"),
-                    }
-                }
-            }
-        };
-        match result {
-            Ok(Some(quic)) => Ok((MoveToQuic(quic), link)),
-            Ok(None) => bail!("the tunnel ended"),
-            Err(e) => {
-                link.close(0, "session ended");
-                Err(e)
-            }
-        }
-    }
-}
-
-impl Client {
-    /// Routes and zones the connector pushed after a reload: kernel routes added and removed,
-    /// the classifier and the DNS steering reloaded; the connection is untouched.
-    async fn apply_offer(
-        &self,
-        old: &[IpNet],
-        routes: &[IpNet],
-        zones: &[String],
-    ) -> anyhow::Result<()> {
-        for r in routes {
-            net::replace_route(&self.netlink, *r, self.tun_index)
-                .await
-                .with_context(|| format!("route {r} into the tunnel"))?;
-        }
-        for r in old.iter().filter(|r| !routes.contains(r)) {
-            if let Err(e) = net::delete_route(&self.netlink, *r, self.tun_index).await {
-                tracing::warn!(route = %r, error = %e, "removing a withdrawn route failed");
-            }
-        }
-        let zone_wires: Vec<Vec<u8>> = zones
-            .iter()
-            .filter_map(|d| crate::core::dns::wire_name(d).ok())
-            .collect();
-        (self.on_routes)(routes, &zone_wires, self.tun_index)
-            .context("loading routes into the classifier")?;
-        if let Ok(mut z) = self.shared.learned_zones.lock() {
-            *z = zone_wires;
-        }
-        Ok(())
-    }
-}
-
-fn secs(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 {
-        format!("{s:.0} s")
-    } else {
-        format!("{s} s")
-    }
-}
-
-/// Everything routed into the client's TUN goes to the connector, while there is one.
-async fn tun_to_connector(
-    shared: Arc<Shared>,
-    tun: Arc<AsyncDevice>,
-    current: watch::Receiver<Option<Arc<Peer>>>,
-) {
-    let mut buf = vec![0u8; MAX_PACKET];
-    let mut reply = vec![0u8; 1500];
-    loop {
-        let Some(n) = read_tun(&shared, &tun, &mut buf).await else {
-            return;
-        };
-        if packet::parse(&buf[..n]).is_ok_and(|m| m.dst.is_multicast()) {
-            shared.drop_packet("multicast");
-            continue;
-        }
-        let peer = current.borrow().clone();
-        // A query for a private zone that eBPF steered here: answered by the connector's
-        // forwarder, and the reply comes from the resolver the application asked.
-        if let (Some(p), Some(query)) = (&peer, steered_query(&shared, &buf[..n])) {
-            let (link, tun, shared) = (p.link.clone(), tun.clone(), shared.clone());
-            tokio::spawn(async move {
-                let Some((msg, _)) = crate::core::dns::udp_query(&query) else {
-                    return;
-                };
-                let reply = match link.relay_dns(msg).await {
-                    Ok(answer) => crate::core::dns::udp_reply(&query, &answer),
-                    Err(_) => None,
-                };
-                match reply {
-                    Some(r) => {
-                        let _ = tun.send(&r).await;
-                    }
-                    None => shared.drop_packet("dns_relay_failed"),
-                }
-            });
-            continue;
-        }
-        match peer {
-            Some(p) => {
-                if send_to(&shared, &p.link, &p.counters, &mut buf[..n]) == Sent::TooBig {
-                    let from = shared
-                        .far_end
-                        .lock()
-                        .map(|f| *f)
-                        .unwrap_or((Ipv4Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED));
-                    answer_too_big(&shared, &tun, &p.link, from, &buf[..n], &mut reply).await;
-                }
-            }
-            None => shared.drop_packet("tunnel_down"),
-        }
-    }
-}
-
-/// The packet, if it is a DNS query for one of the zones the connector answers.
-fn steered_query(shared: &Shared, pkt: &[u8]) -> Option<Vec<u8>> {
-    let (msg, _) = crate::core::dns::udp_query(pkt)?;
-    let q = crate::core::dns::parse_query(msg).ok()?;
-    let zones = shared.learned_zones.lock().ok()?;
-    crate::core::dns::matching_zone(&q.name, &zones)?;
-    Some(pkt.to_vec())
-}
-
 /// `ip_local_reserved_ports` with `lo-hi` added (kept as is when already listed).
 fn reserve_range(current: &str, (lo, hi): (u16, u16)) -> String {
     let range = format!("{lo}-{hi}");
@@ -1830,7 +1495,7 @@ fn reserve_range(current: &str, (lo, hi): (u16, u16)) -> String {
 }
 
 /// The `n`th address of a prefix (0 is the network address).
-fn nth_v4(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
+pub(super) fn nth_v4(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
     let size = 1u64 << (32 - u32::from(net.prefix_len()));
     if u64::from(n) >= size.saturating_sub(1) {
         return None;
@@ -1838,7 +1503,7 @@ fn nth_v4(net: Ipv4Net, n: u32) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(u32::from(net.network()).wrapping_add(n)))
 }
 
-fn nth_v6(net: Ipv6Net, n: u32) -> Ipv6Addr {
+pub(super) fn nth_v6(net: Ipv6Net, n: u32) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(net.network()).wrapping_add(u128::from(n)))
 }
 

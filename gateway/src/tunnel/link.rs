@@ -2,6 +2,12 @@
 //! control and DNS on streams) or the TLS-over-TCP fallback (everything as `core::frame`s on
 //! one byte stream). The engine sees only [`Link`], [`ControlTx`]/[`ControlRx`] and
 //! [`Inbound`], so every feature works the same over both.
+//!
+//! Bounds on a connector's TCP link, where the client is not trusted yet: the first frame must
+//! be a Control frame (the hello) of at most [`MAX_CLIENT_MESSAGE`] bytes, checked from its
+//! header; nothing else is read until [`Link::welcomed`]; after it, frames are checked against
+//! [`Side::limits`] from their header, before their payload is waited for. Queues are bounded
+//! in bytes both ways.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,21 +20,66 @@ use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use quinn::VarInt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::control::{self, Control, ControlError};
-use crate::core::frame::{self, FrameType};
+use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
+use crate::core::frame::{self, FrameError, FrameType, Limits};
+use crate::core::limits::Tally;
 
 /// Largest IP packet the TCP fallback carries. Below the 1362 bytes a fresh QUIC connection's
 /// datagrams hold, so a TCP session whose MSS was clamped on the fallback still fits when the
 /// tunnel moves back to QUIC, without waiting for path MTU discovery.
 pub const TCP_MAX_PACKET: usize = 1360;
-/// Packets queued towards the TCP socket; beyond this they are dropped (and counted), as a
-/// full QUIC datagram queue would drop them, rather than delaying everything behind them.
-const TCP_QUEUE: usize = 2048;
+/// Bytes of frames queued towards the TCP socket: ~1,500 full packets, 4 ms at 3 Gbit/s and
+/// what a writer stalled by a slow peer may hold. Packets beyond it are dropped (and counted),
+/// as a full QUIC datagram queue would drop them; control and DNS wait for room.
+const OUT_QUEUE_BYTES: usize = 2 << 20;
+/// Packets read from the socket and not yet handled: 1 MiB of the largest packet frames. The
+/// reader waits when it is full, which pushes back on the sender through TCP.
+const IN_QUEUE_PACKETS: usize = (1 << 20) / TCP_MAX_PACKET;
 /// One write to the socket gathers queued frames up to this size.
 const WRITE_BATCH: usize = 64 * 1024;
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+/// DNS queries read from a client and not yet admitted (at most MAX_QUERY bytes each); more
+/// are dropped and counted.
+const DNS_QUEUE: usize = 256;
+
+/// Which end of a link this is: it decides what may be read from the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Connector,
+}
+
+impl Side {
+    /// The largest frame of each type this side accepts from its peer.
+    pub const fn limits(self) -> Limits {
+        match self {
+            // From the connector: welcomes and route updates, packets, answers.
+            Side::Client => Limits {
+                control: control::MAX_MESSAGE,
+                packet: TCP_MAX_PACKET,
+                dns_query: None,
+                dns_answer: Some(frame::MAX_PAYLOAD),
+            },
+            // From a client: small control messages, packets, queries; never answers.
+            Side::Connector => Limits {
+                control: MAX_CLIENT_MESSAGE,
+                packet: TCP_MAX_PACKET,
+                dns_query: Some(4 + super::dns::MAX_QUERY),
+                dns_answer: None,
+            },
+        }
+    }
+
+    /// The largest control message this side reads.
+    pub const fn control_max(self) -> usize {
+        match self {
+            Side::Client => control::MAX_MESSAGE,
+            Side::Connector => MAX_CLIENT_MESSAGE,
+        }
+    }
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum SendError {
@@ -113,6 +164,16 @@ impl Link {
             Link::Tcp(t) => t.close(),
         }
     }
+
+    /// The connector welcomed the client: its frames after the hello may now be read.
+    pub fn welcomed(&self) {
+        if let Link::Tcp(t) = self
+            && let Ok(mut gate) = t.gate.lock()
+            && let Some(open) = gate.take()
+        {
+            let _ = open.send(());
+        }
+    }
 }
 
 /// Sends control messages on the link's control channel.
@@ -143,14 +204,19 @@ impl ControlTx {
 }
 
 pub enum ControlRx {
-    Quic(quinn::RecvStream),
+    /// The stream and the largest message read from it.
+    Quic(quinn::RecvStream, usize),
     Tcp(mpsc::Receiver<Result<Control, ControlError>>),
 }
 
 impl ControlRx {
+    pub fn quic(stream: quinn::RecvStream, side: Side) -> ControlRx {
+        ControlRx::Quic(stream, side.control_max())
+    }
+
     pub async fn recv(&mut self) -> Result<Control, ControlError> {
         match self {
-            ControlRx::Quic(s) => control::recv(s).await,
+            ControlRx::Quic(s, max) => control::recv(s, *max).await,
             ControlRx::Tcp(rx) => rx.recv().await.unwrap_or(Err(ControlError::Closed)),
         }
     }
@@ -172,6 +238,16 @@ impl Inbound {
                 .ok_or_else(|| anyhow!("the TCP link closed")),
         }
     }
+    /// Before the welcome: QUIC datagrams are read and dropped (counted) so none pile up;
+    /// the TCP link reads nothing yet. Never returns.
+    pub async fn discard(&mut self, tally: &Tally) -> std::convert::Infallible {
+        if let Inbound::Quic(c) = self {
+            while c.read_datagram().await.is_ok() {
+                tally.bump("packet_before_welcome");
+            }
+        }
+        std::future::pending().await
+    }
 }
 
 /// A freshly established link with its channels, before the hello.
@@ -192,41 +268,70 @@ pub struct TcpLink {
     remote: SocketAddr,
     /// A duplicate of the socket: for TCP_INFO (the kernel's RTT) and to shut it down.
     socket: OwnedFd,
-    out: mpsc::Sender<Vec<u8>>,
+    /// Frames to write, each with its share of `budget`.
+    out: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
+    /// OUT_QUEUE_BYTES permits, one per queued byte; closed with the link.
+    budget: Arc<Semaphore>,
     pending_dns: Mutex<HashMap<u32, oneshot::Sender<Vec<u8>>>>,
     next_dns: AtomicU32,
     closed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Connector: opened by [`Link::welcomed`]; until then the reader stops after the hello.
+    gate: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 static NEXT_TCP_ID: AtomicU64 = AtomicU64::new(1 << 48);
 
 impl TcpLink {
     /// Wraps an established TLS stream. `socket` is the underlying TCP socket (duplicated).
-    pub fn start<S>(stream: S, socket: OwnedFd, remote: SocketAddr) -> Opened
+    /// Protocol violations and drops are counted in `tally`.
+    pub fn start<S>(
+        stream: S,
+        socket: OwnedFd,
+        remote: SocketAddr,
+        side: Side,
+        tally: Arc<Tally>,
+    ) -> Opened
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (reader, writer) = tokio::io::split(stream);
-        let (out_tx, out_rx) = mpsc::channel(TCP_QUEUE);
-        let (packets_tx, packets_rx) = mpsc::channel(TCP_QUEUE);
+        // The byte budget bounds the queue; the count only has to be large enough for it.
+        let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE_BYTES / 64);
+        let (packets_tx, packets_rx) = mpsc::channel(IN_QUEUE_PACKETS);
         let (control_tx, control_rx) = mpsc::channel(16);
-        let (dns_tx, dns_rx) = mpsc::channel(256);
+        let (dns_tx, dns_rx) = mpsc::channel(DNS_QUEUE);
+        let (gate_tx, gate_rx) = oneshot::channel();
+        let gate_rx = (side == Side::Connector).then_some(gate_rx);
         let link = Arc::new(TcpLink {
             id: NEXT_TCP_ID.fetch_add(1, Ordering::Relaxed),
             remote,
             socket,
             out: out_tx,
+            budget: Arc::new(Semaphore::new(OUT_QUEUE_BYTES)),
             pending_dns: Mutex::new(HashMap::new()),
             next_dns: AtomicU32::new(1),
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            gate: Mutex::new(Some(gate_tx)),
         });
         let weak = Arc::downgrade(&link);
         let read = tokio::spawn(async move {
-            let result = read_frames(reader, &weak, packets_tx, control_tx.clone(), dns_tx).await;
+            let to = Dispatch {
+                link: &weak,
+                packets: packets_tx,
+                control: control_tx.clone(),
+                dns: dns_tx,
+                tally: &tally,
+            };
+            let result = read_frames(reader, side, gate_rx, to).await;
             if let Err(e) = result {
-                let _ = control_tx.send(Err(ControlError::Stream(e))).await;
+                if let ReadError::Frame(f) = &e {
+                    tally.bump(f.name());
+                }
+                let _ = control_tx
+                    .send(Err(ControlError::Stream(e.to_string())))
+                    .await;
             }
             if let Some(l) = weak.upgrade() {
                 l.close();
@@ -242,7 +347,7 @@ impl TcpLink {
             control_tx: ControlTx::Tcp(link),
             control_rx: ControlRx::Tcp(control_rx),
             inbound: Inbound::Tcp(packets_rx),
-            dns_queries: Some(dns_rx),
+            dns_queries: (side == Side::Connector).then_some(dns_rx),
         }
     }
 
@@ -276,8 +381,13 @@ impl TcpLink {
         if self.closed.load(Ordering::Relaxed) {
             return Err(SendError::Dropped);
         }
+        let f = Self::frame(kind, payload)?;
+        let permit = u32::try_from(f.len())
+            .ok()
+            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
+            .ok_or(SendError::Dropped)?;
         self.out
-            .try_send(Self::frame(kind, payload)?)
+            .try_send((f, permit))
             .map_err(|_| SendError::Dropped)
     }
 
@@ -287,13 +397,23 @@ impl TcpLink {
             bail!("the TCP link is closed");
         }
         let f = Self::frame(kind, payload).map_err(|_| anyhow!("frame too large"))?;
+        let n = u32::try_from(f.len()).map_err(|_| anyhow!("frame too large"))?;
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(n)
+            .await
+            .map_err(|_| anyhow!("the TCP link is closed"))?;
         self.out
-            .send(f)
+            .send((f, permit))
             .await
             .map_err(|_| anyhow!("the TCP link is closed"))
     }
 
     async fn relay_dns(&self, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+        if msg.len() > super::dns::MAX_QUERY {
+            bail!("a {}-byte query is above what a connector takes", msg.len());
+        }
         let id = self.next_dns.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Ok(mut p) = self.pending_dns.lock() {
@@ -324,10 +444,20 @@ impl TcpLink {
         self.send_frame(FrameType::DnsAnswer, &payload).await
     }
 
+    /// [`answer_dns`](Self::answer_dns) if the queue has room now, else dropped.
+    pub fn try_answer_dns(&self, id: u32, answer: &[u8]) -> Result<(), SendError> {
+        let mut payload = Vec::with_capacity(4 + answer.len());
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(answer);
+        self.try_send_frame(FrameType::DnsAnswer, &payload)
+    }
+
     pub fn close(&self) {
         if self.closed.swap(true, Ordering::Relaxed) {
             return;
         }
+        // Wakes whoever waits for room in the queue.
+        self.budget.close();
         // SAFETY: shutdown(2) on a socket we hold a duplicate of; wakes both tasks.
         unsafe {
             libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR);
@@ -346,47 +476,100 @@ impl Drop for TcpLink {
     }
 }
 
-async fn read_frames<R: AsyncRead>(
-    reader: R,
-    link: &std::sync::Weak<TcpLink>,
+/// Where the reader hands what it decoded.
+struct Dispatch<'a> {
+    link: &'a std::sync::Weak<TcpLink>,
     packets: mpsc::Sender<Bytes>,
     control: mpsc::Sender<Result<Control, ControlError>>,
     dns: mpsc::Sender<(u32, Vec<u8>)>,
-) -> Result<(), String> {
+    tally: &'a Tally,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error("{0}")]
+    Frame(FrameError),
+    #[error("the first frame is a {0:?} frame, not the hello")]
+    NotHello(FrameType),
+    #[error("reading the TCP link: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer closed the TCP link")]
+    Eof,
+    #[error("DNS frame shorter than its request id")]
+    ShortDns,
+}
+
+/// The hello: exactly one Control frame of at most MAX_CLIENT_MESSAGE bytes, its length
+/// checked before the payload is read. Nothing past it is read.
+async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, ReadError> {
+    let limits = Limits {
+        control: MAX_CLIENT_MESSAGE,
+        packet: 0,
+        dns_query: None,
+        dns_answer: None,
+    };
+    let mut header = [0u8; frame::HEADER];
+    reader.read_exact(&mut header).await?;
+    let (kind, len) = frame::check_header(header, &limits).map_err(ReadError::Frame)?;
+    if kind != FrameType::Control {
+        return Err(ReadError::NotHello(kind));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+async fn read_frames<R: AsyncRead>(
+    reader: R,
+    side: Side,
+    gate: Option<oneshot::Receiver<()>>,
+    to: Dispatch<'_>,
+) -> Result<(), ReadError> {
     let mut reader = std::pin::pin!(reader);
-    let mut decoder = frame::Decoder::default();
+    if let Some(gate) = gate {
+        let hello = read_hello(&mut reader).await?;
+        if to.control.send(control::decode(&hello)).await.is_err() {
+            return Ok(());
+        }
+        // The session drops the gate when it refuses the client.
+        if gate.await.is_err() {
+            return Ok(());
+        }
+    }
+    let mut decoder = frame::Decoder::new(side.limits());
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = reader.read(&mut buf).await.map_err(|e| e.to_string())?;
+        let n = reader.read(&mut buf).await?;
         if n == 0 {
-            return Err("the peer closed the TCP link".into());
+            return Err(ReadError::Eof);
         }
         decoder.push(&buf[..n]);
-        while let Some((kind, payload)) = decoder.next_frame().map_err(|e| format!("{e:?}"))? {
+        while let Some((kind, payload)) = decoder.next_frame().map_err(ReadError::Frame)? {
             match kind {
                 FrameType::Packet => {
                     // Waiting here pushes back on the sender through TCP's own flow control.
-                    if packets.send(Bytes::from(payload)).await.is_err() {
+                    if to.packets.send(Bytes::from(payload)).await.is_err() {
                         return Ok(());
                     }
                 }
                 FrameType::Control => {
                     let msg = control::decode(&payload);
-                    if control.send(msg).await.is_err() {
+                    if to.control.send(msg).await.is_err() {
                         return Ok(());
                     }
                 }
                 FrameType::DnsQuery | FrameType::DnsAnswer if payload.len() < 4 => {
-                    return Err("DNS frame shorter than its request id".into());
+                    return Err(ReadError::ShortDns);
                 }
                 FrameType::DnsQuery => {
                     let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    // A client does not answer queries; dropping them is all it can do.
-                    let _ = dns.try_send((id, payload[4..].to_vec()));
+                    if to.dns.try_send((id, payload[4..].to_vec())).is_err() {
+                        to.tally.bump("dns_queue_full");
+                    }
                 }
                 FrameType::DnsAnswer => {
                     let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    let Some(link) = link.upgrade() else {
+                    let Some(link) = to.link.upgrade() else {
                         return Ok(());
                     };
                     let waiter = link.pending_dns.lock().ok().and_then(|mut p| p.remove(&id));
@@ -399,19 +582,29 @@ async fn read_frames<R: AsyncRead>(
     }
 }
 
-async fn write_frames<W: AsyncWrite>(writer: W, mut out: mpsc::Receiver<Vec<u8>>) {
+async fn write_frames<W: AsyncWrite>(
+    writer: W,
+    mut out: mpsc::Receiver<(Vec<u8>, OwnedSemaphorePermit)>,
+) {
     let mut writer = std::pin::pin!(writer);
-    while let Some(first) = out.recv().await {
+    let mut permits = Vec::new();
+    while let Some((first, permit)) = out.recv().await {
         let mut batch = first;
+        permits.push(permit);
         while batch.len() < WRITE_BATCH {
             match out.try_recv() {
-                Ok(more) => batch.extend_from_slice(&more),
+                Ok((more, permit)) => {
+                    batch.extend_from_slice(&more);
+                    permits.push(permit);
+                }
                 Err(_) => break,
             }
         }
         if writer.write_all(&batch).await.is_err() || writer.flush().await.is_err() {
             return;
         }
+        // Written: the room is free again.
+        permits.clear();
     }
     let _ = writer.shutdown().await;
 }

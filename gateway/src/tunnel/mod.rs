@@ -13,12 +13,15 @@
 //! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
 
 pub mod access;
+mod client;
 pub mod control;
 pub mod dns;
 pub mod engine;
+mod keepalive;
 pub mod link;
 pub mod nat;
 pub mod net;
+mod peer_routes;
 pub mod probe;
 pub mod tls;
 

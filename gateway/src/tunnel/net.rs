@@ -1,8 +1,9 @@
 //! Links, addresses and routes over rtnetlink, and per-namespace sysctls.
 //!
-//! Routes are added with replace semantics (re-adding an existing route is then not an error)
-//! and all point at the daemon's TUN, which the kernel deletes with its routes when the daemon
-//! exits, however it exits.
+//! Routes all point at the daemon's TUN, which the kernel deletes with its routes when the
+//! daemon exits, however it exits. A route derived from a peer is added exclusively
+//! ([`add_route`]: an existing route is an error, never replaced); only a route the daemon
+//! itself created before may be replaced ([`replace_route`]).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -21,6 +22,8 @@ pub enum NetError {
     NoLink(String),
     #[error("route {0}: {1}")]
     Route(IpNet, String),
+    #[error("a route to {0} already exists (not created by gatewayd; left alone)")]
+    Exists(IpNet),
     #[error("sysctl {key}: {source}")]
     Sysctl { key: String, source: std::io::Error },
 }
@@ -90,6 +93,96 @@ pub async fn replace_route(handle: &Handle, dst: IpNet, index: u32) -> Result<()
     let msg = route_message(dst, index)?;
     handle.route().add(msg).replace().execute().await?;
     Ok(())
+}
+
+/// Adds the route to `dst` only if the kernel has no route to exactly `dst` yet (NLM_F_EXCL):
+/// a prefix a peer supplied never replaces anyone's route.
+pub async fn add_route(handle: &Handle, dst: IpNet, index: u32) -> Result<(), NetError> {
+    let msg = route_message(dst, index)?;
+    match handle.route().add(msg).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::EEXIST => {
+            Err(NetError::Exists(dst))
+        }
+        other => Ok(other?),
+    }
+}
+
+/// The subnets of every address on links other than `except` (the TUN): what this host is
+/// connected to.
+pub async fn address_subnets(handle: &Handle, except: u32) -> Result<Vec<IpNet>, NetError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut out = Vec::new();
+    let mut addrs = handle.address().get().execute();
+    while let Some(a) = addrs.try_next().await? {
+        if a.header.index == except {
+            continue;
+        }
+        let ip = a
+            .attributes
+            .iter()
+            .find_map(|at| match at {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })
+            .or_else(|| {
+                a.attributes.iter().find_map(|at| match at {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+        if let Some(net) = ip.and_then(|ip| IpNet::new(ip, a.header.prefix_len).ok()) {
+            out.push(net.trunc());
+        }
+    }
+    Ok(out)
+}
+
+/// Destinations the kernel's main and local tables route other than through `except` (the
+/// TUN), default routes left out: what this host reaches without the tunnel.
+pub async fn routed_prefixes(handle: &Handle, except: u32) -> Result<Vec<IpNet>, NetError> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+    const MAIN: u32 = 254;
+    const LOCAL: u32 = 255;
+    let mut out = Vec::new();
+    let dumps: [RouteMessage; 2] = [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+    ];
+    for dump in dumps {
+        let mut routes = handle.route().get(dump).execute();
+        while let Some(r) = routes.try_next().await? {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if !(table == MAIN || table == LOCAL) || oif == Some(except) {
+                continue;
+            }
+            let len = r.header.destination_prefix_length;
+            if len == 0 {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            if let Some(net) = dst.and_then(|ip| IpNet::new(ip, len).ok()) {
+                out.push(net.trunc());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Removes the route to `dst` through the TUN (a reload took it away).

@@ -263,7 +263,8 @@ fn start_tunnel(
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
              [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
              [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
-             \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n\n\
+             \"10.128.0.0/16 udp/53\", \"10.128.0.0/16 tcp/5201\", \"10.128.0.0/16 udp/5201\", \"fd00:128::/64\"]\n\
+             advertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\n\
              [[dns.zone]]\ndomain = \"{}\"\nservers = [\"{}\", \"{}\"]\n\n\
              [icmp]\nmanage_ping_group_range = true\n",
             connector_sock.display(),
