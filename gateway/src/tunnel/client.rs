@@ -75,7 +75,13 @@ pub(super) async fn start_client(
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
     let current_rx_stub = current_rx.clone();
     let mut tasks = JoinSet::new();
-    tasks.spawn(tun_to_connector(shared.clone(), tun.clone(), current_rx));
+    let relays = Arc::new(tokio::sync::Semaphore::new(dns::MAX_RELAYS));
+    tasks.spawn(tun_to_connector(
+        shared.clone(),
+        tun.clone(),
+        current_rx,
+        relays.clone(),
+    ));
     tasks.spawn(ping_peers(shared.clone()));
     tasks.spawn(follow_mtu(shared.clone(), handle.clone(), index));
     let client = Client {
@@ -104,6 +110,8 @@ pub(super) async fn start_client(
                     Arc::new(socket),
                     shared.learned_zones.clone(),
                     move || rx.borrow().as_ref().map(|p| p.link.clone()),
+                    relays,
+                    shared.limits.clone(),
                 ));
                 tracing::info!(%stub, "DNS stub listening for the connector's zones");
             }
@@ -156,7 +164,7 @@ impl Client {
                 match self.serve_target(target).await {
                     Ok(()) => failures = 0,
                     Err(e) => {
-                        let e = format!("{e:#}");
+                        let e = clean(&format!("{e:#}"), 2 * PEER_TEXT);
                         tracing::warn!(%target, error = %e, "tunnel down");
                         self.shared.set_state(format!("reconnecting: {e}"));
                         failures = failures.saturating_add(1);
@@ -403,6 +411,7 @@ impl Client {
             Link::Tcp(_) => format!("connected to {} over TCP: {reason}", link.remote()),
         };
         self.shared.set_state(via);
+        let node = clean(&node, crate::core::text::PEER_NAME);
         tracing::info!(%addr, transport = link.kind(), %reason, identity = %node, %address_v4, %address_v6, ?routes, "tunnel up");
         let packets = async {
             loop {
@@ -431,17 +440,15 @@ impl Client {
         let (offers_tx, mut offers) = tokio::sync::mpsc::channel(4);
         let keepalives = send_keepalives(send, recv, offers_tx);
         tokio::pin!(packets, probe, keepalives);
-        let mut routes = routes;
         let result = loop {
             tokio::select! {
                 r = &mut packets => break r.map(|()| None),
                 r = &mut keepalives => break r.map(|()| None),
                 quic = &mut probe => break Ok(Some(quic)),
                 Some((new_routes, zones)) = offers.recv() => {
-                    match self.apply_offer(addr, &routes, &new_routes, &zones).await {
+                    match self.apply_offer(addr, &new_routes, &zones).await {
                         Ok(installed) => {
                             tracing::info!(routes = ?installed, ?zones, "the connector changed its routes and zones");
-                            routes = installed;
                         }
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "applying the connector's new routes failed"),
                     }
@@ -465,14 +472,10 @@ impl Client {
     async fn apply_offer(
         &self,
         addr: SocketAddr,
-        old: &[IpNet],
         routes: &[IpNet],
         zones: &[String],
     ) -> anyhow::Result<Vec<IpNet>> {
         let routes = self.install_routes(routes, addr).await?;
-        for r in old.iter().filter(|r| !routes.contains(r)) {
-            self.learned.remove(*r).await;
-        }
         let zone_wires: Vec<Vec<u8>> = zones
             .iter()
             .filter_map(|d| crate::core::dns::wire_name(d).ok())
@@ -492,7 +495,7 @@ impl Client {
         routes: &[IpNet],
         addr: SocketAddr,
     ) -> anyhow::Result<Vec<IpNet>> {
-        let (installed, skipped) = self.learned.install(routes, addr.ip()).await?;
+        let (installed, skipped) = self.learned.sync(routes, addr.ip()).await?;
         for s in skipped {
             let reason = format!("learned route {} refused: {}", s.route, s.why);
             self.shared.limits.bump("learned_route_refused");
@@ -517,6 +520,7 @@ async fn tun_to_connector(
     shared: Arc<Shared>,
     tun: Arc<AsyncDevice>,
     current: watch::Receiver<Option<Arc<Peer>>>,
+    relays: Arc<tokio::sync::Semaphore>,
 ) {
     let mut buf = vec![0u8; MAX_PACKET];
     let mut reply = vec![0u8; 1500];
@@ -532,8 +536,13 @@ async fn tun_to_connector(
         // A query for a private zone that eBPF steered here: answered by the connector's
         // forwarder, and the reply comes from the resolver the application asked.
         if let (Some(p), Some(query)) = (&peer, steered_query(&shared, &buf[..n])) {
+            let Ok(permit) = relays.clone().try_acquire_owned() else {
+                shared.limits.bump("dns_relay_busy");
+                continue;
+            };
             let (link, tun, shared) = (p.link.clone(), tun.clone(), shared.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let Some((msg, _)) = crate::core::dns::udp_query(&query) else {
                     return;
                 };

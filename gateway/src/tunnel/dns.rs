@@ -612,10 +612,21 @@ pub async fn write_framed(send: &mut quinn::SendStream, msg: &[u8]) -> anyhow::R
     Ok(())
 }
 
+/// DNS queries a client relays to its connector at once, from its own stub and from what
+/// eBPF steers (its host's and its LAN's): twice what the connector admits from one client, so
+/// a burst meets the connector's bound, and a flooding LAN host meets this one.
+pub const MAX_RELAYS: usize = 2 * PEER_IN_FLIGHT;
+
 /// The client's stub listener: queries for the connector's zones go through the tunnel, one
 /// stream each; anything else is REFUSED (a stub for routing domains, not a full resolver).
-pub async fn serve_stub<C>(socket: Arc<UdpSocket>, zones: Arc<Mutex<Vec<Vec<u8>>>>, current: C)
-where
+/// At most `relays` queries are under way; more are dropped and counted.
+pub async fn serve_stub<C>(
+    socket: Arc<UdpSocket>,
+    zones: Arc<Mutex<Vec<Vec<u8>>>>,
+    current: C,
+    relays: Arc<Semaphore>,
+    tally: Arc<Tally>,
+) where
     C: Fn() -> Option<super::link::Link>,
 {
     let mut buf = vec![0u8; MAX_MESSAGE];
@@ -627,6 +638,10 @@ where
         let Ok(q) = dns::parse_query(&msg) else {
             continue;
         };
+        let Ok(permit) = relays.clone().try_acquire_owned() else {
+            tally.bump("dns_relay_busy");
+            continue;
+        };
         let in_zone = zones
             .lock()
             .map(|z| dns::matching_zone(&q.name, &z).is_some())
@@ -634,6 +649,7 @@ where
         let link = current();
         let socket = socket.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let answer = match (in_zone, link) {
                 (true, Some(link)) => match link.relay_dns(&msg).await {
                     Ok(a) => a,

@@ -63,10 +63,14 @@ const FD_HEADROOM: u64 = 128;
 const MAX_ACCESS_STREAMS: u64 = 256;
 /// QUIC streams a client may have open at once: its control stream and its DNS queries.
 const CLIENT_STREAMS: u32 = 1 + dns::PEER_IN_FLIGHT as u32;
-/// Unread bytes per QUIC stream from a client: a control message or a query, with framing.
-const CLIENT_STREAM_WINDOW: u32 = 2 * control::MAX_CLIENT_MESSAGE as u32;
-/// Unread bytes over all of a client's streams: every DNS stream holding a full query.
-const CLIENT_CONNECTION_WINDOW: u32 = CLIENT_STREAMS * dns::MAX_QUERY as u32;
+/// Unread bytes per QUIC stream from a client. A tunnel stream needs only a control message
+/// or a query (16 KiB would do), but `gatewayctl access` streams carry bulk uploads on the same
+/// endpoint (the ALPN is known only after the handshake): 256 KiB per round trip keeps scp
+/// through `access` at several MB/s across a continent.
+const CLIENT_STREAM_WINDOW: u32 = 256 << 10;
+/// Unread bytes over all of a client's streams: what one connection can make the connector
+/// buffer, whatever it opens (every DNS stream holding a full query is a quarter of it).
+const CLIENT_CONNECTION_WINDOW: u32 = 1 << 20;
 /// What a client accepts per stream from its connector (a welcome or a large DNS answer) and
 /// over all streams.
 const CONNECTOR_STREAM_WINDOW: u32 = 2 * control::MAX_MESSAGE as u32;
@@ -1138,7 +1142,9 @@ impl Connector {
         let link = opened.link.clone();
         let remote = link.remote();
         if let Err(e) = self.session(opened, &identity, slot).await {
-            tracing::info!(%identity, %remote, transport = link.kind(), error = %format!("{e:#}"), "client session ended");
+            // The error may quote what the client sent.
+            let error = clean(&format!("{e:#}"), PEER_TEXT);
+            tracing::info!(%identity, %remote, transport = link.kind(), %error, "client session ended");
         }
         let id = link.id();
         if let Ok(mut peers) = self.shared.peers.lock() {

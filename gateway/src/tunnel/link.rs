@@ -326,8 +326,10 @@ impl TcpLink {
             };
             let result = read_frames(reader, side, gate_rx, to).await;
             if let Err(e) = result {
-                if let ReadError::Frame(f) = &e {
-                    tally.bump(f.name());
+                match &e {
+                    ReadError::Frame(f) => tally.bump(f.name()),
+                    ReadError::NotHello(_) => tally.bump("frame_not_hello"),
+                    _ => {}
                 }
                 let _ = control_tx
                     .send(Err(ControlError::Stream(e.to_string())))

@@ -133,9 +133,10 @@ impl Learned {
         self.created.lock().is_ok_and(|c| c.contains(r))
     }
 
-    /// Installs what may be installed of `routes` (from the connector at `connector`); returns
-    /// the routes in place and those refused, with why.
-    pub async fn install(
+    /// Makes the routes into the tunnel what may be installed of `routes` (from the connector
+    /// at `connector`): those added or kept, and those refused with why. Routes this daemon
+    /// created that are no longer offered (withdrawn, or offered before a reconnect) go.
+    pub async fn sync(
         &self,
         routes: &[IpNet],
         connector: IpAddr,
@@ -163,11 +164,24 @@ impl Learned {
                 Err(e) => return Err(anyhow::anyhow!("route {r} into the tunnel: {e}")),
             }
         }
+        let stale: Vec<IpNet> = self
+            .created
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|r| !installed.contains(r))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for r in stale {
+            self.remove(r).await;
+        }
         Ok((installed, skipped))
     }
 
-    /// Removes a route this daemon created (the connector withdrew it).
-    pub async fn remove(&self, r: IpNet) {
+    /// Removes a route this daemon created.
+    async fn remove(&self, r: IpNet) {
         let ours = self.created.lock().is_ok_and(|mut c| c.remove(&r));
         if ours && let Err(e) = net::delete_route(&self.netlink, r, self.tun_index).await {
             tracing::warn!(route = %r, error = %e, "removing a withdrawn route failed");
