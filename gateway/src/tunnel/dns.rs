@@ -8,8 +8,8 @@
 //!
 //! Every bound is counted in the tunnel's `limits`: queries in flight at all
 //! ([`MAX_IN_FLIGHT`]), per resolver ([`PER_RESOLVER`], the query-ID table) and per client
-//! ([`PeerDns`]: a rate and its own in-flight share), so a client flooding a silent resolver
-//! gets SERVFAIL or silence while everyone else is answered.
+//! (`dns_serve::PeerDns`: a rate and its own in-flight share), so a client flooding a silent
+//! resolver gets SERVFAIL or silence while everyone else is answered.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,12 +20,12 @@ use anyhow::Context;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::api::{ResolverStatus, ZoneStatus};
 use crate::config::Zone;
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
-use crate::core::limits::{IdRefused, QueryIds, Tally, TokenBucket};
+use crate::core::limits::{IdRefused, QueryIds, Tally};
 use crate::core::resolver::{Resolvers, Step};
 
 /// How long one resolver gets before the next is asked.
@@ -49,14 +49,8 @@ const PER_RESOLVER: usize = 512;
 /// Random IDs tried for one query before giving up: with at most PER_RESOLVER of 65,536 in
 /// use, 16 draws all colliding has a probability below 10^-33.
 const ID_TRIES: usize = 16;
-/// One client's queries being resolved at once: above dnsperf's 100 outstanding queries, a
-/// quarter of MAX_IN_FLIGHT so three flooding clients still leave room for the rest.
-pub const PEER_IN_FLIGHT: usize = 256;
-/// One client's query rate (per second, and the burst): half of what one Route 53 Resolver
-/// endpoint address accepts (10,000/s), far above a workstation or a site's office.
-const PEER_RATE: u32 = 5000;
 /// A DNS stream that does not deliver its query (or take its answer) in this long is dropped.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Pending = Mutex<QueryIds<(Vec<u8>, oneshot::Sender<Vec<u8>>)>>;
 
@@ -206,119 +200,6 @@ impl Forwarder {
         let next = Arc::new(ZoneSet::build(zones, Some(&current)));
         if let Ok(mut z) = self.zones.lock() {
             *z = next;
-        }
-    }
-}
-
-/// One client's share of the forwarder: a query rate and its own queries in flight.
-pub struct PeerDns {
-    bucket: Mutex<TokenBucket>,
-    in_flight: Arc<Semaphore>,
-    tally: Arc<Tally>,
-}
-
-/// What to do with one query from a client.
-pub enum Admit {
-    /// Resolve it, holding the permit until answered.
-    Go(OwnedSemaphorePermit),
-    /// Over the client's rate: dropped without an answer.
-    Drop,
-    /// Too many of its queries in flight: answered SERVFAIL at once.
-    Busy,
-}
-
-impl PeerDns {
-    pub fn new(tally: Arc<Tally>, now: Instant) -> Arc<PeerDns> {
-        Arc::new(PeerDns {
-            bucket: Mutex::new(TokenBucket::new(PEER_RATE, PEER_RATE, now)),
-            in_flight: Arc::new(Semaphore::new(PEER_IN_FLIGHT)),
-            tally,
-        })
-    }
-
-    /// Decides (and counts) what happens to a query that arrived at `now`.
-    pub fn admit(&self, now: Instant) -> Admit {
-        if !self.bucket.lock().is_ok_and(|mut b| b.take(now)) {
-            self.tally.bump("dns_rate");
-            return Admit::Drop;
-        }
-        match self.in_flight.clone().try_acquire_owned() {
-            Ok(p) => Admit::Go(p),
-            Err(_) => {
-                self.tally.bump("dns_in_flight_peer");
-                Admit::Busy
-            }
-        }
-    }
-}
-
-/// SERVFAIL for `query`, or nothing for bytes that are no query.
-fn servfail(query: &[u8]) -> Option<Vec<u8>> {
-    let q = dns::parse_query(query).ok()?;
-    Some(error_response(query, q.question_end, RCODE_SERVFAIL))
-}
-
-/// Serves a client's DNS streams (every stream after the control stream) until the
-/// connection ends. A task per stream: their number is bounded by the streams QUIC lets the
-/// client open at once (`engine::transport`).
-pub async fn serve_streams(
-    conn: quinn::Connection,
-    fwd: Arc<Forwarder>,
-    peer: Arc<PeerDns>,
-) -> anyhow::Result<()> {
-    loop {
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let (fwd, peer) = (fwd.clone(), peer.clone());
-        tokio::spawn(async move {
-            let Ok(query) = read_framed(&mut recv, MAX_QUERY).await else {
-                peer.tally.bump("dns_stream_unread");
-                return;
-            };
-            let answer = match peer.admit(Instant::now()) {
-                Admit::Drop => {
-                    let _ = send.reset(quinn::VarInt::from_u32(1));
-                    return;
-                }
-                Admit::Busy => servfail(&query),
-                Admit::Go(_permit) => fwd.resolve(&query).await,
-            };
-            if let Some(answer) = answer {
-                let sent = tokio::time::timeout(STREAM_TIMEOUT, write_framed(&mut send, &answer));
-                if matches!(sent.await, Ok(Ok(()))) {
-                    let _ = send.finish();
-                }
-            }
-        });
-    }
-}
-
-/// Answers the DNS queries a client sends on its TCP link: a task per admitted query, so at
-/// most [`PEER_IN_FLIGHT`] at once; SERVFAIL beyond that, nothing beyond the rate.
-pub async fn serve_frames(
-    link: Arc<super::link::TcpLink>,
-    mut queries: mpsc::Receiver<(u32, Vec<u8>)>,
-    fwd: Arc<Forwarder>,
-    peer: Arc<PeerDns>,
-) {
-    while let Some((id, query)) = queries.recv().await {
-        match peer.admit(Instant::now()) {
-            Admit::Drop => {}
-            Admit::Busy => {
-                if let Some(answer) = servfail(&query)
-                    && link.try_answer_dns(id, &answer).is_err()
-                {
-                    peer.tally.bump("dns_answer_queue_full");
-                }
-            }
-            Admit::Go(permit) => {
-                let (link, fwd) = (link.clone(), fwd.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Some(answer) = fwd.resolve(&query).await {
-                        let _ = link.answer_dns(id, &answer).await;
-                    }
-                });
-            }
         }
     }
 }
@@ -615,7 +496,7 @@ pub async fn write_framed(send: &mut quinn::SendStream, msg: &[u8]) -> anyhow::R
 /// DNS queries a client relays to its connector at once, from its own stub and from what
 /// eBPF steers (its host's and its LAN's): twice what the connector admits from one client, so
 /// a burst meets the connector's bound, and a flooding LAN host meets this one.
-pub const MAX_RELAYS: usize = 2 * PEER_IN_FLIGHT;
+pub const MAX_RELAYS: usize = 2 * super::dns_serve::PEER_IN_FLIGHT;
 
 /// The client's stub listener: queries for the connector's zones go through the tunnel, one
 /// stream each; anything else is REFUSED (a stub for routing domains, not a full resolver).

@@ -62,7 +62,7 @@ const FD_HEADROOM: u64 = 128;
 /// `gatewayctl access` streams open at once: two descriptors each.
 const MAX_ACCESS_STREAMS: u64 = 256;
 /// QUIC streams a client may have open at once: its control stream and its DNS queries.
-const CLIENT_STREAMS: u32 = 1 + dns::PEER_IN_FLIGHT as u32;
+const CLIENT_STREAMS: u32 = 1 + super::dns_serve::PEER_IN_FLIGHT as u32;
 /// Unread bytes per QUIC stream from a client. A tunnel stream needs only a control message
 /// or a query (16 KiB would do), but `gatewayctl access` streams carry bulk uploads on the same
 /// endpoint (the ALPN is known only after the handshake): 256 KiB per round trip keeps scp
@@ -1259,14 +1259,14 @@ impl Connector {
             peers.push(peer.clone());
         }
         tracing::info!(%identity, %remote, transport = link.kind(), %address_v4, %address_v6, "client connected");
-        let share = dns::PeerDns::new(self.shared.limits.clone(), Instant::now());
+        let share = super::dns_serve::PeerDns::new(self.shared.limits.clone(), Instant::now());
         let dns_requests = async {
             match (&self.forwarder, &link, dns_queries) {
                 (Some(f), Link::Quic(conn), _) => {
-                    dns::serve_streams(conn.clone(), f.clone(), share).await
+                    super::dns_serve::serve_streams(conn.clone(), f.clone(), share).await
                 }
                 (Some(f), Link::Tcp(t), Some(q)) => {
-                    dns::serve_frames(t.clone(), q, f.clone(), share).await;
+                    super::dns_serve::serve_frames(t.clone(), q, f.clone(), share).await;
                     Ok(())
                 }
                 _ => std::future::pending().await,

@@ -19,11 +19,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use quinn::VarInt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
-use crate::core::frame::{self, FrameError, FrameType, Limits};
+use super::reader::{Dispatch, ReadError, read_frames};
+use crate::core::frame::{self, FrameType, Limits};
 use crate::core::limits::Tally;
 
 /// Largest IP packet the TCP fallback carries. Below the 1362 bytes a fresh QUIC connection's
@@ -272,7 +273,7 @@ pub struct TcpLink {
     out: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
     /// OUT_QUEUE_BYTES permits, one per queued byte; closed with the link.
     budget: Arc<Semaphore>,
-    pending_dns: Mutex<HashMap<u32, oneshot::Sender<Vec<u8>>>>,
+    pub(super) pending_dns: Mutex<HashMap<u32, oneshot::Sender<Vec<u8>>>>,
     next_dns: AtomicU32,
     closed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -475,112 +476,6 @@ impl TcpLink {
 impl Drop for TcpLink {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// Where the reader hands what it decoded.
-struct Dispatch<'a> {
-    link: &'a std::sync::Weak<TcpLink>,
-    packets: mpsc::Sender<Bytes>,
-    control: mpsc::Sender<Result<Control, ControlError>>,
-    dns: mpsc::Sender<(u32, Vec<u8>)>,
-    tally: &'a Tally,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error("{0}")]
-    Frame(FrameError),
-    #[error("the first frame is a {0:?} frame, not the hello")]
-    NotHello(FrameType),
-    #[error("reading the TCP link: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the peer closed the TCP link")]
-    Eof,
-    #[error("DNS frame shorter than its request id")]
-    ShortDns,
-}
-
-/// The hello: exactly one Control frame of at most MAX_CLIENT_MESSAGE bytes, its length
-/// checked before the payload is read. Nothing past it is read.
-async fn read_hello<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, ReadError> {
-    let limits = Limits {
-        control: MAX_CLIENT_MESSAGE,
-        packet: 0,
-        dns_query: None,
-        dns_answer: None,
-    };
-    let mut header = [0u8; frame::HEADER];
-    reader.read_exact(&mut header).await?;
-    let (kind, len) = frame::check_header(header, &limits).map_err(ReadError::Frame)?;
-    if kind != FrameType::Control {
-        return Err(ReadError::NotHello(kind));
-    }
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await?;
-    Ok(body)
-}
-
-async fn read_frames<R: AsyncRead>(
-    reader: R,
-    side: Side,
-    gate: Option<oneshot::Receiver<()>>,
-    to: Dispatch<'_>,
-) -> Result<(), ReadError> {
-    let mut reader = std::pin::pin!(reader);
-    if let Some(gate) = gate {
-        let hello = read_hello(&mut reader).await?;
-        if to.control.send(control::decode(&hello)).await.is_err() {
-            return Ok(());
-        }
-        // The session drops the gate when it refuses the client.
-        if gate.await.is_err() {
-            return Ok(());
-        }
-    }
-    let mut decoder = frame::Decoder::new(side.limits());
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = reader.read(&mut buf).await?;
-        if n == 0 {
-            return Err(ReadError::Eof);
-        }
-        decoder.push(&buf[..n]);
-        while let Some((kind, payload)) = decoder.next_frame().map_err(ReadError::Frame)? {
-            match kind {
-                FrameType::Packet => {
-                    // Waiting here pushes back on the sender through TCP's own flow control.
-                    if to.packets.send(Bytes::from(payload)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                FrameType::Control => {
-                    let msg = control::decode(&payload);
-                    if to.control.send(msg).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                FrameType::DnsQuery | FrameType::DnsAnswer if payload.len() < 4 => {
-                    return Err(ReadError::ShortDns);
-                }
-                FrameType::DnsQuery => {
-                    let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    if to.dns.try_send((id, payload[4..].to_vec())).is_err() {
-                        to.tally.bump("dns_queue_full");
-                    }
-                }
-                FrameType::DnsAnswer => {
-                    let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    let Some(link) = to.link.upgrade() else {
-                        return Ok(());
-                    };
-                    let waiter = link.pending_dns.lock().ok().and_then(|mut p| p.remove(&id));
-                    if let Some(tx) = waiter {
-                        let _ = tx.send(payload[4..].to_vec());
-                    }
-                }
-            }
-        }
     }
 }
 

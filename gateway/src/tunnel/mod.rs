@@ -16,6 +16,7 @@ pub mod access;
 mod client;
 pub mod control;
 pub mod dns;
+mod dns_serve;
 pub mod engine;
 mod keepalive;
 pub mod link;
@@ -23,6 +24,7 @@ pub mod nat;
 pub mod net;
 mod peer_routes;
 pub mod probe;
+mod reader;
 pub mod tls;
 
 pub use engine::{TunnelHandle, start};
