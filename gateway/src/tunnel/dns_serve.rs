@@ -130,3 +130,32 @@ pub async fn serve_frames(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_gets_its_in_flight_share_then_servfail_then_nothing_past_its_rate() {
+        let tally = Arc::new(Tally::default());
+        let t0 = Instant::now();
+        let peer = PeerDns::new(tally.clone(), t0);
+        let (mut go, mut busy, mut dropped) = (Vec::new(), 0, 0);
+        for _ in 0..PEER_RATE + 100 {
+            match peer.admit(t0) {
+                Admit::Go(p) => go.push(p),
+                Admit::Busy => busy += 1,
+                Admit::Drop => dropped += 1,
+            }
+        }
+        assert_eq!(go.len(), PEER_IN_FLIGHT);
+        assert_eq!(busy, PEER_RATE as usize - PEER_IN_FLIGHT);
+        assert_eq!(dropped, 100);
+        let counts = tally.snapshot();
+        assert_eq!(counts.get("dns_rate"), Some(&100));
+        // Answered queries give their place back; time gives the rate back.
+        go.clear();
+        let later = t0 + std::time::Duration::from_millis(10);
+        assert!(matches!(peer.admit(later), Admit::Go(_)));
+    }
+}

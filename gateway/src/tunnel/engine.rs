@@ -1528,6 +1528,47 @@ mod tests {
     }
 
     #[test]
+    fn failed_handshakes_never_push_out_refusals_of_authenticated_peers() {
+        let shared = shared("connector", "gwtun", "listening");
+        let remote: SocketAddr = "198.51.100.10:40000".parse().expect("addr");
+        for i in 0..3 {
+            shared.refuse(
+                Some(format!("ops-{i}")),
+                remote,
+                "no [[policy]] entry".into(),
+            );
+        }
+        for _ in 0..1000 {
+            shared.handshake_failed(remote, "timed_out", "handshake (TCP) timed out".into());
+        }
+        let t = shared.status();
+        let named = t.refusals.iter().filter(|r| r.identity.is_some()).count();
+        assert_eq!(named, 3, "{:?}", t.refusals);
+        assert_eq!(t.refusals.len(), 3 + MAX_HANDSHAKE_FAILURES);
+        assert_eq!(t.handshake_failures.get("timed_out"), Some(&1000));
+    }
+
+    #[test]
+    fn what_a_peer_says_is_escaped_and_cut_as_it_comes_in() {
+        let shared = shared("connector", "gwtun", "listening");
+        let remote: SocketAddr = "198.51.100.10:40000".parse().expect("addr");
+        let hostile = format!("x\nrefused: forged\u{1b}[2J{}", "y".repeat(65_536));
+        shared.refuse(Some("ops-\u{1b}]0;x".into()), remote, hostile.clone());
+        shared.set_state(hostile);
+        let t = shared.status();
+        let r = &t.refusals[0];
+        assert!(
+            r.reason.starts_with("x\\nrefused: forged\\u{1b}[2J"),
+            "{}",
+            r.reason
+        );
+        assert_eq!(r.reason.chars().count(), PEER_TEXT);
+        assert_eq!(r.identity.as_deref(), Some("ops-\\u{1b}]0;x"));
+        assert!(!t.state.chars().any(char::is_control));
+        assert!(t.state.chars().count() <= 2 * PEER_TEXT);
+    }
+
+    #[test]
     fn overlay_hosts_skip_network_and_broadcast() {
         let net: Ipv4Net = "100.64.0.0/30".parse().expect("net");
         assert_eq!(nth_v4(net, 1), Some(Ipv4Addr::new(100, 64, 0, 1)));
