@@ -559,8 +559,9 @@ async fn start_connector(
         let tcp_tls = tls::rustls_server(&cfg.tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(Side::Connector)));
-        // Connection attempts quinn holds for us: MAX_PENDING are being handshaken, the rest
-        // are refused by quinn itself; each holds at most 64 KiB of early packets.
+        // Connection attempts quinn queues before the accept loop gives each a slot or a
+        // refusal: beyond these quinn refuses by itself; each holds at most 64 KiB of early
+        // packets, all together 8 MiB.
         server.max_incoming(2 * MAX_PENDING);
         server.incoming_buffer_size(64 << 10);
         server.incoming_buffer_size_total(8 << 20);
