@@ -273,9 +273,55 @@ pub struct TunnelHandle {
     sysctls: Vec<(String, String)>,
     nat_table: Option<String>,
     connector: Option<Arc<Connector>>,
+    /// The verifiers every handshake asks; a reload swaps them (a new CRL).
+    trust: Arc<tls::Trust>,
 }
 
 impl TunnelHandle {
+    pub fn trust(&self) -> &Arc<tls::Trust> {
+        &self.trust
+    }
+
+    /// Reads `[tls]` again (the CRL) without applying it, so a bad file changes nothing.
+    pub fn prepare_trust(&self, cfg: &Tunnel) -> anyhow::Result<tls::Verifiers> {
+        Ok(tls::Verifiers::build(&cfg.tls)?)
+    }
+
+    /// New handshakes are verified with `v` from now on, and every live session whose peer
+    /// certificate `v` refuses (revoked since) is closed at once and listed as a refusal.
+    /// Returns the identities closed.
+    pub fn apply_trust(&self, cfg: &Tunnel, v: tls::Verifiers) -> Vec<String> {
+        self.trust.install(v);
+        let server_name = match &cfg.role {
+            Role::Client { server_name, .. } => Some(server_name.as_str()),
+            Role::Connector { .. } => None,
+        };
+        let peers = self
+            .shared
+            .peers
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        let mut closed = Vec::new();
+        for p in peers {
+            let verdict = match (p.link.peer_chain(), server_name) {
+                (None, _) => Err("no certificate kept to check against the new CRL".into()),
+                (Some(chain), Some(name)) => self.trust.check_server(&chain, name),
+                (Some(chain), None) => self.trust.check_client(&chain),
+            };
+            if let Err(reason) = verdict {
+                p.link.close(4, &reason);
+                if let Ok(mut peers) = self.shared.peers.lock() {
+                    peers.retain(|q| q.link.id() != p.link.id());
+                }
+                self.shared
+                    .refuse(Some(p.identity.clone()), p.link.remote(), reason);
+                closed.push(p.identity.clone());
+            }
+        }
+        closed
+    }
+
     /// Sysctls the tunnel changed, with their old values, for the crash record.
     pub fn changed_sysctls(&self) -> &[(String, String)] {
         &self.sysctls
@@ -423,12 +469,13 @@ async fn start_connector(
     listen: SocketAddr,
     routes: Vec<IpNet>,
 ) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
     let result = async {
         net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
         net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
-        let crypto = tls::server_config(&cfg.tls)?;
-        let tcp_tls = tls::rustls_server(&cfg.tls)?;
+        let crypto = trust.quic_server(&cfg.tls)?;
+        let tcp_tls = trust.server_config(&cfg.tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport()));
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
@@ -603,6 +650,7 @@ async fn start_connector(
         sysctls,
         nat_table: cfg.egress.as_ref().map(|e| e.table.clone()),
         connector: Some(handle_connector),
+        trust,
     })
 }
 
@@ -1294,6 +1342,7 @@ async fn start_client(
     source_port: u16,
     on_routes: super::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
     let result = async {
         if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
@@ -1301,8 +1350,8 @@ async fn start_client(
             net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
-        let crypto = tls::client_config(&cfg.tls, tls::ALPN)?;
-        let tcp_tls = tls::rustls_client(&cfg.tls, tls::ALPN)?;
+        let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
+        let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport()));
         let endpoint = if cfg.transport.uses_quic() {
@@ -1375,6 +1424,7 @@ async fn start_client(
         sysctls,
         nat_table: None,
         connector: None,
+        trust,
     })
 }
 
@@ -1627,7 +1677,11 @@ impl Client {
             *z = zone_wires;
         }
         let peer = Arc::new(Peer {
-            identity: self.server_name.clone(),
+            // The connector's certificate name; server_name may be the address it was dialled by.
+            identity: link
+                .peer_chain()
+                .and_then(|c| tls::identity_of_chain(&c))
+                .unwrap_or_else(|| self.server_name.clone()),
             link: link.clone(),
             transport_reason: Mutex::new(reason.clone()),
             ping: Mutex::new(None),

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use quinn::VarInt;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
@@ -113,6 +114,47 @@ impl Link {
             Link::Tcp(t) => t.close(),
         }
     }
+
+    /// The certificate chain the peer presented (leaf first), to check it again when the CRL
+    /// changes; `None` if there was none.
+    pub fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        match self {
+            Link::Quic(c) => super::tls::peer_chain(c),
+            Link::Tcp(t) => (!t.peer_chain.is_empty()).then(|| t.peer_chain.clone()),
+        }
+    }
+}
+
+/// A stream that knows which certificates its peer presented: the TLS streams of the fallback.
+pub trait PeerCertificates {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>>;
+}
+
+impl<IO> PeerCertificates for tokio_rustls::server::TlsStream<IO> {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec()
+    }
+}
+
+impl<IO> PeerCertificates for tokio_rustls::client::TlsStream<IO> {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec()
+    }
+}
+
+/// In-memory streams in tests: no peer, no certificates.
+impl PeerCertificates for tokio::io::DuplexStream {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        Vec::new()
+    }
 }
 
 /// Sends control messages on the link's control channel.
@@ -197,6 +239,8 @@ pub struct TcpLink {
     next_dns: AtomicU32,
     closed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// What the peer presented in the TLS handshake, leaf first.
+    peer_chain: Vec<CertificateDer<'static>>,
 }
 
 static NEXT_TCP_ID: AtomicU64 = AtomicU64::new(1 << 48);
@@ -205,8 +249,9 @@ impl TcpLink {
     /// Wraps an established TLS stream. `socket` is the underlying TCP socket (duplicated).
     pub fn start<S>(stream: S, socket: OwnedFd, remote: SocketAddr) -> Opened
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + PeerCertificates + Send + 'static,
     {
+        let peer_chain = stream.peer_certificates();
         let (reader, writer) = tokio::io::split(stream);
         let (out_tx, out_rx) = mpsc::channel(TCP_QUEUE);
         let (packets_tx, packets_rx) = mpsc::channel(TCP_QUEUE);
@@ -221,6 +266,7 @@ impl TcpLink {
             next_dns: AtomicU32::new(1),
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
+            peer_chain,
         });
         let weak = Arc::downgrade(&link);
         let read = tokio::spawn(async move {
