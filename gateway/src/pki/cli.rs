@@ -59,6 +59,12 @@ pub enum PkiCommand {
         #[arg(long, value_enum)]
         reason: Option<Reason>,
     },
+    /// Sign DIR/crl.pem again with what it lists (creates an empty one for a CA made before
+    /// pki init wrote it).
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Every certificate in DIR: profile, names, serial, expiry, revoked; warns within 30 days
     /// of expiry.
     List {
@@ -166,6 +172,13 @@ fn execute(command: PkiCommand) -> Result<String, PkiError> {
                 ));
             }
             Ok(out)
+        }
+        PkiCommand::Crl { dir } => {
+            let (path, revoked, number) = crl::refresh(&dir, now)?;
+            Ok(format!(
+                "wrote {} ({revoked} revoked, number {number})\n",
+                path.display()
+            ))
         }
         PkiCommand::List { dir } => {
             let inv = list::inventory(&dir)?;

@@ -211,6 +211,25 @@ pub(crate) fn write(
     Ok(target)
 }
 
+/// Signs `DIR/crl.pem` again with what it lists, under the next number: creates an empty one
+/// for a CA made before `pki init` wrote it. Returns the file, its entries and its number.
+pub fn refresh(dir: &Path, now: time::OffsetDateTime) -> Result<(PathBuf, usize, u64), PkiError> {
+    let ca = Ca::load(dir)?;
+    let crl_path = path(dir);
+    let revoked = match crl_path.exists() {
+        true => read(&crl_path, &ca.der)?,
+        false => Crl {
+            der: Vec::new(),
+            number: 0,
+            this_update: 0,
+            revoked: Vec::new(),
+        },
+    };
+    let number = revoked.number.saturating_add(1);
+    let target = write(dir, &ca, &revoked.revoked, number, now)?;
+    Ok((target, revoked.revoked.len(), number))
+}
+
 /// What `revoke` did.
 #[derive(Debug)]
 pub struct Revocation {

@@ -320,6 +320,21 @@ fn revoking_keeps_earlier_revocations_and_covers_renewed_certificates() {
         Some(Reason::KeyCompromise)
     );
     assert!(crl::revoke(&dir.0, "ops-nobody", None, start).is_err());
+
+    // Signing it again keeps every entry; a CA without a CRL gets an empty one.
+    assert_eq!(
+        crl::refresh(&dir.0, start)
+            .map(|(_, n, number)| (n, number))
+            .ok(),
+        Some((3, 4))
+    );
+    fs::remove_file(crl::path(&dir.0)).expect("rm");
+    assert_eq!(
+        crl::refresh(&dir.0, start)
+            .map(|(_, n, number)| (n, number))
+            .ok(),
+        Some((0, 1))
+    );
 }
 
 #[test]

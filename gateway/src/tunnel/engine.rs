@@ -607,6 +607,7 @@ async fn start_connector(
         leases: Mutex::new(HashMap::new()),
         forwarder,
         egress_ports: cfg.egress.as_ref().map(|e| e.ports),
+        trust: trust.clone(),
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
@@ -686,6 +687,8 @@ struct Connector {
     forwarder: Option<Arc<dns::Forwarder>>,
     /// Where `access` streams into the VPC connect from.
     egress_ports: Option<(u16, u16)>,
+    /// For access streams, which are no peers: they end when a reload revokes their certificate.
+    trust: Arc<tls::Trust>,
 }
 
 impl Connector {
@@ -724,7 +727,11 @@ impl Connector {
         };
         if tls::negotiated_alpn(&conn).as_deref() == Some(tls::ALPN_ACCESS) {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
-                Ok(Ok((send, recv))) => self.serve_access(&identity, remote, recv, send).await,
+                Ok(Ok((send, recv))) => {
+                    let chain = tls::peer_chain(&conn).unwrap_or_default();
+                    self.serve_access(&identity, remote, chain, recv, send)
+                        .await
+                }
                 _ => tracing::info!(%identity, %remote, "access connection opened no stream"),
             }
             // Closing at once could overtake a refusal still in flight: let the client close.
@@ -780,17 +787,25 @@ impl Connector {
             return;
         };
         if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_ACCESS) {
+            let chain = super::link::PeerCertificates::peer_certificates(&tls);
             let (r, w) = tokio::io::split(tls);
-            self.serve_access(&identity, remote, r, w).await;
+            self.serve_access(&identity, remote, chain, r, w).await;
             return;
         }
         let opened = TcpLink::start(tls, socket, remote);
         self.serve(opened, identity).await;
     }
 
-    /// One `gatewayctl access` stream: the request, the decision, then bytes both ways.
-    async fn serve_access<R, W>(&self, identity: &str, remote: SocketAddr, mut r: R, mut w: W)
-    where
+    /// One `gatewayctl access` stream: the request, the decision, then bytes both ways, until
+    /// either end closes or a reload's CRL revokes `chain`.
+    async fn serve_access<R, W>(
+        &self,
+        identity: &str,
+        remote: SocketAddr,
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+        mut r: R,
+        mut w: W,
+    ) where
         R: tokio::io::AsyncRead + Unpin + Send,
         W: tokio::io::AsyncWrite + Unpin + Send,
     {
@@ -836,7 +851,13 @@ impl Connector {
         self.shared.access_total.fetch_add(1, Ordering::Relaxed);
         self.shared.access_active.fetch_add(1, Ordering::Relaxed);
         let mut client = tokio::io::join(r, w);
-        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let result = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
+            reason = self.trust.client_refused(&chain) => {
+                self.shared.refuse(Some(identity.to_string()), remote, format!("access stream to {address} closed: {reason}"));
+                Err(std::io::Error::other(reason))
+            }
+        };
         self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok((up, down)) => {

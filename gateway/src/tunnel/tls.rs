@@ -125,6 +125,8 @@ pub struct Trust {
     /// The CA's name, offered to clients; the CA cannot change without a restart.
     hints: Vec<DistinguishedName>,
     current: RwLock<Arc<Verifiers>>,
+    /// Bumped by every [`install`](Self::install), for what waits on a revocation.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Trust {
@@ -139,6 +141,7 @@ impl Trust {
         Ok(Arc::new(Trust {
             hints: v.clients.root_hint_subjects().to_vec(),
             current: RwLock::new(Arc::new(v)),
+            generation: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -147,6 +150,21 @@ impl Trust {
         match self.current.write() {
             Ok(mut c) => *c = Arc::new(v),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(v),
+        }
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Resolves, with the reason, once the trust in force refuses this client chain: at once if
+    /// it does already, else after the reload that makes it so. Never resolves otherwise.
+    pub async fn client_refused(&self, chain: &[CertificateDer<'_>]) -> String {
+        let mut installed = self.generation.subscribe();
+        loop {
+            if let Err(reason) = self.check_client(chain) {
+                return reason;
+            }
+            if installed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

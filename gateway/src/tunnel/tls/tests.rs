@@ -177,6 +177,17 @@ fn a_revocation_applies_to_the_next_handshake_and_to_a_live_session_check() {
     assert_eq!(trust.check_client(&bob_chain), Ok(()));
 
     let now = time::OffsetDateTime::now_utc();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let waiting = {
+        let trust = trust.clone();
+        let chain = bob_chain.clone();
+        rt.spawn(async move { trust.client_refused(&chain).await })
+    };
+    rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(20)).await });
+    assert!(!waiting.is_finished(), "bob is not refused yet");
     crl::revoke(&p.0, "ops-bob", Some(Reason::KeyCompromise), now).expect("revoke");
     // Until the reload installs it, the old CRL is in force.
     assert_eq!(trust.check_client(&bob_chain), Ok(()));
@@ -187,6 +198,26 @@ fn a_revocation_applies_to_the_next_handshake_and_to_a_live_session_check() {
         Err("certificate revoked (key-compromise)".into())
     );
     assert_eq!(trust.check_client(&alice_chain), Ok(()));
+    // What was waiting on a revocation (access streams) wakes up with the reason.
+    assert_eq!(
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await
+        })
+        .expect("woken by the install")
+        .expect("task"),
+        "certificate revoked (key-compromise)"
+    );
+    let alice_waits = rt.block_on(async {
+        tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            trust.client_refused(&alice_chain),
+        )
+        .await
+    });
+    assert!(
+        alice_waits.is_err(),
+        "alice is not refused: {alice_waits:?}"
+    );
     // The same server config, built before the revocation, refuses bob now: no resumption.
     match handshake(bob, server.clone(), "vpc-gw-1") {
         Err(Refused::ByServer(rustls::Error::InvalidCertificate(CertificateError::Revoked))) => {}
