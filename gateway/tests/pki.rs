@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -136,6 +134,16 @@ fn refusals(s: &Status) -> Vec<Refusal> {
         .as_ref()
         .map(|t| t.refusals.clone())
         .unwrap_or_default()
+}
+
+/// `gatewayctl status` as an operator reads it.
+fn status_text(lab: &Lab, host: Host, socket: &Path) -> String {
+    let out = gatewayctl(
+        lab,
+        host,
+        &["status", "--socket", socket.to_str().expect("utf-8")],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn ping(lab: &Lab, host: Host) -> bool {
@@ -307,15 +315,7 @@ fn a_revoked_identity_is_shut_out_on_sighup_while_others_keep_their_sessions() {
     let alice_after = connected(&status_json(&lab, Host::Operator, &alice_socket)).expect("alice");
     assert_eq!(alice_after.connection_id, alice_before.connection_id);
 
-    let text = String::from_utf8_lossy(
-        &gatewayctl(
-            &lab,
-            Host::VpcGateway,
-            &["status", "--socket", gw_socket.to_str().expect("utf-8")],
-        )
-        .stdout,
-    )
-    .into_owned();
+    let text = status_text(&lab, Host::VpcGateway, &gw_socket);
     assert!(
         text.contains("certificate revoked (key-compromise)") && text.contains(", 1 revoked"),
         "{text}"
@@ -350,15 +350,6 @@ fn a_revoked_identity_is_shut_out_on_sighup_while_others_keep_their_sessions() {
     );
 }
 
-/// Enters namespace `ns` on this thread (network namespaces are per thread).
-fn enter_ns(ns: &str) {
-    let path = format!("/var/run/netns/{ns}");
-    let f = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    // SAFETY: setns on a valid namespace fd affects only the calling thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
 /// A rogue "connector" in `ns`: the tunnel's own QUIC and TLS-over-TCP server configs with the
 /// certificate `paths` names, listening on `listen` for `secs`. Returns how each handshake
 /// ended, as the rogue saw it.
@@ -369,7 +360,7 @@ fn rogue_connector(
     secs: u64,
 ) -> std::thread::JoinHandle<Vec<String>> {
     std::thread::spawn(move || {
-        enter_ns(&ns);
+        enter_netns(&ns);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -570,15 +561,7 @@ fn the_shipped_examples_reach_gw_example_net_without_server_name_until_it_is_rev
         tls.expires_in_days
     );
     assert_eq!(tls.crl.map(|c| c.revoked), Some(0));
-    let text = String::from_utf8_lossy(
-        &gatewayctl(
-            &lab,
-            Host::Operator,
-            &["status", "--socket", socket.to_str().expect("utf-8")],
-        )
-        .stdout,
-    )
-    .into_owned();
+    let text = status_text(&lab, Host::Operator, &socket);
     assert!(
         text.contains("certificate: ops-alice (client), serial ") && text.contains("days left"),
         "{text}"
