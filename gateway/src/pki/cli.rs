@@ -55,6 +55,10 @@ pub enum PkiCommand {
         name: String,
         #[arg(long)]
         dir: PathBuf,
+        /// Only this certificate of NAME (hexadecimal, as pki list shows it): the one a
+        /// renewal replaced, say.
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
         /// Recorded in the CRL and shown by status when a session is closed for it.
         #[arg(long, value_enum)]
         reason: Option<Reason>,
@@ -134,16 +138,23 @@ fn execute(command: PkiCommand) -> Result<String, PkiError> {
             }
             out.push_str(&format!(
                 "wrote {}\nwrote {} (mode 0600)\n{}\n\
-                 the old certificate stays valid until it expires: `pki revoke {name}` would \
-                 revoke both\n",
+                 the old certificate stays valid until it expires; to retire it now: \
+                 gatewayctl pki revoke {name} --serial {} --reason superseded --dir {}\n",
                 r.issued.cert.display(),
                 r.issued.key.display(),
-                describe(&r.issued.info)
+                describe(&r.issued.info),
+                r.old_serial,
+                dir.display()
             ));
             Ok(out)
         }
-        PkiCommand::Revoke { name, dir, reason } => {
-            let r = crl::revoke(&dir, &name, reason, now)?;
+        PkiCommand::Revoke {
+            name,
+            dir,
+            serial,
+            reason,
+        } => {
+            let r = crl::revoke(&dir, &name, serial.as_deref(), reason, now)?;
             let mut out = String::new();
             for c in &r.added {
                 out.push_str(&format!(
@@ -165,7 +176,7 @@ fn execute(command: PkiCommand) -> Result<String, PkiError> {
                 out.push_str(&format!(
                     "wrote {} ({} revoked, number {})\n\
                      next: copy it to every node's [tls] crl, then reload them \
-                     (systemctl reload gatewayd): live sessions of {name} are closed\n",
+                     (systemctl reload gatewayd): sessions on a revoked certificate are closed\n",
                     r.crl.display(),
                     r.total,
                     r.number

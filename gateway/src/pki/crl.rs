@@ -244,21 +244,35 @@ pub struct Revocation {
 }
 
 /// Revokes every certificate `dir` holds for `name` (`NAME.pem` and renewed ones in `old/`),
-/// keeping everything the CRL listed before.
+/// or only the one whose serial is `serial` (hexadecimal, as `pki list` shows it), keeping
+/// everything the CRL listed before.
 pub fn revoke(
     dir: &Path,
     name: &str,
+    serial: Option<&str>,
     reason: Option<Reason>,
     now: time::OffsetDateTime,
 ) -> Result<Revocation, PkiError> {
     super::check_name(name)?;
     let ca = Ca::load(dir)?;
-    let certs = certificates_of(dir, name, &ca)?;
+    let mut certs = certificates_of(dir, name, &ca)?;
     if certs.is_empty() {
         return Err(PkiError::Invalid(format!(
             "no certificate for {name:?} in {} (looked at {name}.pem and old/{name}.*.pem)",
             dir.display()
         )));
+    }
+    if let Some(serial) = serial {
+        let wanted = serial.trim().to_ascii_lowercase().replace(':', "");
+        let listed: Vec<String> = certs.iter().map(CertInfo::serial_hex).collect();
+        certs.retain(|c| c.serial_hex() == wanted);
+        if certs.is_empty() {
+            return Err(PkiError::Invalid(format!(
+                "{name:?} has no certificate with serial {serial} in {} (it has {})",
+                dir.display(),
+                listed.join(", ")
+            )));
+        }
     }
     let crl_path = path(dir);
     let current = match crl_path.exists() {

@@ -318,6 +318,8 @@ pub struct Renewed {
     pub issued: Issued,
     pub old_cert: PathBuf,
     pub old_key: Option<PathBuf>,
+    /// The replaced certificate's serial (hexadecimal), to revoke it alone.
+    pub old_serial: String,
 }
 
 /// Issues a new key and certificate for `name` with the same profile and alternative names
@@ -398,6 +400,7 @@ pub fn renew(
         },
         old_cert,
         old_key,
+        old_serial: old.serial_hex(),
     })
 }
 

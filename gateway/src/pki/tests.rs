@@ -300,15 +300,33 @@ fn revoking_keeps_earlier_revocations_and_covers_renewed_certificates() {
         .expect("renew")
         .issued
         .info;
-    let r = crl::revoke(&dir.0, "ops-alice", Some(Reason::KeyCompromise), start).expect("revoke");
+    let r = crl::revoke(
+        &dir.0,
+        "ops-alice",
+        None,
+        Some(Reason::KeyCompromise),
+        start,
+    )
+    .expect("revoke");
     assert_eq!((r.added.len(), r.total, r.number), (1, 1, 2));
-    let r = crl::revoke(&dir.0, "ops-bob", None, start).expect("revoke");
-    assert_eq!(r.added.len(), 2, "the renewed-away certificate too");
-    assert_eq!((r.total, r.number), (3, 3));
-    let again = crl::revoke(&dir.0, "ops-bob", None, start).expect("again");
+    let wrong = crl::revoke(&dir.0, "ops-bob", Some("00ff"), None, start).expect_err("serial");
+    assert!(wrong.to_string().contains(&bob.serial_hex()), "{wrong}");
+    let r = crl::revoke(&dir.0, "ops-bob", Some(&bob.serial_hex()), None, start).expect("old");
+    assert_eq!(
+        (r.added.len(), r.total, r.number),
+        (1, 2, 3),
+        "only the renewed-away one"
+    );
+    let r = crl::revoke(&dir.0, "ops-bob", None, None, start).expect("revoke");
+    assert_eq!(
+        (r.added.len(), r.already.len(), r.total, r.number),
+        (1, 1, 3, 4),
+        "the current one; the old one was listed already"
+    );
+    let again = crl::revoke(&dir.0, "ops-bob", None, None, start).expect("again");
     assert_eq!(
         (again.added.len(), again.already.len(), again.number),
-        (0, 2, 3)
+        (0, 2, 4)
     );
 
     let list = crl::read(&crl::path(&dir.0), &ca).expect("read");
@@ -319,14 +337,14 @@ fn revoking_keeps_earlier_revocations_and_covers_renewed_certificates() {
         list.find(&alice.serial).and_then(|r| r.reason),
         Some(Reason::KeyCompromise)
     );
-    assert!(crl::revoke(&dir.0, "ops-nobody", None, start).is_err());
+    assert!(crl::revoke(&dir.0, "ops-nobody", None, None, start).is_err());
 
     // Signing it again keeps every entry; a CA without a CRL gets an empty one.
     assert_eq!(
         crl::refresh(&dir.0, start)
             .map(|(_, n, number)| (n, number))
             .ok(),
-        Some((3, 4))
+        Some((3, 5))
     );
     fs::remove_file(crl::path(&dir.0)).expect("rm");
     assert_eq!(
@@ -390,7 +408,14 @@ fn list_shows_every_certificate_and_warns_only_for_current_ones_near_expiry() {
     )
     .expect("issue");
     issue(&dir.0, "ops-bob", &short).expect("issue");
-    crl::revoke(&dir.0, "ops-bob", Some(Reason::CessationOfOperation), start).expect("revoke");
+    crl::revoke(
+        &dir.0,
+        "ops-bob",
+        None,
+        Some(Reason::CessationOfOperation),
+        start,
+    )
+    .expect("revoke");
     renew(&dir.0, "vpc-gw-1", None, DEFAULT_DAYS).expect("renew");
 
     let inv = list::inventory(&dir.0).expect("inventory");

@@ -188,7 +188,7 @@ fn a_revocation_applies_to_the_next_handshake_and_to_a_live_session_check() {
     };
     rt.block_on(async { tokio::time::sleep(std::time::Duration::from_millis(20)).await });
     assert!(!waiting.is_finished(), "bob is not refused yet");
-    crl::revoke(&p.0, "ops-bob", Some(Reason::KeyCompromise), now).expect("revoke");
+    crl::revoke(&p.0, "ops-bob", None, Some(Reason::KeyCompromise), now).expect("revoke");
     // Until the reload installs it, the old CRL is in force.
     assert_eq!(trust.check_client(&bob_chain), Ok(()));
     trust.install(Verifiers::build(&gw).expect("new CRL"));
@@ -240,7 +240,14 @@ fn a_client_refuses_a_revoked_connector() {
         pki::read_der(&p.0.join("vpc-gw-1.pem")).expect("der"),
     )];
     assert_eq!(trust.check_server(&gw_chain, "vpc-gw-1"), Ok(()));
-    crl::revoke(&p.0, "vpc-gw-1", None, time::OffsetDateTime::now_utc()).expect("revoke");
+    crl::revoke(
+        &p.0,
+        "vpc-gw-1",
+        None,
+        None,
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("revoke");
     trust.install(Verifiers::build(&alice_paths).expect("new CRL"));
     assert_eq!(
         trust.check_server(&gw_chain, "vpc-gw-1"),
