@@ -86,7 +86,7 @@ pub struct TlsStatus {
     pub not_after: i64,
     /// Whole days left; negative once expired.
     pub expires_in_days: i64,
-    /// Set within 30 days of expiry, or after it.
+    /// Set within 30 days of expiry, after it, or when the CRL in force lists it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
     /// `[tls] crl`, when set.

@@ -82,6 +82,7 @@ pub fn colourize(text: &str) -> String {
             ("MISSING", red),
             ("is not running", red),
             ("EXPIRED", red),
+            ("REVOKED", red),
             ("EXPIRES", yellow),
             ("refused:", yellow),
             ("reconnecting", yellow),
@@ -246,6 +247,9 @@ pub fn render_status(s: &Status) -> String {
 fn render_tls(out: &mut String, t: &crate::api::TlsStatus) {
     let until = crate::pki::date(t.not_after);
     let left = match (&t.warning, t.expires_in_days) {
+        (Some(w), _) if w.starts_with("REVOKED") => {
+            format!("{w}; issue another (gatewayctl pki renew {})", t.identity)
+        }
         (_, d) if d < 0 => format!(
             "EXPIRED on {until}: renew it (gatewayctl pki renew {})",
             t.identity
@@ -543,8 +547,16 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             "{text}"
         );
         tls.expires_in_days = -1;
-        s.tls = Some(tls);
+        s.tls = Some(tls.clone());
         assert!(render_status(&s).contains("EXPIRED on 2023-11-24"));
+        tls.warning = Some("REVOKED by the CRL in force: peers refuse it".into());
+        s.tls = Some(tls);
+        let text = render_status(&s);
+        assert!(
+            text.contains("serial 4f1c, REVOKED by the CRL in force: peers refuse it; issue"),
+            "{text}"
+        );
+        assert!(colourize(&text).contains("\u{1b}[31mREVOKED"), "red");
     }
 
     #[test]

@@ -600,21 +600,27 @@ fn tls_status(
     trust: Option<&crate::tunnel::tls::Trust>,
 ) -> crate::api::TlsStatus {
     let now = unix_now() as i64;
+    let crl = trust.and_then(|t| t.crl());
+    // Peers refuse a node whose own certificate its CRL lists: say so before anything else.
+    let revoked = crl
+        .as_ref()
+        .is_some_and(|(_, c)| c.find(&cert.serial).is_some());
     crate::api::TlsStatus {
         identity: cert.identity.clone(),
         profile: cert.profile_name(),
         serial: cert.serial_hex(),
         not_after: cert.not_after,
         expires_in_days: (cert.not_after - now).div_euclid(86_400),
-        warning: crate::pki::list::expiry_warning(cert.not_after, now),
-        crl: trust
-            .and_then(|t| t.crl())
-            .map(|(path, crl)| crate::api::CrlStatus {
-                path: absolute(&path),
-                revoked: crl.revoked.len() as u64,
-                number: crl.number,
-                issued_at: crl.this_update,
-            }),
+        warning: match revoked {
+            true => Some("REVOKED by the CRL in force: peers refuse it".into()),
+            false => crate::pki::list::expiry_warning(cert.not_after, now),
+        },
+        crl: crl.map(|(path, crl)| crate::api::CrlStatus {
+            path: absolute(&path),
+            revoked: crl.revoked.len() as u64,
+            number: crl.number,
+            issued_at: crl.this_update,
+        }),
     }
 }
 
