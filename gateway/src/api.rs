@@ -68,6 +68,41 @@ pub struct Status {
     /// ICMP echo sockets: `net.ipv4.ping_group_range` and whether probes can work.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<crate::pingrange::IcmpStatus>,
+    /// With a tunnel: this node's own certificate (`[tls] cert`) and the CRL in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsStatus>,
+}
+
+/// This node's certificate as loaded at start, and the revocation list as of the last reload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsStatus {
+    /// The certificate's name.
+    pub identity: String,
+    /// `client`, `connector` or `hub` (from its extended key usage).
+    pub profile: String,
+    /// Hexadecimal, as `gatewayctl pki list` shows it.
+    pub serial: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    /// Whole days left; negative once expired.
+    pub expires_in_days: i64,
+    /// Set within 30 days of expiry, after it, or when the CRL in force lists it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+    /// `[tls] crl`, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<CrlStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrlStatus {
+    pub path: PathBuf,
+    /// Certificates it lists.
+    pub revoked: u64,
+    /// Its CRL number: grows with each `pki revoke`.
+    pub number: u64,
+    /// When `pki revoke` signed it, seconds since the Unix epoch.
+    pub issued_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +345,7 @@ pub(crate) mod tests {
             tunnel: None,
             dns_egress: vec![],
             icmp: None,
+            tls: None,
             last_reload: None,
         }
     }
@@ -419,6 +455,20 @@ pub(crate) mod tests {
             managed: false,
             probes_possible: false,
             fix: Some("sysctl -w net.ipv4.ping_group_range=\"0 0\"".into()),
+        });
+        s.tls = Some(TlsStatus {
+            identity: "vpc-gw-1".into(),
+            profile: "connector".into(),
+            serial: "4f1c".into(),
+            not_after: 1_700_864_000,
+            expires_in_days: 9,
+            warning: Some("expires in 9 days (2023-11-24)".into()),
+            crl: Some(CrlStatus {
+                path: "/etc/gateway/pki/crl.pem".into(),
+                revoked: 2,
+                number: 3,
+                issued_at: 1_699_000_000,
+            }),
         });
         s
     }

@@ -88,6 +88,9 @@ pub fn colourize(text: &str) -> String {
             ("NOT reserved", red),
             ("MISSING", red),
             ("is not running", red),
+            ("EXPIRED", red),
+            ("REVOKED", red),
+            ("EXPIRES", yellow),
             ("refused:", yellow),
             ("reconnecting", yellow),
             ("tcp:", yellow),
@@ -120,6 +123,9 @@ pub fn render_status(s: &Status) -> String {
         human_duration(s.uptime_secs)
     );
     let _ = writeln!(out, "config: {}", s.config.display());
+    if let Some(t) = &s.tls {
+        render_tls(&mut out, t);
+    }
     if let Some(r) = &s.last_reload {
         let when = human_duration((s.started_at + s.uptime_secs).saturating_sub(r.at));
         if r.ok {
@@ -242,6 +248,40 @@ pub fn render_status(s: &Status) -> String {
         }
     }
     out
+}
+
+/// This node's certificate (with a warning near expiry) and the CRL in force.
+fn render_tls(out: &mut String, t: &crate::api::TlsStatus) {
+    let until = crate::pki::date(t.not_after);
+    let left = match (&t.warning, t.expires_in_days) {
+        (Some(w), _) if w.starts_with("REVOKED") => {
+            format!("{w}; issue another (gatewayctl pki renew {})", t.identity)
+        }
+        (_, d) if d < 0 => format!(
+            "EXPIRED on {until}: renew it (gatewayctl pki renew {})",
+            t.identity
+        ),
+        (Some(_), d) => format!(
+            "EXPIRES in {d} days ({until}): renew it (gatewayctl pki renew {})",
+            t.identity
+        ),
+        (None, d) => format!("valid until {until}, {d} days left"),
+    };
+    let _ = writeln!(
+        out,
+        "certificate: {} ({}), serial {}, {left}",
+        t.identity, t.profile, t.serial
+    );
+    if let Some(c) = &t.crl {
+        let _ = writeln!(
+            out,
+            "crl: {}, {} revoked (number {}, issued {})",
+            c.path.display(),
+            c.revoked,
+            c.number,
+            crate::pki::date(c.issued_at)
+        );
+    }
 }
 
 fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
@@ -571,6 +611,46 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
     }
 
     #[test]
+    fn certificate_line_warns_near_expiry_and_names_the_crl() {
+        let mut s = crate::api::tests::sample_status();
+        let mut tls = crate::api::tests::full_status().tls.expect("tls");
+        s.tls = Some(tls.clone());
+        let text = render_status(&s);
+        assert!(
+            text.contains(
+                "\ncertificate: vpc-gw-1 (connector), serial 4f1c, EXPIRES in 9 days \
+                 (2023-11-24): renew it (gatewayctl pki renew vpc-gw-1)\n\
+                 crl: /etc/gateway/pki/crl.pem, 2 revoked (number 3, issued 2023-11-03)\n"
+            ),
+            "{text}"
+        );
+        assert!(colourize(&text).contains("\u{1b}[33mEXPIRES"), "yellow");
+        tls.warning = None;
+        tls.expires_in_days = 300;
+        tls.crl = None;
+        s.tls = Some(tls.clone());
+        let text = render_status(&s);
+        assert!(
+            text.contains(
+                "\ncertificate: vpc-gw-1 (connector), serial 4f1c, valid until 2023-11-24, \
+                 300 days left\n\n"
+            ),
+            "{text}"
+        );
+        tls.expires_in_days = -1;
+        s.tls = Some(tls.clone());
+        assert!(render_status(&s).contains("EXPIRED on 2023-11-24"));
+        tls.warning = Some("REVOKED by the CRL in force: peers refuse it".into());
+        s.tls = Some(tls);
+        let text = render_status(&s);
+        assert!(
+            text.contains("serial 4f1c, REVOKED by the CRL in force: peers refuse it; issue"),
+            "{text}"
+        );
+        assert!(colourize(&text).contains("\u{1b}[31mREVOKED"), "red");
+    }
+
+    #[test]
     fn durations_read_like_a_person_says_them() {
         assert_eq!(human_duration(0), "0s");
         assert_eq!(human_duration(65), "1m 5s");
@@ -626,6 +706,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             tunnel: None,
             dns_egress: vec![],
             icmp: None,
+            tls: None,
             last_reload: Some(crate::api::ReloadStatus {
                 at: 5,
                 ok: false,

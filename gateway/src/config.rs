@@ -140,6 +140,8 @@ pub struct TlsPaths {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `[tls] crl`: certificates the CA revoked (`gatewayctl pki revoke`); read again on SIGHUP.
+    pub crl: Option<PathBuf>,
 }
 
 /// One `[[policy]]` entry as written; parsed into rules by `core::policy`.
@@ -268,6 +270,7 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -603,15 +606,22 @@ fn validate_tunnel(
             if connect.is_empty() {
                 bad("tunnel.connect", "is empty".into(), &mut ok);
             }
+            // Unset, the name is the host the client dials: a DNS name the connector's
+            // certificate carries (`pki issue --dns`), or an address it carries (`--ip`).
             let server_name = match (&t.server_name, hosts.first()) {
                 (Some(n), _) => Some(n.clone()),
-                (None, Some(h)) if h.parse::<std::net::IpAddr>().is_err() => Some(h.clone()),
-                (None, Some(_)) => {
-                    bad("tunnel.server_name", "required when connect uses an IP address: the name in the connector's certificate".into(), &mut ok);
-                    None
-                }
+                (None, Some(h)) => Some(h.clone()),
                 (None, None) => None,
             };
+            if let Some(n) = &t.server_name
+                && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
+            {
+                bad(
+                    "tunnel.server_name",
+                    format!("{n:?} is neither a DNS name nor an IP address"),
+                    &mut ok,
+                );
+            }
             server_name.map(|server_name| Role::Client {
                 connect: connect.clone(),
                 server_name,
@@ -905,6 +915,7 @@ fn validate_tunnel(
             ca: tls.ca,
             cert: tls.cert,
             key: tls.key,
+            crl: tls.crl,
         },
         lan: client.lan,
         advertise,
@@ -925,16 +936,18 @@ pub struct ReloadChanges {
     pub routes: bool,
     pub policy: bool,
     pub zones: bool,
+    /// `[tls] crl` names another file (or none). The file itself is read again on every reload.
+    pub crl: bool,
 }
 
 impl ReloadChanges {
     pub fn any(self) -> bool {
-        self.routes || self.policy || self.zones
+        self.routes || self.policy || self.zones || self.crl
     }
 }
 
-/// Compares the running config with a newly read one. Routes, `[[policy]]` and `[[dns.zone]]`
-/// apply live; anything else (addresses, ports, certificates, interfaces, ...) needs a
+/// Compares the running config with a newly read one. Routes, `[[policy]]`, `[[dns.zone]]`
+/// and `[tls] crl` apply live; anything else (addresses, ports, certificates, interfaces, ...) needs a
 /// restart, and then the whole reload is refused, naming those keys, so the daemon never runs
 /// half of each.
 pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&'static str>> {
@@ -960,7 +973,10 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
                 "tunnel.overlay",
                 a.overlay_v4 != b.overlay_v4 || a.overlay_v6 != b.overlay_v6,
             );
-            differs("tls", a.tls != b.tls);
+            differs(
+                "tls",
+                (&a.tls.ca, &a.tls.cert, &a.tls.key) != (&b.tls.ca, &b.tls.cert, &b.tls.key),
+            );
             differs("client.lan", a.lan != b.lan);
             differs("client.advertise", a.advertise != b.advertise);
             differs("egress", a.egress != b.egress);
@@ -975,14 +991,19 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
     if !fixed.is_empty() {
         return Err(fixed);
     }
-    let (policy, zones) = match (&old.tunnel, &new.tunnel) {
-        (Some(a), Some(b)) => (a.policy != b.policy, a.zones != b.zones),
-        _ => (false, false),
+    let (policy, zones, crl) = match (&old.tunnel, &new.tunnel) {
+        (Some(a), Some(b)) => (
+            a.policy != b.policy,
+            a.zones != b.zones,
+            a.tls.crl != b.tls.crl,
+        ),
+        _ => (false, false, false),
     };
     Ok(ReloadChanges {
         routes: old.routes != new.routes,
         policy,
         zones,
+        crl,
     })
 }
 
@@ -1084,16 +1105,31 @@ pub fn check_system(config: &Config) -> Result<(), ConfigError> {
         if let Some(e) = &t.egress {
             named.push(("egress.interface".into(), e.interface.as_str()));
         }
+        let unreadable = issues.len();
         for (key, path) in [
-            ("tls.ca", &t.tls.ca),
-            ("tls.cert", &t.tls.cert),
-            ("tls.key", &t.tls.key),
+            ("tls.ca", Some(&t.tls.ca)),
+            ("tls.cert", Some(&t.tls.cert)),
+            ("tls.key", Some(&t.tls.key)),
+            ("tls.crl", t.tls.crl.as_ref()),
         ] {
-            if let Err(e) = std::fs::File::open(path) {
+            if let Some(Err(e)) = path.map(std::fs::File::open) {
                 issues.push(ConfigIssue {
                     file: config.path.clone(),
                     key: key.into(),
-                    reason: format!("cannot read {}: {e}", path.display()),
+                    reason: format!(
+                        "cannot read {}: {e}",
+                        path.map_or(String::new(), |p| p.display().to_string())
+                    ),
+                });
+            }
+        }
+        if issues.len() == unreadable {
+            let connector = matches!(t.role, Role::Connector { .. });
+            for (key, reason) in crate::tunnel::tls::check_files(&t.tls, connector) {
+                issues.push(ConfigIssue {
+                    file: config.path.clone(),
+                    key: key.into(),
+                    reason,
                 });
             }
         }
@@ -1309,9 +1345,16 @@ name = "vpc-v6"
     }
 
     #[test]
-    fn a_client_connecting_by_ip_must_name_the_connector() {
+    fn a_client_expects_the_name_or_address_it_dials_unless_told_otherwise() {
+        let by_ip = parse_str(&format!(
+            "[node]\nname = \"n\"\n[tunnel]\nconnect = [\"[2001:db8::1]:7844\"]\n{TLS}"
+        ))
+        .expect("an address is checked against the certificate's IP SANs");
+        assert!(
+            matches!(by_ip.tunnel.expect("tunnel").role, Role::Client { server_name, .. } if server_name == "2001:db8::1")
+        );
         let issue = only_issue(&format!(
-            "[node]\nname = \"n\"\n[tunnel]\nconnect = [\"203.0.113.10:7844\"]\n{TLS}"
+            "[node]\nname = \"n\"\n[tunnel]\nconnect = [\"gw:7844\"]\nserver_name = \"a b\"\n{TLS}"
         ));
         assert_eq!(issue.key, "tunnel.server_name");
         let c = parse_str(&format!(
@@ -1416,9 +1459,22 @@ name = "vpc-v6"
             ReloadChanges {
                 routes: true,
                 policy: true,
-                zones: true
+                zones: true,
+                crl: false,
             }
         );
+        let with_crl = parse_str(&base.replace(
+            "key = \"/p/n.key\"\n",
+            "key = \"/p/n.key\"\ncrl = \"/p/crl.pem\"\n",
+        ))
+        .expect("valid");
+        assert_eq!(
+            reload_changes(&old, &with_crl).map(|c| c.crl),
+            Ok(true),
+            "[tls] crl applies live; ca, cert and key do not"
+        );
+        let other_ca = parse_str(&base.replace("/p/ca.pem", "/q/ca.pem")).expect("valid");
+        assert_eq!(reload_changes(&old, &other_ca), Err(vec!["tls"]));
         assert!(changes.any());
         let moved = parse_str(&base.replace("0.0.0.0:7844", "0.0.0.0:7845")).expect("valid");
         assert_eq!(

@@ -28,6 +28,9 @@ struct Shared {
     config: Mutex<Config>,
     last_reload: Mutex<Option<crate::api::ReloadStatus>>,
     tunnel: Option<Arc<crate::tunnel::engine::Shared>>,
+    /// This node's certificate as read at start, and the verifiers (CRL) in force.
+    certificate: Option<crate::pki::CertInfo>,
+    trust: Option<Arc<crate::tunnel::tls::Trust>>,
     dataplane: Arc<Mutex<Dataplane>>,
     started_at: u64,
     started: Instant,
@@ -114,8 +117,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
 
+    let certificate = config
+        .tunnel
+        .as_ref()
+        .and_then(|t| crate::pki::read_cert(&t.tls.cert).ok());
+    if let Some(c) = &certificate
+        && let Some(w) = crate::pki::list::expiry_warning(c.not_after, started_at as i64)
+    {
+        tracing::warn!(identity = %c.identity, "this node's certificate {w}: renew it (gatewayctl pki renew)");
+    }
     let shared = Arc::new(Shared {
         tunnel: tunnel.as_ref().map(|t| t.shared.clone()),
+        certificate,
+        trust: tunnel.as_ref().map(|t| t.trust().clone()),
         config: Mutex::new(config),
         last_reload: Mutex::new(None),
         dataplane,
@@ -427,7 +441,16 @@ fn apply_reload(
             keys.join(", ")
         )
     })?;
-    if !changes.any() {
+    // The CRL file is read again on every reload: revoking changes the file, not the config.
+    let trust = match (tunnel, &new.tunnel) {
+        (Some(handle), Some(t)) if t.tls.crl.is_some() || changes.crl => Some(
+            handle
+                .prepare_trust(t)
+                .map_err(|e| format!("tls.crl: {e:#}"))?,
+        ),
+        _ => None,
+    };
+    if !changes.any() && trust.is_none() {
         return Ok("no change".into());
     }
     let is_client = matches!(
@@ -455,6 +478,17 @@ fn apply_reload(
         handle.reload(t, new.routes.iter().map(|r| r.cidr).collect());
     }
     let mut applied = Vec::new();
+    if let (Some(handle), Some(t), Some(v)) = (tunnel, &new.tunnel, trust) {
+        let crl = match v.crl() {
+            Some((path, crl)) => format!("CRL {} ({} revoked)", path.display(), crl.revoked.len()),
+            None => "no CRL".into(),
+        };
+        let closed = handle.apply_trust(t, v);
+        applied.push(match closed.is_empty() {
+            true => crl,
+            false => format!("{crl}, closed the session(s) of {}", closed.join(", ")),
+        });
+    }
     if changes.routes {
         applied.push(format!("{} route(s)", new.routes.len()));
     }
@@ -552,8 +586,42 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             })
             .collect(),
         icmp: Some(crate::pingrange::status(config.manage_ping_group_range)),
+        tls: shared
+            .certificate
+            .as_ref()
+            .map(|c| tls_status(c, shared.trust.as_deref())),
         last_reload: shared.last_reload.lock().ok().and_then(|r| r.clone()),
     })
+}
+
+/// This node's certificate and the CRL in force, with the expiry counted from now.
+fn tls_status(
+    cert: &crate::pki::CertInfo,
+    trust: Option<&crate::tunnel::tls::Trust>,
+) -> crate::api::TlsStatus {
+    let now = unix_now() as i64;
+    let crl = trust.and_then(|t| t.crl());
+    // Peers refuse a node whose own certificate its CRL lists: say so before anything else.
+    let revoked = crl
+        .as_ref()
+        .is_some_and(|(_, c)| c.find(&cert.serial).is_some());
+    crate::api::TlsStatus {
+        identity: cert.identity.clone(),
+        profile: cert.profile_name(),
+        serial: cert.serial_hex(),
+        not_after: cert.not_after,
+        expires_in_days: (cert.not_after - now).div_euclid(86_400),
+        warning: match revoked {
+            true => Some("REVOKED by the CRL in force: peers refuse it".into()),
+            false => crate::pki::list::expiry_warning(cert.not_after, now),
+        },
+        crl: crl.map(|(path, crl)| crate::api::CrlStatus {
+            path: absolute(&path),
+            revoked: crl.revoked.len() as u64,
+            number: crl.number,
+            issued_at: crl.this_update,
+        }),
+    }
 }
 
 /// What the kernel reported at one interface, with our program marked.

@@ -32,7 +32,17 @@ fn pki(lab: &Lab, names: &[&str]) -> PathBuf {
     let out = gatewayctl(lab, Host::Operator, &["pki", "init", "--dir", d]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     for n in names {
-        let out = gatewayctl(lab, Host::Operator, &["pki", "issue", n, "--dir", d]);
+        // lab-gw serves clients: it needs the connector profile (ServerAuth).
+        let profile = if *n == "lab-gw" {
+            "connector"
+        } else {
+            "client"
+        };
+        let out = gatewayctl(
+            lab,
+            Host::Operator,
+            &["pki", "issue", n, "--dir", d, "--profile", profile],
+        );
         assert!(out.status.success(), "{}", stderr_of(&out));
     }
     dir

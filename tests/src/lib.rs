@@ -60,6 +60,9 @@ pub mod zone {
     /// `db.hoge-vpc.com A` from the public resolver: what leaks without split DNS.
     pub const DB_PUBLIC: &str = "203.0.113.80";
     pub const WWW_EXAMPLE: &str = "203.0.113.81";
+    /// The connector's public name in the public resolver (A only: the VPC gateway's
+    /// [`addr::GW_WAN`](super::addr::GW_WAN)), as the shipped client example dials it.
+    pub const GW_PUBLIC_NAME: &str = "gw.example.net";
     /// `big.hoge-vpc.com TXT`: twelve 182-byte strings, over 2 KB, past any UDP default.
     pub const BIG: &str = "big";
     /// `broken.hoge-vpc.com`: SERVFAIL from the primary, an answer from the secondary.
@@ -397,10 +400,15 @@ impl Lab {
             Host::Underlay,
             "public",
             addr::PUBLIC_DNS,
-            &[(zone::DOMAIN, "static"), ("example.com", "static")],
+            &[
+                (zone::DOMAIN, "static"),
+                ("example.com", "static"),
+                ("example.net", "static"),
+            ],
             &[
                 format!("db.{} A {}", zone::DOMAIN, zone::DB_PUBLIC),
                 format!("www.example.com A {}", zone::WWW_EXAMPLE),
+                format!("{} A {}", zone::GW_PUBLIC_NAME, addr::GW_WAN),
             ],
             "",
         )?;

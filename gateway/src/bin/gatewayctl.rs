@@ -53,10 +53,10 @@ enum Command {
         #[command(subcommand)]
         command: Access,
     },
-    /// The tunnel's private CA: create it, issue node and client certificates.
+    /// The tunnel's private CA: create it, issue, renew, revoke and list certificates.
     Pki {
         #[command(subcommand)]
-        command: Pki,
+        command: gateway::pki::cli::PkiCommand,
     },
 }
 
@@ -103,21 +103,6 @@ enum PlanFormat {
     AwsCli,
 }
 
-#[derive(Subcommand)]
-enum Pki {
-    /// Create DIR/ca.pem and DIR/ca.key.
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Issue DIR/NAME.pem and DIR/NAME.key signed by DIR's CA; NAME is the identity.
-    Issue {
-        name: String,
-        #[arg(long)]
-        dir: PathBuf,
-    },
-}
-
 fn main() -> ExitCode {
     match Args::parse().command {
         Command::Status {
@@ -128,7 +113,7 @@ fn main() -> ExitCode {
             interval,
         } => status(json, socket, config, watch, interval),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Pki { command } => pki(command),
+        Command::Pki { command } => gateway::pki::cli::run(command),
         Command::Access { command } => access(command),
         Command::Firewall {
             command: Firewall::Plan { config, format },
@@ -322,27 +307,6 @@ fn check_config(file: &Path) -> ExitCode {
             for issue in &e.0 {
                 eprintln!("gatewayctl: invalid config: {issue}");
             }
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn pki(command: Pki) -> ExitCode {
-    let result = match &command {
-        Pki::Init { dir } => gateway::pki::init(dir),
-        Pki::Issue { name, dir } => gateway::pki::issue(dir, name),
-    };
-    match result {
-        Ok((cert, key)) => {
-            println!(
-                "wrote {}\nwrote {} (mode 0600)",
-                cert.display(),
-                key.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gatewayctl: pki: {e}");
             ExitCode::FAILURE
         }
     }

@@ -40,6 +40,7 @@ pub(super) async fn start_client(
     source_port: u16,
     on_routes: super::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
     let result = async {
         if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
@@ -47,8 +48,8 @@ pub(super) async fn start_client(
             net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
-        let crypto = tls::client_config(&cfg.tls, tls::ALPN)?;
-        let tcp_tls = tls::rustls_client(&cfg.tls, tls::ALPN)?;
+        let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
+        let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(Arc::new(transport(Side::Client)));
         let endpoint = if cfg.transport.uses_quic() {
@@ -129,6 +130,7 @@ pub(super) async fn start_client(
         sysctls,
         nat_table: None,
         connector: None,
+        trust,
     })
 }
 
@@ -381,7 +383,11 @@ impl Client {
             *z = zone_wires;
         }
         let peer = Arc::new(Peer {
-            identity: self.server_name.clone(),
+            // The connector's certificate name; server_name may be the address it was dialled by.
+            identity: link
+                .peer_chain()
+                .and_then(|c| tls::identity_of_chain(&c))
+                .unwrap_or_else(|| self.server_name.clone()),
             link: link.clone(),
             transport_reason: Mutex::new(reason.clone()),
             ping: Mutex::new(None),

@@ -363,9 +363,55 @@ pub struct TunnelHandle {
     pub(super) sysctls: Vec<(String, String)>,
     pub(super) nat_table: Option<String>,
     pub(super) connector: Option<Arc<Connector>>,
+    /// The verifiers every handshake asks; a reload swaps them (a new CRL).
+    pub(super) trust: Arc<tls::Trust>,
 }
 
 impl TunnelHandle {
+    pub fn trust(&self) -> &Arc<tls::Trust> {
+        &self.trust
+    }
+
+    /// Reads `[tls]` again (the CRL) without applying it, so a bad file changes nothing.
+    pub fn prepare_trust(&self, cfg: &Tunnel) -> anyhow::Result<tls::Verifiers> {
+        Ok(tls::Verifiers::build(&cfg.tls)?)
+    }
+
+    /// New handshakes are verified with `v` from now on, and every live session whose peer
+    /// certificate `v` refuses (revoked since) is closed at once and listed as a refusal.
+    /// Returns the identities closed.
+    pub fn apply_trust(&self, cfg: &Tunnel, v: tls::Verifiers) -> Vec<String> {
+        self.trust.install(v);
+        let server_name = match &cfg.role {
+            Role::Client { server_name, .. } => Some(server_name.as_str()),
+            Role::Connector { .. } => None,
+        };
+        let peers = self
+            .shared
+            .peers
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        let mut closed = Vec::new();
+        for p in peers {
+            let verdict = match (p.link.peer_chain(), server_name) {
+                (None, _) => Err("no certificate kept to check against the new CRL".into()),
+                (Some(chain), Some(name)) => self.trust.check_server(&chain, name),
+                (Some(chain), None) => self.trust.check_client(&chain),
+            };
+            if let Err(reason) = verdict {
+                p.link.close(4, &reason);
+                if let Ok(mut peers) = self.shared.peers.lock() {
+                    peers.retain(|q| q.link.id() != p.link.id());
+                }
+                self.shared
+                    .refuse(Some(p.identity.clone()), p.link.remote(), reason);
+                closed.push(p.identity.clone());
+            }
+        }
+        closed
+    }
+
     /// Sysctls the tunnel changed, with their old values, for the crash record.
     pub fn changed_sysctls(&self) -> &[(String, String)] {
         &self.sysctls
@@ -551,12 +597,13 @@ async fn start_connector(
     listen: SocketAddr,
     routes: Vec<IpNet>,
 ) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
     let result = async {
         net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
         net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
-        let crypto = tls::server_config(&cfg.tls)?;
-        let tcp_tls = tls::rustls_server(&cfg.tls)?;
+        let crypto = trust.quic_server(&cfg.tls)?;
+        let tcp_tls = trust.server_config(&cfg.tls)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport(Side::Connector)));
         // Connection attempts quinn queues before the accept loop gives each a slot or a
@@ -696,6 +743,7 @@ async fn start_connector(
         leases: Mutex::new(HashMap::new()),
         forwarder,
         egress_ports: cfg.egress.as_ref().map(|e| e.ports),
+        trust: trust.clone(),
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
@@ -758,6 +806,7 @@ async fn start_connector(
         sysctls,
         nat_table: cfg.egress.as_ref().map(|e| e.table.clone()),
         connector: Some(handle_connector),
+        trust,
     })
 }
 
@@ -840,6 +889,8 @@ pub(super) struct Connector {
     forwarder: Option<Arc<dns::Forwarder>>,
     /// Where `access` streams into the VPC connect from.
     egress_ports: Option<(u16, u16)>,
+    /// For access streams, which are no peers: they end when a reload revokes their certificate.
+    trust: Arc<tls::Trust>,
 }
 
 impl Connector {
@@ -932,7 +983,9 @@ impl Connector {
         if tls::negotiated_alpn(&conn).as_deref() == Some(tls::ALPN_ACCESS) {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
                 Ok(Ok((send, recv))) => {
-                    self.serve_access(&identity, remote, recv, send, slot).await
+                    let chain = tls::peer_chain(&conn).unwrap_or_default();
+                    self.serve_access(&identity, remote, chain, recv, send, slot)
+                        .await
                 }
                 _ => tracing::info!(%identity, %remote, "access connection opened no stream"),
             }
@@ -981,8 +1034,10 @@ impl Connector {
             return;
         };
         if tls.get_ref().1.alpn_protocol() == Some(tls::ALPN_ACCESS) {
+            let chain = super::link::PeerCertificates::peer_certificates(&tls);
             let (r, w) = tokio::io::split(tls);
-            self.serve_access(&identity, remote, r, w, slot).await;
+            self.serve_access(&identity, remote, chain, r, w, slot)
+                .await;
             return;
         }
         // Only an authenticated peer gets its socket duplicated (for TCP_INFO and shutdown).
@@ -999,11 +1054,13 @@ impl Connector {
         self.serve(opened, identity, slot).await;
     }
 
-    /// One `gatewayctl access` stream: the request, the decision, then bytes both ways.
+    /// One `gatewayctl access` stream: the request, the decision, then bytes both ways, until
+    /// either end closes or a reload's CRL revokes `chain`.
     async fn serve_access<R, W>(
         &self,
         identity: &str,
         remote: SocketAddr,
+        chain: Vec<rustls_pki_types::CertificateDer<'static>>,
         mut r: R,
         mut w: W,
         slot: Slot,
@@ -1066,7 +1123,13 @@ impl Connector {
         tracing::info!(%identity, %remote, %host, %address, "access stream opened");
         self.shared.access_total.fetch_add(1, Ordering::Relaxed);
         let mut client = tokio::io::join(r, w);
-        let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let result = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r,
+            reason = self.trust.client_refused(&chain) => {
+                self.shared.refuse(Some(identity.to_string()), remote, format!("access stream to {address} closed: {reason}"));
+                Err(std::io::Error::other(reason))
+            }
+        };
         self.shared.access_active.fetch_sub(1, Ordering::Relaxed);
         match result {
             Ok((up, down)) => {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use bytes::Bytes;
 use quinn::VarInt;
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
@@ -175,6 +176,47 @@ impl Link {
             let _ = open.send(());
         }
     }
+
+    /// The certificate chain the peer presented (leaf first), to check it again when the CRL
+    /// changes; `None` if there was none.
+    pub fn peer_chain(&self) -> Option<Vec<CertificateDer<'static>>> {
+        match self {
+            Link::Quic(c) => super::tls::peer_chain(c),
+            Link::Tcp(t) => (!t.peer_chain.is_empty()).then(|| t.peer_chain.clone()),
+        }
+    }
+}
+
+/// A stream that knows which certificates its peer presented: the TLS streams of the fallback.
+pub trait PeerCertificates {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>>;
+}
+
+impl<IO> PeerCertificates for tokio_rustls::server::TlsStream<IO> {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec()
+    }
+}
+
+impl<IO> PeerCertificates for tokio_rustls::client::TlsStream<IO> {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.get_ref()
+            .1
+            .peer_certificates()
+            .unwrap_or_default()
+            .to_vec()
+    }
+}
+
+/// In-memory streams in tests: no peer, no certificates.
+impl PeerCertificates for tokio::io::DuplexStream {
+    fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        Vec::new()
+    }
 }
 
 /// Sends control messages on the link's control channel.
@@ -279,6 +321,8 @@ pub struct TcpLink {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Connector: opened by [`Link::welcomed`]; until then the reader stops after the hello.
     gate: Mutex<Option<oneshot::Sender<()>>>,
+    /// What the peer presented in the TLS handshake, leaf first.
+    peer_chain: Vec<CertificateDer<'static>>,
 }
 
 static NEXT_TCP_ID: AtomicU64 = AtomicU64::new(1 << 48);
@@ -294,8 +338,9 @@ impl TcpLink {
         tally: Arc<Tally>,
     ) -> Opened
     where
-        S: AsyncRead + AsyncWrite + Send + 'static,
+        S: AsyncRead + AsyncWrite + PeerCertificates + Send + 'static,
     {
+        let peer_chain = stream.peer_certificates();
         let (reader, writer) = tokio::io::split(stream);
         // The byte budget bounds the queue; the count only has to be large enough for it.
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE_BYTES / 64);
@@ -315,6 +360,7 @@ impl TcpLink {
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
             gate: Mutex::new(Some(gate_tx)),
+            peer_chain,
         });
         let weak = Arc::downgrade(&link);
         let read = tokio::spawn(async move {

@@ -132,6 +132,16 @@ pub fn tcx_ingress_programs(ns: &str, iface: &str) -> Vec<AttachedProgram> {
     .expect("namespace thread")
 }
 
+/// Moves the calling thread into namespace `ns` (network namespaces are per thread); spawn a
+/// thread for it, so the test's other threads stay where they were.
+pub fn enter_netns(ns: &str) {
+    let path = format!("/var/run/netns/{ns}");
+    let f = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on a valid namespace fd affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
 pub fn classifier_count(ns: &str, iface: &str) -> usize {
     tcx_ingress_programs(ns, iface)
         .iter()

@@ -129,7 +129,14 @@ pub fn start(client: Option<bool>, extra_routes: &[&str]) -> Hostile {
     let out = gatewayctl(&lab, Host::Operator, &["pki", "init", "--dir", d]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     for n in IDENTITIES {
-        let out = gatewayctl(&lab, Host::Operator, &["pki", "issue", n, "--dir", d]);
+        // lab-gw serves clients: it needs the connector profile (ServerAuth).
+        let profile = if *n == "lab-gw" {
+            "connector"
+        } else {
+            "client"
+        };
+        let argv = ["pki", "issue", n, "--dir", d, "--profile", profile];
+        let out = gatewayctl(&lab, Host::Operator, &argv);
         assert!(out.status.success(), "{}", stderr_of(&out));
     }
     let cc = connector_config(&lab, &pki, true, extra_routes);

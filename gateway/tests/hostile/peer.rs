@@ -37,6 +37,7 @@ impl Target {
                 ca: pki.join("ca.pem"),
                 cert: pki.join(format!("{name}.pem")),
                 key: pki.join(format!("{name}.key")),
+                crl: None,
             },
         }
     }

@@ -238,7 +238,16 @@ fn start_tunnel(
     let pki_s = path_str(&pki)?;
     for argv in [
         &[gatewayctl, "pki", "init", "--dir", pki_s][..],
-        &[gatewayctl, "pki", "issue", "lab-gw", "--dir", pki_s][..],
+        &[
+            gatewayctl,
+            "pki",
+            "issue",
+            "lab-gw",
+            "--dir",
+            pki_s,
+            "--profile",
+            "connector",
+        ][..],
         &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s][..],
     ] {
         if verbose {
