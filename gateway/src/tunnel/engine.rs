@@ -607,10 +607,10 @@ async fn start_connector(
 }
 
 fn policy_of(entries: &[crate::config::PolicyEntry]) -> Policy {
-    Policy::new(
+    Policy::with_inbound(
         &entries
             .iter()
-            .map(|p| (p.identity.clone(), p.allow.clone()))
+            .map(|p| (p.identity.clone(), p.allow.clone(), p.inbound.clone()))
             .collect::<Vec<_>>(),
     )
 }
@@ -1026,7 +1026,8 @@ impl Connector {
                 continue;
             }
             match self.policy().decide(&peer.identity, &meta) {
-                Decision::Allow => {
+                // An answer to an `inbound` connection: the forward filter checks it is one.
+                Decision::Allow | Decision::AllowReply => {
                     if let Err(e) = self.tun.send(&dgram).await {
                         tracing::debug!(error = %e, "TUN write failed");
                         self.shared.drop_packet("tun_write");
