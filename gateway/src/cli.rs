@@ -387,6 +387,7 @@ mod tests {
             firewall: None,
             access_streams_active: 1,
             access_streams_total: 3,
+            forward_filter: None,
             zones: vec![crate::api::ZoneStatus {
                 domain: "hoge-vpc.com".into(),
                 queries: 7,

@@ -228,18 +228,16 @@ impl Shared {
                     )
                 }
             });
-        let firewall = self
-            .firewall
-            .lock()
-            .ok()
-            .and_then(|f| f.clone())
-            .map(|(table, holds)| match nat::table_exists(&table) {
-                Ok(true) => format!("nftables table inet {table} present: {holds}"),
-                Ok(false) => format!("nftables table inet {table} MISSING (removed by someone else?): restart gatewayd to restore {holds}"),
-                Err(e) => format!("nftables table inet {table}: cannot ask the kernel: {e}"),
-            });
+        let (firewall, forward_filter) = match self.firewall.lock().ok().and_then(|f| f.clone()) {
+            Some((table, holds)) => {
+                let (line, filter) = super::nftdump::firewall_status(&table, &holds);
+                (Some(line), filter)
+            }
+            None => (None, None),
+        };
         TunnelStatus {
             firewall,
+            forward_filter,
             egress_ports,
             access_streams_active: self.access_active.load(Ordering::Relaxed),
             access_streams_total: self.access_total.load(Ordering::Relaxed),
@@ -305,6 +303,7 @@ impl TunnelHandle {
         if let Ok(mut p) = c.policy.write() {
             *p = Arc::new(policy_of(&cfg.policy));
         }
+        c.sync_filter();
         let zones = c
             .forwarder
             .as_ref()
@@ -532,14 +531,15 @@ async fn start_connector(
         *f = Some((
             e.table.clone(),
             format!(
-                "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}",
+                "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}; {}",
                 cfg.tun,
                 e.interface,
                 e.ports.0,
                 e.ports.1,
                 accepts.join(", "),
                 e.ports.0,
-                e.ports.1
+                e.ports.1,
+                super::filter::describe_connector(&cfg.tun, &e.interface)
             ),
         ));
     }
@@ -560,6 +560,10 @@ async fn start_connector(
         leases: Mutex::new(HashMap::new()),
         forwarder,
         egress_ports: cfg.egress.as_ref().map(|e| e.ports),
+        session_filter: cfg
+            .egress
+            .as_ref()
+            .map(|e| nat::SessionFilter::new(&e.table)),
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
@@ -638,6 +642,8 @@ struct Connector {
     forwarder: Option<Arc<dns::Forwarder>>,
     /// Where `access` streams into the VPC connect from.
     egress_ports: Option<(u16, u16)>,
+    /// The forward filter's per-session chains (in the `[egress]` table).
+    session_filter: Option<nat::SessionFilter>,
 }
 
 impl Connector {
@@ -865,6 +871,7 @@ impl Connector {
         if let Ok(mut peers) = self.shared.peers.lock() {
             peers.retain(|p| p.link.id() != id);
         }
+        self.sync_filter();
         link.close(0, "session ended");
     }
 
@@ -956,6 +963,7 @@ impl Connector {
             peers.retain(|p| p.identity != identity);
             peers.push(peer.clone());
         }
+        self.sync_filter();
         tracing::info!(%identity, %remote, transport = link.kind(), %address_v4, %address_v6, "client connected");
         let dns_requests = async {
             match (&self.forwarder, &link, dns_queries) {
@@ -983,6 +991,29 @@ impl Connector {
         // Give the refusal a moment to reach the client before the close overtakes it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         link.close(2, "refused");
+    }
+
+    /// The forward filter's session chains follow the peers and the policy: rebuilt when a
+    /// session starts (before its first packet) or ends, and on reload.
+    fn sync_filter(&self) {
+        let Some(f) = &self.session_filter else {
+            return;
+        };
+        let peers = || {
+            let peers = self
+                .shared
+                .peers
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            peers
+                .iter()
+                .map(|p| (p.identity.clone(), p.owns.clone()))
+                .collect()
+        };
+        if let Err(e) = f.sync(&self.policy(), peers) {
+            tracing::error!(error = %e, "updating the forward filter failed");
+        }
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -1296,12 +1327,14 @@ async fn start_client(
     on_routes: super::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
     let mut sysctls = Vec::new();
+    let mut client_filter = None;
     let result = async {
         if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
             // A site gateway forwards its LAN's replies from the TUN to the LAN.
             net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
+        client_filter = nat::apply_site_gateway(cfg, &sysctls)?;
         let crypto = tls::client_config(&cfg.tls, tls::ALPN)?;
         let tcp_tls = tls::rustls_client(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -1322,11 +1355,17 @@ async fn start_client(
     let (tun, index, handle, endpoint, tcp_tls) = match result {
         Ok(v) => v,
         Err(e) => {
+            if let Some(table) = &cfg.client_table {
+                let _ = nat::remove(table);
+            }
             net::restore(&mut sysctls);
             return Err(e);
         }
     };
     let shared = shared("client", &cfg.tun, "connecting");
+    if let Ok(mut f) = shared.firewall.lock() {
+        *f = client_filter;
+    }
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
     let current_rx_stub = current_rx.clone();
     let mut tasks = JoinSet::new();
@@ -1364,6 +1403,9 @@ async fn start_client(
             }
             Err(e) => {
                 tasks.shutdown().await;
+                if let Some(table) = &cfg.client_table {
+                    let _ = nat::remove(table);
+                }
                 net::restore(&mut sysctls);
                 return Err(anyhow!("binding the DNS stub to {stub}: {e}"));
             }
@@ -1374,7 +1416,7 @@ async fn start_client(
         tasks,
         endpoint,
         sysctls,
-        nat_table: None,
+        nat_table: cfg.client_table.clone(),
         connector: None,
     })
 }

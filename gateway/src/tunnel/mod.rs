@@ -16,9 +16,11 @@ pub mod access;
 pub mod control;
 pub mod dns;
 pub mod engine;
+pub mod filter;
 pub mod link;
 pub mod nat;
 pub mod net;
+pub mod nftdump;
 pub mod probe;
 pub mod tls;
 
