@@ -87,7 +87,8 @@ pub fn start_in(lab: Lab, policy: &str, site: bool) -> Pair {
         ),
     );
     let lan = if site {
-        "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n"
+        "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
+         dns_intercept = [\"wan0\"]\n"
     } else {
         ""
     };
