@@ -289,6 +289,59 @@ pub fn describe_client(tun: &str, lans: &[String], police_v4: bool, police_v6: b
     )
 }
 
+/// The connector's filter as `firewall plan` shows it: the base chain, and the session chains
+/// as they look for one client of each `[[policy]]` entry, with `overlay` standing for that
+/// client's own addresses.
+pub fn plan_connector(
+    tun: &str,
+    egress: &str,
+    overlay: &[IpNet],
+    policy: &[(String, Vec<Rule>, Vec<Rule>)],
+) -> String {
+    let mut out = format!("  chain {FORWARD} (hook forward):\n");
+    for r in connector_forward(tun, egress) {
+        out.push_str(&format!("    {r}\n"));
+    }
+    for (identity, allow, inbound) in policy {
+        let s = Session {
+            owns: overlay.to_vec(),
+            allow: allow.clone(),
+            inbound: inbound.clone(),
+        };
+        let (o, i, _) = session_chains(&[s]);
+        for (chain, rules) in [(TUNNEL_OUT, o), (TUNNEL_IN, i)] {
+            if rules.is_empty() {
+                continue;
+            }
+            out.push_str(&format!(
+                "  chain {chain}, for each connected client {identity:?} (its own addresses in place of {}):\n",
+                overlay
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            for r in rules {
+                out.push_str(&format!("    {r}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// A site gateway's filter as `firewall plan` shows it.
+pub fn plan_client(tun: &str, lans: &[String]) -> String {
+    let mut out = format!("  chain {FORWARD} (hook forward):\n");
+    for r in client_forward(tun, lans, true, true) {
+        let note = match r.comment {
+            Some(counter::OTHER) => "   # only when gatewayd turned forwarding on",
+            _ => "",
+        };
+        out.push_str(&format!("    {r}{note}\n"));
+    }
+    out
+}
+
 /// nft's own syntax, for `firewall plan`, logs and tests.
 impl fmt::Display for RuleSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
