@@ -338,9 +338,10 @@ pub fn host_forward_filter(config: &Config) -> Option<String> {
             }
             (e.table.as_str(), body)
         }
-        (Role::Client { .. }, _, Some(table)) => {
-            (table.as_str(), filter::plan_client(&t.tun, &t.lan))
-        }
+        (Role::Client { .. }, _, Some(table)) => (
+            table.as_str(),
+            filter::plan_client(&t.tun, &t.lan, &t.advertise),
+        ),
         _ => return None,
     };
     Some(format!(

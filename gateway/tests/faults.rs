@@ -31,7 +31,7 @@ fn time_until_ping(lab: &Lab, host: Host, target: &str, within: Duration) -> Opt
 
 #[test]
 fn an_ssh_session_runs_a_command_every_second_for_a_minute_over_loss_and_delay() {
-    let t = pair::start(pair::POLICY, false);
+    let t = pair::start(pair::POLICY, pair::WORKSTATION);
     let lab = &t.lab;
     let impairment = lab
         .impair_underlay(5, Duration::from_millis(50))
@@ -83,7 +83,7 @@ fn an_ssh_session_runs_a_command_every_second_for_a_minute_over_loss_and_delay()
 
 #[test]
 fn the_tunnel_is_back_within_10_s_of_a_20_s_cut() {
-    let t = pair::start(pair::POLICY, false);
+    let t = pair::start(pair::POLICY, pair::WORKSTATION);
     let lab = &t.lab;
     assert!(time_until_ping(lab, Host::Operator, addr::VPC_HOST, Duration::from_secs(5)).is_some());
 
@@ -260,7 +260,7 @@ fn connection_id(lab: &Lab, socket: &std::path::Path) -> Option<u64> {
 
 #[test]
 fn sigkill_of_either_daemon_and_a_restart_leave_nothing_twice_and_nothing_missing() {
-    let mut t = pair::start(pair::POLICY, true);
+    let mut t = pair::start(pair::POLICY, pair::SITE);
     works(&t);
     let running = both_states(&t);
     // The states are worth comparing: the daemons' own pieces are in them.

@@ -67,7 +67,7 @@ fn the_tunnel_works(t: &Pair) {
 
 #[test]
 fn the_connector_forwards_only_the_tunnels_traffic_and_counts_the_rest() {
-    let t = pair::start(pair::POLICY, false);
+    let t = pair::start(pair::POLICY, pair::WORKSTATION);
     let lab = &t.lab;
     let (gw, gws) = (Host::VpcGateway, t.connector_socket.as_path());
     the_tunnel_works(&t);
@@ -264,7 +264,7 @@ fn a_site_gateway_forwards_only_between_its_lan_and_the_tunnel() {
         lab.run_ok(Host::Operator, &["sysctl", "-q", "-w", &format!("{key}=0")])
             .expect("sysctl");
     }
-    let mut t = pair::start_in(lab, pair::POLICY, true);
+    let mut t = pair::start_in(lab, pair::POLICY, pair::SITE);
     let lab = &t.lab;
     let (op, ops) = (Host::Operator, t.client_socket.clone());
 
@@ -325,4 +325,56 @@ fn a_site_gateway_forwards_only_between_its_lan_and_the_tunnel() {
         .run_ok(op, &["sysctl", "-n", "net.ipv4.ip_forward"])
         .expect("sysctl");
     assert_eq!(forward.trim(), "0");
+}
+
+#[test]
+fn a_routed_site_gateway_forwards_its_advertised_lan_and_nothing_spoofed() {
+    // No eBPF steering: the office's traffic to the VPC is forwarded by the kernel, LAN -> TUN.
+    let t = pair::start(pair::POLICY, pair::ROUTED_SITE);
+    let lab = &t.lab;
+    let (op, ops) = (Host::Operator, t.client_socket.clone());
+    assert_eq!(
+        ssh(lab, Host::Office, addr::VPC_HOST, "echo routed-$((6*7))")
+            .expect("ssh from the office")
+            .trim(),
+        "routed-42"
+    );
+    lab.run_ok(
+        Host::Office,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "2", addr::VPC_HOST_V6],
+    )
+    .expect("ping6 from the office");
+
+    // The underlay sends with an office source address towards the VPC through the site
+    // gateway: the source is not routed back where it came from, so it never enters the tunnel.
+    lab.run_ok(
+        Host::Underlay,
+        &["ip", "addr", "add", "192.0.2.77/32", "dev", "lo"],
+    )
+    .expect("addr");
+    lab.run_ok(
+        Host::Underlay,
+        &["ip", "route", "add", addr::VPC_CIDR, "via", addr::OP_WAN],
+    )
+    .expect("route");
+    let before = filter_drops(lab, op, &ops, "into_tunnel");
+    let _ = lab.run(
+        Host::Underlay,
+        &[
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            "192.0.2.77",
+            addr::VPC_HOST,
+        ],
+    );
+    assert!(
+        filter_drops(lab, op, &ops, "into_tunnel") >= before + 3,
+        "spoofed LAN sources from the underlay were not dropped"
+    );
 }

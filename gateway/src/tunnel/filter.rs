@@ -86,6 +86,10 @@ pub enum Match {
     L4(u8),
     /// TCP or UDP destination port range (after an `L4` of either).
     Dport(u8, u16, u16),
+    /// `fib saddr . iif oif exists`: the source is routed back through the interface the
+    /// packet came in on (a reverse-path check, so a LAN's source cannot be spoofed from
+    /// elsewhere).
+    RoutedBack,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,11 +229,14 @@ fn rule_matches(own: Match, r: &Rule) -> Option<Vec<Match>> {
     Some(m)
 }
 
-/// A site gateway's base chain. `police_v4`/`police_v6`: gatewayd turned that family's
-/// forwarding on, so nothing but the tunnel's traffic may be forwarded.
+/// A site gateway's base chain: between the TUN and the `lans` (interfaces) or the
+/// `advertised` prefixes (a LAN the kernel routes, where no eBPF steering runs), arriving where
+/// their route points. `police_v4`/`police_v6`: gatewayd turned that family's forwarding on,
+/// so nothing but the tunnel's traffic may be forwarded.
 pub fn client_forward(
     tun: &str,
     lans: &[String],
+    advertised: &[IpNet],
     police_v4: bool,
     police_v6: bool,
 ) -> Vec<RuleSpec> {
@@ -242,6 +249,22 @@ pub fn client_forward(
         ));
         rules.push(RuleSpec::new(
             vec![Iif(lan.clone()), Oif(tun.into())],
+            Verdict::Accept,
+        ));
+    }
+    for net in advertised {
+        let family = Match::Family(Family::of(net));
+        rules.push(RuleSpec::new(
+            vec![Iif(tun.into()), family.clone(), Match::Daddr(*net)],
+            Verdict::Accept,
+        ));
+        rules.push(RuleSpec::new(
+            vec![
+                Oif(tun.into()),
+                family,
+                Match::Saddr(*net),
+                Match::RoutedBack,
+            ],
             Verdict::Accept,
         ));
     }
@@ -276,16 +299,24 @@ pub fn describe_connector(tun: &str, egress: &str) -> String {
 }
 
 /// What a site gateway's filter holds, for the status line.
-pub fn describe_client(tun: &str, lans: &[String], police_v4: bool, police_v6: bool) -> String {
+pub fn describe_client(
+    tun: &str,
+    lans: &[String],
+    advertised: &[IpNet],
+    police_v4: bool,
+    police_v6: bool,
+) -> String {
     let others = match (police_v4, police_v6) {
         (true, true) => "; no other forwarding (gatewayd turned it on)",
         (true, false) => "; no other IPv4 forwarding (gatewayd turned it on)",
         (false, true) => "; no other IPv6 forwarding (gatewayd turned it on)",
         (false, false) => "",
     };
+    let mut sides: Vec<String> = lans.to_vec();
+    sides.extend(advertised.iter().map(|n| n.to_string()));
     format!(
         "forward filter: {tun} <-> {} only, nothing else into or out of {tun}{others}",
-        lans.join(", ")
+        sides.join(", ")
     )
 }
 
@@ -330,9 +361,9 @@ pub fn plan_connector(
 }
 
 /// A site gateway's filter as `firewall plan` shows it.
-pub fn plan_client(tun: &str, lans: &[String]) -> String {
+pub fn plan_client(tun: &str, lans: &[String], advertised: &[IpNet]) -> String {
     let mut out = format!("  chain {FORWARD} (hook forward):\n");
-    for r in client_forward(tun, lans, true, true) {
+    for r in client_forward(tun, lans, advertised, true, true) {
         let note = match r.comment {
             Some(counter::OTHER) => "   # only when gatewayd turned forwarding on",
             _ => "",
@@ -380,6 +411,7 @@ impl fmt::Display for RuleSpec {
                     };
                     words.push(format!("{} dport {range}", proto_name(*p)));
                 }
+                Match::RoutedBack => words.push("fib saddr . iif oif exists".into()),
             }
         }
         if self.counter {
@@ -501,18 +533,27 @@ mod tests {
 
     #[test]
     fn a_site_gateway_forwards_lan_and_tunnel_only_and_polices_what_it_turned_on() {
+        let lan: IpNet = "192.0.2.0/24".parse().expect("net");
         assert_eq!(
-            lines(&client_forward("optun", &["lan0".into()], true, false)),
+            lines(&client_forward(
+                "optun",
+                &["lan0".into()],
+                &[lan],
+                true,
+                false
+            )),
             [
                 r#"iifname "optun" oifname "lan0" accept"#,
                 r#"iifname "lan0" oifname "optun" accept"#,
+                r#"iifname "optun" ip daddr 192.0.2.0/24 accept"#,
+                r#"oifname "optun" ip saddr 192.0.2.0/24 fib saddr . iif oif exists accept"#,
                 r#"oifname "optun" counter drop comment "into_tunnel""#,
                 r#"iifname "optun" counter drop comment "from_tunnel""#,
                 r#"meta nfproto ipv4 counter drop comment "other""#,
             ]
         );
         assert_eq!(
-            client_forward("optun", &[], false, false).len(),
+            client_forward("optun", &[], &[], false, false).len(),
             2,
             "forwarding was on before gatewayd: only the tunnel is policed"
         );

@@ -82,6 +82,34 @@ impl Expression for MasqueradeRange {
     }
 }
 
+/// `fib saddr . iif oif` into register 1: the interface the route back to the source leaves
+/// through, looked up on the input interface only (0: none). nftnl 0.9 has no fib expression.
+struct FibSaddrIifOif;
+
+/// NFTA_FIB_F_SADDR | NFTA_FIB_F_IIF, and NFT_FIB_RESULT_OIF.
+const FIB_F_SADDR_IIF: u32 = 1 | 8;
+const FIB_RESULT_OIF: u32 = 1;
+
+impl Expression for FibSaddrIifOif {
+    fn to_expr(&self, _rule: &Rule) -> ptr::NonNull<nftnl_sys::nftnl_expr> {
+        // SAFETY: as in MasqueradeRange: libnftnl allocation and setters on an expression we
+        // own until the rule takes it.
+        unsafe {
+            let expr = nftnl_sys::nftnl_expr_alloc(c"fib".as_ptr());
+            let Some(expr) = ptr::NonNull::new(expr) else {
+                std::process::abort();
+            };
+            let set = |attr: u32, value: u32| {
+                nftnl_sys::nftnl_expr_set_u32(expr.as_ptr(), attr as u16, value);
+            };
+            set(nftnl_sys::NFTNL_EXPR_FIB_DREG, Register::Reg1.to_raw());
+            set(nftnl_sys::NFTNL_EXPR_FIB_RESULT, FIB_RESULT_OIF);
+            set(nftnl_sys::NFTNL_EXPR_FIB_FLAGS, FIB_F_SADDR_IIF);
+            expr
+        }
+    }
+}
+
 fn cstring(s: &str) -> Result<CString, NatError> {
     CString::new(s).map_err(|_| NatError::Name(s.into()))
 }
@@ -205,8 +233,9 @@ pub fn apply_site_gateway(
         turned_on("net.ipv4.ip_forward"),
         turned_on("net.ipv6.conf.all.forwarding"),
     );
-    apply_client(table, &filter::client_forward(&cfg.tun, &cfg.lan, v4, v6))?;
-    let holds = filter::describe_client(&cfg.tun, &cfg.lan, v4, v6);
+    let rules = filter::client_forward(&cfg.tun, &cfg.lan, &cfg.advertise, v4, v6);
+    apply_client(table, &rules)?;
+    let holds = filter::describe_client(&cfg.tun, &cfg.lan, &cfg.advertise, v4, v6);
     Ok(Some((table.clone(), holds)))
 }
 
@@ -365,6 +394,10 @@ fn to_rule<'a>(chain: &'a Chain<'a>, spec: &RuleSpec) -> Result<Rule<'a>, NatErr
             Match::L4(p) => {
                 rule.add_expr(&nft_expr!(meta l4proto));
                 rule.add_expr(&nft_expr!(cmp == *p));
+            }
+            Match::RoutedBack => {
+                rule.add_expr(&FibSaddrIifOif);
+                rule.add_expr(&nft_expr!(cmp != 0u32));
             }
             Match::Dport(p, lo, hi) => {
                 load_dport(&mut rule, *p);

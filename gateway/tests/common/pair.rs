@@ -29,6 +29,14 @@ allow = ["10.128.0.0/16 tcp/22", "10.128.0.0/16 icmp", "10.128.0.0/16 udp/53",
          "fd00:128::/64"]
 "#;
 
+/// `[client]` lines: a workstation (its own traffic only).
+pub const WORKSTATION: &str = "";
+/// A site gateway whose eBPF classifier steers the office LAN into the TUN.
+pub const SITE: &str = "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
+                        dns_intercept = [\"wan0\"]\n";
+/// A site gateway that only routes its office LAN (no steering): the kernel forwards it.
+pub const ROUTED_SITE: &str = "advertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n";
+
 pub struct Pair {
     pub lab: Lab,
     pub connector: Spawned,
@@ -40,8 +48,8 @@ pub struct Pair {
 }
 
 /// The lab without the underlay's route to the VPC, a connector with `policy` and a client
-/// (a site gateway for the office LAN when `site`), connected.
-pub fn start(policy: &str, site: bool) -> Pair {
+/// with the `client` lines ([`WORKSTATION`], [`SITE`], ...), connected.
+pub fn start(policy: &str, client: &str) -> Pair {
     start_in(
         Lab::start(LabOptions {
             direct_vpc_route: false,
@@ -49,12 +57,12 @@ pub fn start(policy: &str, site: bool) -> Pair {
         })
         .expect("lab"),
         policy,
-        site,
+        client,
     )
 }
 
 /// Like [`start`], in a lab the caller prepared (sysctls, say).
-pub fn start_in(lab: Lab, policy: &str, site: bool) -> Pair {
+pub fn start_in(lab: Lab, policy: &str, client: &str) -> Pair {
     let pki = lab.dir().join("pki");
     let d = pki.to_str().expect("utf-8");
     for args in [
@@ -86,19 +94,13 @@ pub fn start_in(lab: Lab, policy: &str, site: bool) -> Pair {
             addr::RESOLVER_PRIMARY,
         ),
     );
-    let lan = if site {
-        "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
-         dns_intercept = [\"wan0\"]\n"
-    } else {
-        ""
-    };
     let client_config = write_config(
         &lab,
         CLIENT,
         &[],
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"{CONNECTOR}\"\nsource_port = 7844\n\
-             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\n{lan}",
+             tun = \"optun\"\n\n{}\n[client]\ndns_stub = \"127.0.0.53:53\"\n{client}",
             addr::GW_WAN,
             tls(CLIENT)
         ),
