@@ -156,6 +156,22 @@ pub struct TunnelStatus {
     /// `over_capacity`, `over_capacity_per_source`, `no_name`, `bad_name`.
     #[serde(default)]
     pub handshake_failures: BTreeMap<String, u64>,
+    /// Connector and site gateway: the forward filter in the daemon's nftables table, with its
+    /// counters as the kernel has them now; absent when the table is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_filter: Option<ForwardFilterStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardFilterStatus {
+    pub table: String,
+    /// Packets dropped, by what they tried: `into_vpc` (to the VPC from anywhere but the
+    /// tunnel), `into_tunnel` (a new connection into the tunnel no rule allows, e.g. a VPC host
+    /// to a client), `from_tunnel` (out of the tunnel against policy), `other`.
+    pub drops: BTreeMap<String, u64>,
+    /// Connector: connections VPC hosts opened to clients as an `inbound` rule allows.
+    #[serde(default)]
+    pub inbound_accepted: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -443,6 +459,11 @@ pub(crate) mod tests {
             access_streams_total: 2,
             limits: BTreeMap::from([("dns_rate".into(), 5)]),
             handshake_failures: BTreeMap::from([("timed_out".into(), 2)]),
+            forward_filter: Some(ForwardFilterStatus {
+                table: "gw".into(),
+                drops: BTreeMap::from([("into_vpc".into(), 4), ("other".into(), 0)]),
+                inbound_accepted: 1,
+            }),
         });
         s.last_reload = Some(ReloadStatus {
             at: 1_700_000_400,

@@ -458,6 +458,7 @@ mod tests {
             access_streams_total: 3,
             limits: BTreeMap::from([("dns_rate".into(), 12), ("frame_too_long".into(), 1)]),
             handshake_failures: BTreeMap::from([("tls_failed".into(), 2)]),
+            forward_filter: None,
             zones: vec![crate::api::ZoneStatus {
                 domain: "hoge-vpc.com".into(),
                 queries: 7,
@@ -539,6 +540,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
             access_streams_total: 0,
             limits: BTreeMap::new(),
             handshake_failures: BTreeMap::new(),
+            forward_filter: None,
         };
         let mut out = String::new();
         render_tunnel(&mut out, &t, 0);

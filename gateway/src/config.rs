@@ -71,6 +71,9 @@ pub struct Tunnel {
     pub lan: Vec<String>,
     /// Client: prefixes behind it (its LANs), announced so the connector routes replies back.
     pub advertise: Vec<IpNet>,
+    /// Client that forwards (a site gateway: `lan` or `advertise` set): its nftables table
+    /// (family inet), which lets it forward only between the LAN and the TUN.
+    pub client_table: Option<String>,
     /// Connector: who may reach what.
     pub policy: Vec<PolicyEntry>,
     /// Connector: source NAT of tunnelled traffic leaving into the VPC.
@@ -152,6 +155,9 @@ pub struct PolicyEntry {
     /// Prefixes a client with this identity may advertise (its LANs); nothing else is routed
     /// to it.
     pub advertise: Vec<IpNet>,
+    /// Connections VPC sources may open to this identity's addresses, same grammar as `allow`
+    /// with the CIDR naming the VPC sources.
+    pub inbound: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +289,7 @@ struct RawClient {
     dns_stub: Option<String>,
     #[serde(default)]
     dns_intercept: Vec<String>,
+    table: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +300,8 @@ struct RawPolicy {
     allow: Vec<String>,
     #[serde(default)]
     advertise: Vec<String>,
+    #[serde(default)]
+    inbound: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -734,6 +743,26 @@ fn validate_tunnel(
             Err(r) => bad(&format!("client.advertise[{i}]"), r, &mut ok),
         }
     }
+    // A client that forwards (a site gateway) owns a table that keeps forwarding to LAN <-> TUN.
+    let client_table = if client.lan.is_empty() && client.advertise.is_empty() {
+        if client.table.is_some() {
+            bad(
+                "client.table",
+                "only for a site gateway (client.lan or client.advertise set)".into(),
+                &mut ok,
+            );
+        }
+        None
+    } else {
+        let table = client
+            .table
+            .clone()
+            .unwrap_or_else(|| default_table(node_name));
+        if let Err(r) = check_table_name(&table) {
+            bad("client.table", r, &mut ok);
+        }
+        Some(table)
+    };
     if !is_connector && !policy.is_empty() {
         bad(
             "policy",
@@ -767,10 +796,16 @@ fn validate_tunnel(
                 Err(r) => bad(&format!("policy[{i}].advertise[{j}]"), r, &mut ok),
             }
         }
+        for (j, rule) in p.inbound.iter().enumerate() {
+            if let Err(r) = crate::core::policy::Rule::parse(rule) {
+                bad(&format!("policy[{i}].inbound[{j}]"), r, &mut ok);
+            }
+        }
         entries.push(PolicyEntry {
             identity: p.identity,
             allow: p.allow,
             advertise,
+            inbound: p.inbound,
         });
     }
     let egress = match egress {
@@ -790,18 +825,9 @@ fn validate_tunnel(
                     None
                 }
             };
-            let table = e
-                .table
-                .unwrap_or_else(|| format!("gateway_{}", node_name.replace(['-', '.'], "_")));
-            if table.is_empty()
-                || table.len() > 64
-                || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                bad(
-                    "egress.table",
-                    format!("{table:?}: use 1-64 letters, digits and '_'"),
-                    &mut ok,
-                );
+            let table = e.table.unwrap_or_else(|| default_table(node_name));
+            if let Err(r) = check_table_name(&table) {
+                bad("egress.table", r, &mut ok);
             }
             ports.map(|ports| Egress {
                 interface: e.interface,
@@ -919,6 +945,7 @@ fn validate_tunnel(
         },
         lan: client.lan,
         advertise,
+        client_table,
         policy: entries,
         egress,
         zones,
@@ -979,6 +1006,7 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
             );
             differs("client.lan", a.lan != b.lan);
             differs("client.advertise", a.advertise != b.advertise);
+            differs("client.table", a.client_table != b.client_table);
             differs("egress", a.egress != b.egress);
             differs("client.dns_stub", a.dns_stub != b.dns_stub);
             differs("client.dns_intercept", a.dns_intercept != b.dns_intercept);
@@ -1005,6 +1033,21 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
         zones,
         crl,
     })
+}
+
+/// The daemon's nftables table when the config names none: one per node name.
+fn default_table(node_name: &str) -> String {
+    format!("gateway_{}", node_name.replace(['-', '.'], "_"))
+}
+
+fn check_table_name(table: &str) -> Result<(), String> {
+    if table.is_empty()
+        || table.len() > 64
+        || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err(format!("{table:?}: use 1-64 letters, digits and '_'"));
+    }
+    Ok(())
 }
 
 /// `LOW-HIGH`, both in 1024-65535: pinned ports live above the privileged ones.
@@ -1342,6 +1385,54 @@ name = "vpc-v6"
         );
         assert_eq!(t.quic_timeout, std::time::Duration::from_millis(1500));
         assert_eq!(t.fallback_port, None, "the fallback uses the tunnel's port");
+    }
+
+    #[test]
+    fn inbound_rules_and_a_site_gateways_table_are_read_and_checked() {
+        let c = parse_str(&format!(
+            "[node]\nname = \"gw\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\
+             [[policy]]\nidentity = \"ops-*\"\ninbound = [\"10.128.0.0/16 tcp/9100\"]\n"
+        ))
+        .expect("valid");
+        let t = c.tunnel.expect("tunnel");
+        assert_eq!(t.policy[0].inbound, vec!["10.128.0.0/16 tcp/9100"]);
+        assert!(t.policy[0].allow.is_empty());
+        let issue = only_issue(&format!(
+            "[node]\nname = \"gw\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\
+             [[policy]]\nidentity = \"ops-*\"\ninbound = [\"10.128.0.0/16 tcp/0\"]\n"
+        ));
+        assert_eq!(issue.key, "policy[0].inbound[0]");
+
+        let site = |client: &str| {
+            format!(
+                "[node]\nname = \"site-1\"\n[tunnel]\nconnect = [\"gw:1\"]\n{TLS}[client]\n{client}"
+            )
+        };
+        let c = parse_str(&site("lan = [\"eth1\"]\n")).expect("valid");
+        assert_eq!(
+            c.tunnel.expect("tunnel").client_table.as_deref(),
+            Some("gateway_site_1"),
+            "a site gateway owns a table named after the node by default"
+        );
+        let c = parse_str(&site(
+            "advertise = [\"192.0.2.0/24\"]\ntable = \"gw_site\"\n",
+        ))
+        .expect("valid");
+        assert_eq!(
+            c.tunnel.expect("tunnel").client_table.as_deref(),
+            Some("gw_site")
+        );
+        let c = parse_str(&site("dns_stub = \"127.0.0.53:53\"\n")).expect("valid");
+        assert_eq!(
+            c.tunnel.expect("tunnel").client_table,
+            None,
+            "a workstation forwards nothing"
+        );
+        assert_eq!(only_issue(&site("table = \"t\"\n")).key, "client.table");
+        assert_eq!(
+            only_issue(&site("lan = [\"eth1\"]\ntable = \"a-b\"\n")).key,
+            "client.table"
+        );
     }
 
     #[test]

@@ -66,7 +66,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         nft_tables: config
             .tunnel
             .iter()
-            .filter_map(|t| t.egress.as_ref().map(|e| e.table.clone()))
+            .flat_map(|t| {
+                let egress = t.egress.as_ref().map(|e| e.table.clone());
+                egress.into_iter().chain(t.client_table.clone())
+            })
             .collect(),
         sysctls: Vec::new(),
     };

@@ -172,6 +172,16 @@ pub fn render(s: &Status) -> String {
             "gatewayctl access streams opened",
             vec![(vec![], t.access_streams_total)],
         );
+        if let Some(f) = &t.forward_filter {
+            b.counter(
+                "forward_filter_drops",
+                "Packets the forward filter dropped, by what they tried",
+                f.drops
+                    .iter()
+                    .map(|(k, v)| (labels(&[("reason", k)]), *v))
+                    .collect(),
+            );
+        }
         for (name, help, get) in [
             (
                 "dns_queries",
@@ -371,6 +381,7 @@ mod tests {
             "gateway_dns_queries_total{zone=\"hoge-vpc.com\"} 7",
             "gateway_dns_resolver_up{zone=\"hoge-vpc.com\",resolver=\"10.128.0.61\"} 0.0",
             "gateway_access_streams_total 2",
+            "gateway_forward_filter_drops_total{reason=\"into_vpc\"} 4",
             "gateway_program_attached{interface=\"wan0\",hook=\"tcx_egress\"} 1.0",
             "gateway_build_info{version=\"0.1.0\",node=\"lab-op\"} 1",
         ] {

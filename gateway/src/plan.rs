@@ -308,6 +308,48 @@ pub fn render_aws_cli(rules: &[FwRule]) -> String {
     out
 }
 
+/// The host's own forward filter, which gatewayd installs (and removes) in its nftables table:
+/// not a cloud rule, but what this node lets through when it forwards. `None` for a node that
+/// forwards nothing (a workstation client, a classifier).
+pub fn host_forward_filter(config: &Config) -> Option<String> {
+    use crate::tunnel::filter;
+    let t = config.tunnel.as_ref()?;
+    let (table, body) = match (&t.role, &t.egress, &t.client_table) {
+        (Role::Connector { .. }, Some(e), _) => {
+            let policy: Vec<_> = t
+                .policy
+                .iter()
+                .map(|p| {
+                    let parse =
+                        |v: &[String]| v.iter().filter_map(|r| Rule::parse(r).ok()).collect();
+                    (p.identity.clone(), parse(&p.allow), parse(&p.inbound))
+                })
+                .collect();
+            let overlay = [t.overlay_v4.into(), t.overlay_v6.into()];
+            let mut body = filter::plan_connector(&t.tun, &e.interface, &overlay, &policy);
+            if t.policy.iter().any(|p| !p.inbound.is_empty()) {
+                let _ = writeln!(
+                    body,
+                    "  inbound rules also need the VPC's route table to send {} and {} to this \
+                     instance (source/destination check off) and its security group to let \
+                     those connections in",
+                    t.overlay_v4, t.overlay_v6
+                );
+            }
+            (e.table.as_str(), body)
+        }
+        (Role::Client { .. }, _, Some(table)) => (
+            table.as_str(),
+            filter::plan_client(&t.tun, &t.lan, &t.advertise),
+        ),
+        _ => return None,
+    };
+    Some(format!(
+        "Host forward filter (nftables table inet {table}, installed and removed by gatewayd; \
+         dropped packets counted in gatewayctl status)\n{body}"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +368,39 @@ mod tests {
              [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\"]\n\
              [[dns.zone]]\ndomain = \"hoge-vpc.com\"\nservers = [\"10.128.0.61\"]\n"
         ))
+    }
+
+    #[test]
+    fn the_host_forward_filter_is_shown_for_nodes_that_forward() {
+        let text = host_forward_filter(&connector()).expect("a connector forwards");
+        assert!(text.contains("table inet gateway_gw"), "{text}");
+        assert!(
+            text.contains(r#"iifname "gateway0" oifname "ens5" ct state new jump tunnel_out"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "ip saddr 100.64.0.0/24 ip daddr 10.128.0.0/16 meta l4proto tcp tcp dport 22 accept"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("tunnel_in,"),
+            "no inbound rules, no inbound chain: {text}"
+        );
+        let site = config(&format!(
+            "[node]\nname = \"site\"\n[tunnel]\nconnect = [\"gw:7844\"]\nsource_port = 7844\n{TLS}\
+             [client]\nlan = [\"eth1\"]\n"
+        ));
+        let text = host_forward_filter(&site).expect("a site gateway forwards");
+        assert!(
+            text.contains(r#"iifname "eth1" oifname "gateway0" accept"#),
+            "{text}"
+        );
+        let workstation = config(&format!(
+            "[node]\nname = \"ws\"\n[tunnel]\nconnect = [\"gw:7844\"]\n{TLS}"
+        ));
+        assert_eq!(host_forward_filter(&workstation), None);
     }
 
     #[test]

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod impair;
+
 /// Addresses of the lab's hosts.
 pub mod addr {
     pub const OFFICE: &str = "192.0.2.10";

@@ -331,6 +331,12 @@ fn firewall_plan(path: &Path, format: PlanFormat) -> ExitCode {
                     PlanFormat::AwsCli => gateway::plan::render_aws_cli(&rules),
                 }
             );
+            if let Some(filter) = gateway::plan::host_forward_filter(&config) {
+                match format {
+                    PlanFormat::Table => print!("{filter}"),
+                    PlanFormat::AwsCli => filter.lines().for_each(|l| println!("# {l}")),
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

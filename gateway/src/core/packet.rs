@@ -16,6 +16,9 @@ pub struct PacketMeta {
     pub proto: u8,
     /// TCP/UDP destination port, or the ICMP type; `None` in a non-first fragment.
     pub dst_port: Option<u16>,
+    /// TCP/UDP source port; `None` for other protocols and in a non-first fragment. Replies to
+    /// connections an `inbound` policy rule lets the VPC open are recognised by it.
+    pub src_port: Option<u16>,
     /// A fragment other than the first: it carries no transport header.
     pub later_fragment: bool,
 }
@@ -70,16 +73,18 @@ fn parse_v4(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
     let proto = pkt[9];
     let src = IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]));
     let dst = IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]));
-    let dst_port = if later_fragment {
-        None
+    let (dst_port, src_port) = if later_fragment {
+        (None, None)
     } else {
-        Some(transport_port(pkt, ihl, proto)?)
+        let (dst, src) = transport_ports(pkt, ihl, proto)?;
+        (Some(dst), src)
     };
     Ok(PacketMeta {
         src,
         dst,
         proto,
         dst_port,
+        src_port,
         later_fragment,
     })
 }
@@ -116,29 +121,34 @@ fn parse_v6(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
             _ => break,
         }
     }
-    let dst_port = if later_fragment {
-        None
+    let (dst_port, src_port) = if later_fragment {
+        (None, None)
     } else {
-        Some(transport_port(pkt, off, next)?)
+        let (dst, src) = transport_ports(pkt, off, next)?;
+        (Some(dst), src)
     };
     Ok(PacketMeta {
         src,
         dst,
         proto: next,
         dst_port,
+        src_port,
         later_fragment,
     })
 }
 
-/// TCP/UDP destination port, or the ICMP type for ICMP; 0 for other protocols.
-fn transport_port(pkt: &[u8], off: usize, proto: u8) -> Result<u16, Malformed> {
+/// TCP/UDP destination and source port, or the ICMP type for ICMP; 0 for other protocols.
+fn transport_ports(pkt: &[u8], off: usize, proto: u8) -> Result<(u16, Option<u16>), Malformed> {
     match proto {
-        PROTO_TCP | PROTO_UDP => be16(pkt, off + 2).ok_or(Malformed::TruncatedTransport),
+        PROTO_TCP | PROTO_UDP => {
+            let dst = be16(pkt, off + 2).ok_or(Malformed::TruncatedTransport)?;
+            Ok((dst, be16(pkt, off)))
+        }
         PROTO_ICMP | PROTO_ICMPV6 => pkt
             .get(off)
-            .map(|t| u16::from(*t))
+            .map(|t| (u16::from(*t), None))
             .ok_or(Malformed::TruncatedTransport),
-        _ => Ok(0),
+        _ => Ok((0, None)),
     }
 }
 
@@ -181,6 +191,7 @@ pub(crate) mod tests {
         let m = parse(&p).expect("valid");
         assert_eq!(m.dst, "10.128.0.10".parse::<IpAddr>().expect("ip"));
         assert_eq!((m.proto, m.dst_port), (PROTO_TCP, Some(22)));
+        assert_eq!(m.src_port, Some(40000));
     }
 
     #[test]
@@ -203,7 +214,7 @@ pub(crate) mod tests {
         p[6..8].copy_from_slice(&100u16.to_be_bytes());
         let m = parse(&p).expect("valid");
         assert!(m.later_fragment);
-        assert_eq!(m.dst_port, None);
+        assert_eq!((m.dst_port, m.src_port), (None, None));
     }
 
     #[test]

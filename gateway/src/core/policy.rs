@@ -1,8 +1,14 @@
 //! Who may reach what: `[[policy]] identity = "ops-*"`, `allow = ["10.128.0.0/16 tcp/22"]`.
 //!
 //! Default deny. The connector decides on packets from a client towards the VPC; replies
-//! coming back are not policed here (they answer what was allowed). A non-first fragment has no
-//! ports, so it passes only a rule that allows every port of its protocol.
+//! coming back are not policed here (they answer what was allowed), and the connector's forward
+//! filter lets back only replies (connection tracking). A non-first fragment has no ports, so it
+//! passes only a rule that allows every port of its protocol.
+//!
+//! `inbound = ["10.128.0.0/16 tcp/9100"]` is the other way round: VPC sources in the CIDR may
+//! open those connections to the identity's own addresses. The forward filter admits them; the
+//! client's answers are recognised here by their shape ([`Decision::AllowReply`]) and the
+//! filter's connection tracking drops any that answer no real connection.
 
 use std::net::IpAddr;
 
@@ -69,6 +75,49 @@ impl Rule {
             ));
         }
         Ok(Rule { net, proto, ports })
+    }
+
+    /// Whether `m` (from a client) could answer a connection this rule, as an `inbound` rule,
+    /// lets a source in `net` open: to `net`, from one of the ports, or an echo reply or ICMP
+    /// error. Only a shape: connection tracking decides whether such a connection exists.
+    fn answers(&self, m: &PacketMeta) -> bool {
+        if !self.net.contains(&m.dst) {
+            return false;
+        }
+        let icmp = match m.dst {
+            IpAddr::V4(_) => PROTO_ICMP,
+            IpAddr::V6(_) => PROTO_ICMPV6,
+        };
+        if m.proto == icmp {
+            // Echo reply, destination unreachable, time exceeded, parameter problem (ICMP),
+            // and for ICMPv6 also packet too big: what a host sends back, never an opener.
+            let answer_types: &[u16] = if icmp == PROTO_ICMP {
+                &[0, 3, 11, 12]
+            } else {
+                &[129, 1, 2, 3, 4]
+            };
+            let echo_reply = matches!(m.dst_port, Some(0) | Some(129));
+            return match m.dst_port {
+                Some(t) if answer_types.contains(&t) => {
+                    !echo_reply || matches!(self.proto, Proto::Icmp | Proto::Any)
+                }
+                _ => false,
+            };
+        }
+        let proto_ok = match self.proto {
+            Proto::Any => true,
+            Proto::Tcp => m.proto == PROTO_TCP,
+            Proto::Udp => m.proto == PROTO_UDP,
+            Proto::Icmp => false,
+        };
+        if !proto_ok {
+            return false;
+        }
+        match (self.ports, m.src_port) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some((lo, hi)), Some(p)) => (lo..=hi).contains(&p),
+        }
     }
 
     fn matches(&self, m: &PacketMeta) -> bool {
@@ -143,6 +192,8 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 pub struct Entry {
     pub identity: String,
     pub rules: Vec<Rule>,
+    /// Connections VPC sources may open to this identity's addresses (`inbound`).
+    pub inbound: Vec<Rule>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -153,6 +204,10 @@ pub struct Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Allow,
+    /// Not allowed as a new flow, but shaped like an answer to a connection an `inbound` rule
+    /// lets the VPC open. Passed on: the forward filter's connection tracking drops it unless
+    /// such a connection exists. Never enough to open anything (an access stream, say).
+    AllowReply,
     /// No entry names this identity at all.
     DenyUnknownIdentity,
     /// The identity has rules, none of which allows this packet.
@@ -162,15 +217,41 @@ pub enum Decision {
 impl Policy {
     /// From config entries; they were validated, so a rule that fails to parse here is skipped.
     pub fn new(entries: &[(String, Vec<String>)]) -> Policy {
+        let entries: Vec<_> = entries
+            .iter()
+            .map(|(identity, allow)| (identity.clone(), allow.clone(), Vec::new()))
+            .collect();
+        Policy::with_inbound(&entries)
+    }
+
+    /// Like [`new`](Self::new), each entry with its `inbound` rules too.
+    pub fn with_inbound(entries: &[(String, Vec<String>, Vec<String>)]) -> Policy {
+        let parse = |rules: &[String]| rules.iter().filter_map(|r| Rule::parse(r).ok()).collect();
         Policy {
             entries: entries
                 .iter()
-                .map(|(identity, allow)| Entry {
+                .map(|(identity, allow, inbound)| Entry {
                     identity: identity.clone(),
-                    rules: allow.iter().filter_map(|r| Rule::parse(r).ok()).collect(),
+                    rules: parse(allow),
+                    inbound: parse(inbound),
                 })
                 .collect(),
         }
+    }
+
+    /// Every `allow` and every `inbound` rule that applies to `identity`, for the forward
+    /// filter, which checks new connections again in the kernel.
+    pub fn rules_for(&self, identity: &str) -> (Vec<Rule>, Vec<Rule>) {
+        let (mut allow, mut inbound) = (Vec::new(), Vec::new());
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| glob_match(&e.identity, identity))
+        {
+            allow.extend(e.rules.iter().copied());
+            inbound.extend(e.inbound.iter().copied());
+        }
+        (allow, inbound)
     }
 
     /// Whether any entry applies to `identity`: a client no entry names is refused at once.
@@ -192,7 +273,14 @@ impl Policy {
                 return Decision::Allow;
             }
         }
-        if known {
+        let answers = self
+            .entries
+            .iter()
+            .filter(|e| glob_match(&e.identity, identity))
+            .any(|e| e.inbound.iter().any(|r| r.answers(m)));
+        if answers {
+            Decision::AllowReply
+        } else if known {
             Decision::DenyNoRule
         } else {
             Decision::DenyUnknownIdentity
@@ -278,6 +366,99 @@ mod tests {
         ))
         .expect("valid");
         assert_eq!(pol.decide("ops-a", &v6), Decision::Allow);
+    }
+
+    /// A client's packet from `sport` to `dst`:`dport`.
+    fn tcp_from(sport: u16, dst: [u8; 4], dport: u16) -> PacketMeta {
+        let mut l4 = p::tcp_to(dport);
+        l4[0..2].copy_from_slice(&sport.to_be_bytes());
+        packet::parse(&p::v4(PROTO_TCP, [100, 64, 0, 2], dst, &l4)).expect("valid")
+    }
+
+    fn icmp_to(dst: [u8; 4], icmp_type: u8) -> PacketMeta {
+        packet::parse(&p::v4(
+            PROTO_ICMP,
+            [100, 64, 0, 2],
+            dst,
+            &[icmp_type, 0, 0, 0],
+        ))
+        .expect("valid")
+    }
+
+    fn inbound_policy() -> Policy {
+        Policy::with_inbound(&[
+            (
+                "ops-*".into(),
+                vec!["10.128.0.0/16 tcp/22".into()],
+                vec!["10.128.0.0/24 tcp/9100".into(), "10.128.0.0/24 icmp".into()],
+            ),
+            (
+                "auditor".into(),
+                vec!["10.128.0.61/32 udp/53".into()],
+                vec![],
+            ),
+        ])
+    }
+
+    #[test]
+    fn inbound_rules_let_answers_through_only_as_replies() {
+        let pol = inbound_policy();
+        // The node exporter answering a scrape from 10.128.0.5:51000.
+        assert_eq!(
+            pol.decide("ops-alice", &tcp_from(9100, [10, 128, 0, 5], 51000)),
+            Decision::AllowReply
+        );
+        // Outside the rule's CIDR, from another port, or for an identity without the rule.
+        for (identity, m) in [
+            ("ops-alice", tcp_from(9100, [10, 128, 1, 5], 51000)),
+            ("ops-alice", tcp_from(9101, [10, 128, 0, 5], 51000)),
+            ("auditor", tcp_from(9100, [10, 128, 0, 5], 51000)),
+        ] {
+            assert_eq!(pol.decide(identity, &m), Decision::DenyNoRule, "{m:?}");
+        }
+        // An allow rule still wins: a new connection is not a reply.
+        assert_eq!(
+            pol.decide("ops-alice", &tcp_from(9100, [10, 128, 0, 5], 22)),
+            Decision::Allow
+        );
+        // `icmp` inbound: echo replies and errors answer, an echo request does not.
+        assert_eq!(
+            pol.decide("ops-alice", &icmp_to([10, 128, 0, 5], 0)),
+            Decision::AllowReply
+        );
+        assert_eq!(
+            pol.decide("ops-alice", &icmp_to([10, 128, 0, 5], 3)),
+            Decision::AllowReply
+        );
+        assert_eq!(
+            pol.decide("ops-alice", &icmp_to([10, 128, 0, 5], 8)),
+            Decision::DenyNoRule
+        );
+    }
+
+    #[test]
+    fn an_echo_reply_answers_only_an_icmp_or_any_inbound_rule() {
+        let pol =
+            Policy::with_inbound(&[("a".into(), vec![], vec!["10.128.0.0/16 tcp/9100".into()])]);
+        assert_eq!(
+            pol.decide("a", &icmp_to([10, 128, 0, 5], 0)),
+            Decision::DenyNoRule
+        );
+        // An ICMP error about a TCP connection it accepted is an answer all the same.
+        assert_eq!(
+            pol.decide("a", &icmp_to([10, 128, 0, 5], 3)),
+            Decision::AllowReply
+        );
+    }
+
+    #[test]
+    fn rules_for_collects_every_matching_entry() {
+        let pol = inbound_policy();
+        let (allow, inbound) = pol.rules_for("ops-alice");
+        assert_eq!((allow.len(), inbound.len()), (1, 2));
+        let (allow, inbound) = pol.rules_for("auditor");
+        assert_eq!((allow.len(), inbound.len()), (1, 0));
+        assert_eq!(pol.rules_for("mallory"), (vec![], vec![]));
     }
 
     #[test]

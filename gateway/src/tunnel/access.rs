@@ -268,11 +268,13 @@ pub fn allowed(policy: &Policy, identity: &str, address: IpAddr, port: u16) -> R
         dst: address,
         proto: IPPROTO_TCP,
         dst_port: Some(port),
+        src_port: None,
         later_fragment: false,
     };
     match policy.decide(identity, &meta) {
         Decision::Allow => Ok(()),
-        Decision::DenyNoRule => Err(format!(
+        // An answer's shape opens nothing.
+        Decision::DenyNoRule | Decision::AllowReply => Err(format!(
             "policy: {identity} may not reach {address} tcp/{port}"
         )),
         Decision::DenyUnknownIdentity => {

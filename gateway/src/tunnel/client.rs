@@ -25,7 +25,7 @@ use super::engine::{
 use super::keepalive::send_keepalives;
 use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side, TcpLink};
 use super::peer_routes::Learned;
-use super::{dns, net, tls};
+use super::{dns, nat, net, tls};
 use crate::config::{Transport, Tunnel};
 use crate::core::packet;
 use crate::core::text::{PEER_TEXT, clean};
@@ -42,12 +42,14 @@ pub(super) async fn start_client(
 ) -> anyhow::Result<TunnelHandle> {
     let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
+    let mut client_filter = None;
     let result = async {
         if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
             // A site gateway forwards its LAN's replies from the TUN to the LAN.
             net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
             net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
         }
+        client_filter = nat::apply_site_gateway(cfg, &sysctls)?;
         let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
         let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
@@ -68,11 +70,17 @@ pub(super) async fn start_client(
     let (tun, index, handle, endpoint, tcp_tls) = match result {
         Ok(v) => v,
         Err(e) => {
+            if let Some(table) = &cfg.client_table {
+                let _ = nat::remove(table);
+            }
             net::restore(&mut sysctls);
             return Err(e);
         }
     };
     let shared = shared("client", &cfg.tun, "connecting");
+    if let Ok(mut f) = shared.firewall.lock() {
+        *f = client_filter;
+    }
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Peer>>>(None);
     let current_rx_stub = current_rx.clone();
     let mut tasks = JoinSet::new();
@@ -118,6 +126,9 @@ pub(super) async fn start_client(
             }
             Err(e) => {
                 tasks.shutdown().await;
+                if let Some(table) = &cfg.client_table {
+                    let _ = nat::remove(table);
+                }
                 net::restore(&mut sysctls);
                 return Err(anyhow!("binding the DNS stub to {stub}: {e}"));
             }
@@ -128,7 +139,7 @@ pub(super) async fn start_client(
         tasks,
         endpoint,
         sysctls,
-        nat_table: None,
+        nat_table: cfg.client_table.clone(),
         connector: None,
         trust,
     })

@@ -149,7 +149,7 @@ pub struct Shared {
     access_active: AtomicU64,
     access_total: AtomicU64,
     /// Connector: the nftables table's name and what it was made to hold.
-    firewall: Mutex<Option<(String, String)>>,
+    pub(super) firewall: Mutex<Option<(String, String)>>,
 }
 
 /// Appends to a ring of at most `max` entries.
@@ -311,18 +311,16 @@ impl Shared {
                     )
                 }
             });
-        let firewall = self
-            .firewall
-            .lock()
-            .ok()
-            .and_then(|f| f.clone())
-            .map(|(table, holds)| match nat::table_exists(&table) {
-                Ok(true) => format!("nftables table inet {table} present: {holds}"),
-                Ok(false) => format!("nftables table inet {table} MISSING (removed by someone else?): restart gatewayd to restore {holds}"),
-                Err(e) => format!("nftables table inet {table}: cannot ask the kernel: {e}"),
-            });
+        let (firewall, forward_filter) = match self.firewall.lock().ok().and_then(|f| f.clone()) {
+            Some((table, holds)) => {
+                let (line, filter) = super::nftdump::firewall_status(&table, &holds);
+                (Some(line), filter)
+            }
+            None => (None, None),
+        };
         TunnelStatus {
             firewall,
+            forward_filter,
             egress_ports,
             access_streams_active: self.access_active.load(Ordering::Relaxed),
             access_streams_total: self.access_total.load(Ordering::Relaxed),
@@ -459,6 +457,7 @@ impl TunnelHandle {
                 p.link.close(4, "advertised prefix no longer granted");
             }
         }
+        c.sync_filter();
         let zones = c
             .forwarder
             .as_ref()
@@ -713,14 +712,15 @@ async fn start_connector(
         *f = Some((
             e.table.clone(),
             format!(
-                "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}",
+                "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}; {}",
                 cfg.tun,
                 e.interface,
                 e.ports.0,
                 e.ports.1,
                 accepts.join(", "),
                 e.ports.0,
-                e.ports.1
+                e.ports.1,
+                super::filter::describe_connector(&cfg.tun, &e.interface)
             ),
         ));
     }
@@ -744,6 +744,10 @@ async fn start_connector(
         forwarder,
         egress_ports: cfg.egress.as_ref().map(|e| e.ports),
         trust: trust.clone(),
+        session_filter: cfg
+            .egress
+            .as_ref()
+            .map(|e| nat::SessionFilter::new(&e.table)),
     });
     tasks.spawn(tun_to_peers(shared.clone(), tun));
     tasks.spawn(ping_peers(shared.clone()));
@@ -830,10 +834,10 @@ fn nofile_limit() -> u64 {
 }
 
 fn policy_of(entries: &[crate::config::PolicyEntry]) -> Policy {
-    Policy::new(
+    Policy::with_inbound(
         &entries
             .iter()
-            .map(|p| (p.identity.clone(), p.allow.clone()))
+            .map(|p| (p.identity.clone(), p.allow.clone(), p.inbound.clone()))
             .collect::<Vec<_>>(),
     )
 }
@@ -891,6 +895,8 @@ pub(super) struct Connector {
     egress_ports: Option<(u16, u16)>,
     /// For access streams, which are no peers: they end when a reload revokes their certificate.
     trust: Arc<tls::Trust>,
+    /// The forward filter's per-session chains (in the `[egress]` table).
+    session_filter: Option<nat::SessionFilter>,
 }
 
 impl Connector {
@@ -1214,6 +1220,7 @@ impl Connector {
         if let Ok(mut peers) = self.shared.peers.lock() {
             peers.retain(|p| p.link.id() != id);
         }
+        self.sync_filter();
         link.close(0, "session ended");
         self.advertised.release(id).await;
     }
@@ -1322,6 +1329,7 @@ impl Connector {
             peers.retain(|p| p.identity != identity);
             peers.push(peer.clone());
         }
+        self.sync_filter();
         tracing::info!(%identity, %remote, transport = link.kind(), %address_v4, %address_v6, "client connected");
         let share = super::dns_serve::PeerDns::new(self.shared.limits.clone(), Instant::now());
         let dns_requests = async {
@@ -1353,6 +1361,29 @@ impl Connector {
         // Give the refusal a moment to reach the client before the close overtakes it.
         tokio::time::sleep(Duration::from_millis(100)).await;
         link.close(2, "refused");
+    }
+
+    /// The forward filter's session chains follow the peers and the policy: rebuilt when a
+    /// session starts (before its first packet) or ends, and on reload.
+    fn sync_filter(&self) {
+        let Some(f) = &self.session_filter else {
+            return;
+        };
+        let peers = || {
+            let peers = self
+                .shared
+                .peers
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default();
+            peers
+                .iter()
+                .map(|p| (p.identity.clone(), p.owns.clone()))
+                .collect()
+        };
+        if let Err(e) = f.sync(&self.policy(), peers) {
+            tracing::error!(error = %e, "updating the forward filter failed");
+        }
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -1396,7 +1427,8 @@ impl Connector {
                 continue;
             }
             match self.policy().decide(&peer.identity, &meta) {
-                Decision::Allow => {
+                // An answer to an `inbound` connection: the forward filter checks it is one.
+                Decision::Allow | Decision::AllowReply => {
                     if let Err(e) = self.tun.send(&dgram).await {
                         tracing::debug!(error = %e, "TUN write failed");
                         self.shared.drop_packet("tun_write");
