@@ -20,3 +20,4 @@ pub mod server;
 pub mod state;
 pub mod sys;
 pub mod tunnel;
+pub mod unit;

@@ -159,19 +159,15 @@ fn install(
         }
         put(Some(&from), None, under(&bin.join(b)), 0o755)?;
     }
-    let unit = std::fs::read_to_string(root.join("systemd/gatewayd.service"))
-        .context("reading systemd/gatewayd.service")?
-        .replace("/usr/local/bin/", &format!("{}/", bin.display()))
-        .replace(
-            "/usr/local/share/doc/gateway/",
-            &format!("{}/", prefix.join("share/doc/gateway").display()),
-        );
-    put(
-        None,
-        Some(unit),
-        under(Path::new("/etc/systemd/system/gatewayd.service")),
-        0o644,
-    )?;
+    for name in UNITS {
+        let unit = unit_for(root, name, &bin, &prefix.join("share/doc/gateway"))?;
+        put(
+            None,
+            Some(unit),
+            under(&Path::new("/etc/systemd/system").join(name)),
+            0o644,
+        )?;
+    }
     put(
         Some(&root.join("systemd/gateway.sysusers.conf")),
         None,
@@ -199,6 +195,21 @@ fn install(
         0o644,
     )?;
     Ok(installed)
+}
+
+/// The systemd units: the daemon, and the template for several on one host.
+const UNITS: [&str; 2] = ["gatewayd.service", "gatewayd@.service"];
+
+/// A unit from systemd/ with its paths pointing where this installation puts the binaries
+/// and the documentation.
+fn unit_for(root: &Path, name: &str, bin: &Path, doc: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(root.join("systemd").join(name))
+        .with_context(|| format!("reading systemd/{name}"))?
+        .replace("/usr/local/bin/", &format!("{}/", bin.display()))
+        .replace(
+            "/usr/local/share/doc/gateway/",
+            &format!("{}/", doc.display()),
+        ))
 }
 
 fn workspace_root() -> PathBuf {
@@ -540,6 +551,7 @@ mod tests {
             "opt/gw/bin/gatewayd",
             "opt/gw/bin/gatewayctl",
             "etc/systemd/system/gatewayd.service",
+            "etc/systemd/system/gatewayd@.service",
             "usr/lib/sysusers.d/gateway.conf",
             "etc/gateway/examples/connector.toml",
             "etc/gateway/examples/client.toml",

@@ -40,8 +40,8 @@ enum Command {
         #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = interval_secs)]
         interval: f64,
     },
-    /// Validate a config file without starting anything; exits non-zero naming file, key and
-    /// reason for every problem.
+    /// Validate a config file without starting anything; exits 2 (as gatewayd would) naming
+    /// file, key and reason for every problem.
     CheckConfig { file: PathBuf },
     /// Cloud firewall rules this config needs (network ACL and security group).
     Firewall {
@@ -322,7 +322,8 @@ fn check_config(file: &Path) -> ExitCode {
             for issue in &e.0 {
                 eprintln!("gatewayctl: invalid config: {issue}");
             }
-            ExitCode::FAILURE
+            // The status gatewayd exits with for the same file.
+            ExitCode::from(config::EXIT_BAD_CONFIG)
         }
     }
 }

@@ -5,10 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit status for a config that does not validate; the systemd unit does not restart on it,
-/// since restarting cannot fix a file.
-const EXIT_BAD_CONFIG: u8 = 2;
-
 #[derive(Parser)]
 #[command(
     version,
@@ -23,15 +19,20 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
 
+    // A config that does not validate exits with EXIT_BAD_CONFIG, which the unit does not
+    // restart on: restarting cannot fix a file.
     let config = match gateway::config::load(&args.config)
         .and_then(|c| gateway::config::check_system(&c).map(|()| c))
-    {
+        .and_then(|c| match gateway::unit::check_dirs_from_env(&c) {
+            issues if issues.is_empty() => Ok(c),
+            issues => Err(gateway::config::ConfigError(issues)),
+        }) {
         Ok(c) => c,
         Err(e) => {
             for issue in &e.0 {
                 eprintln!("gatewayd: invalid config: {issue}");
             }
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(gateway::config::EXIT_BAD_CONFIG);
         }
     };
     gateway::logging::init(&config.node.log_level);
