@@ -5,6 +5,7 @@
 //! state directory) stay thin around them.
 
 pub mod api;
+pub mod assets;
 pub mod cli;
 pub mod config;
 pub mod core;

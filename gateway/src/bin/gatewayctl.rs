@@ -14,7 +14,7 @@ const EXIT_NOT_RUNNING: u8 = 3;
 const DEFAULT_CONFIG: &str = "/etc/gateway/gateway.toml";
 
 #[derive(Parser)]
-#[command(version, about = "Operate a gateway node")]
+#[command(name = "gatewayctl", version, about = "Operate a gateway node")]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -58,6 +58,9 @@ enum Command {
         #[command(subcommand)]
         command: Pki,
     },
+    /// Write shell completions and man pages into DIR (packaging).
+    #[command(hide = true)]
+    WriteAssets { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -133,6 +136,16 @@ fn main() -> ExitCode {
         Command::Firewall {
             command: Firewall::Plan { config, format },
         } => firewall_plan(&config, format),
+        Command::WriteAssets { dir } => {
+            use clap::CommandFactory;
+            match gateway::assets::write(Args::command(), "1", &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gatewayctl: writing to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use clap::Parser;
 
 #[derive(Parser)]
 #[command(
+    name = "gatewayd",
     version,
     about = "gateway daemon: classifies traffic with eBPF and serves status"
 )]
@@ -14,10 +15,23 @@ struct Args {
     /// Config file (TOML).
     #[arg(long, default_value = "/etc/gateway/gateway.toml")]
     config: PathBuf,
+    /// Write shell completions and man pages into DIR and exit (packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    write_assets: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.write_assets {
+        use clap::CommandFactory;
+        return match gateway::assets::write(Args::command(), "8", dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatewayd: writing to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     // A config that does not validate exits with EXIT_BAD_CONFIG, which the unit does not
     // restart on: restarting cannot fix a file.
