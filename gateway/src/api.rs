@@ -244,10 +244,14 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceStatus {
     pub name: String,
-    /// True when the kernel reports this daemon's classifier at the interface's TCX ingress.
+    /// True when the kernel reports this daemon's program at the interface's hook.
     pub classifier_attached: bool,
-    /// Every program the kernel reports at TCX ingress, ours and others', in run order.
+    /// Every program the kernel reports at that hook, ours and others', in run order: TCX
+    /// links first, then filters on the clsact qdisc.
     pub programs: Vec<ProgramInfo>,
+    /// How this daemon attaches its program there (`[dataplane] attach` on this kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<AttachKind>,
     /// Set when the kernel could not be asked (e.g. the interface disappeared).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -260,6 +264,36 @@ pub struct ProgramInfo {
     pub name: String,
     /// Whether it is this daemon's classifier.
     pub ours: bool,
+    /// How the kernel holds it there: a TCX link, or a filter on the clsact qdisc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<AttachKind>,
+}
+
+/// How a TC program is attached: a TCX link (Linux 6.6 and later), or a netlink TC filter on a
+/// `clsact` qdisc (any kernel this product supports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachKind {
+    Tcx,
+    Tc,
+}
+
+impl AttachKind {
+    /// As status shows it to a person.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Tc => "tc (clsact)",
+        }
+    }
+
+    /// As a metric's label value and in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Tc => "tc",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,7 +381,9 @@ pub(crate) mod tests {
                     id: 17,
                     name: "gw_classify".into(),
                     ours: true,
+                    mode: Some(AttachKind::Tcx),
                 }],
+                attach: Some(AttachKind::Tcx),
                 error: None,
             }],
             routes: vec![RouteStatus {
@@ -374,6 +410,7 @@ pub(crate) mod tests {
             name: "gone0".into(),
             classifier_attached: false,
             programs: vec![],
+            attach: Some(AttachKind::Tcx),
             error: Some("no such interface".into()),
         });
         s.dns_egress = vec![InterfaceStatus {
@@ -384,13 +421,16 @@ pub(crate) mod tests {
                     id: 3,
                     name: "other".into(),
                     ours: false,
+                    mode: Some(AttachKind::Tcx),
                 },
                 ProgramInfo {
                     id: 18,
                     name: "gw_dns_egress".into(),
                     ours: true,
+                    mode: Some(AttachKind::Tc),
                 },
             ],
+            attach: Some(AttachKind::Tc),
             error: None,
         }];
         s.tunnel = Some(TunnelStatus {

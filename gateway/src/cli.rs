@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::api::Status;
+use crate::api::{InterfaceStatus, Status};
 use crate::core::text;
 
 /// Text that came from a daemon, escaped again for the terminal: the daemon escapes what peers
@@ -109,6 +109,25 @@ pub fn colourize(text: &str) -> String {
     out
 }
 
+/// Whether our program is at the hook, and how the kernel holds it there (`tcx`, or
+/// `tc (clsact)` for a filter on a clsact qdisc); when it is missing, how it would be.
+fn attach_state(i: &InterfaceStatus) -> String {
+    if let Some(e) = &i.error {
+        return format!("unknown: {e}");
+    }
+    let ours = i.programs.iter().find(|p| p.ours).and_then(|p| p.mode);
+    match (i.classifier_attached, ours.or(i.attach)) {
+        (true, mode) => format!("attached{}", via(mode)),
+        (false, Some(mode)) => format!("NOT ATTACHED ({})", mode.label()),
+        (false, None) => "NOT ATTACHED".into(),
+    }
+}
+
+fn via(mode: Option<crate::api::AttachKind>) -> String {
+    mode.map(|m| format!(" via {}", m.label()))
+        .unwrap_or_default()
+}
+
 pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -147,11 +166,6 @@ pub fn render_status(s: &Status) -> String {
             .interfaces
             .iter()
             .map(|i| {
-                let state = match (&i.error, i.classifier_attached) {
-                    (Some(e), _) => format!("unknown: {e}"),
-                    (None, true) => "attached".into(),
-                    (None, false) => "NOT ATTACHED".into(),
-                };
                 let programs = if i.programs.is_empty() {
                     "-".to_string()
                 } else {
@@ -159,21 +173,22 @@ pub fn render_status(s: &Status) -> String {
                         .iter()
                         .map(|p| {
                             format!(
-                                "{} (id {}{})",
+                                "{} (id {}{}){}",
                                 p.name,
                                 p.id,
-                                if p.ours { "" } else { ", not ours" }
+                                if p.ours { "" } else { ", not ours" },
+                                via(p.mode)
                             )
                         })
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                vec![i.name.clone(), state, programs]
+                vec![i.name.clone(), attach_state(i), programs]
             })
             .collect();
         table(
             &mut out,
-            &["INTERFACE", "CLASSIFIER", "TCX INGRESS PROGRAMS"],
+            &["INTERFACE", "CLASSIFIER", "INGRESS PROGRAMS"],
             &rows,
             &[false, false, false],
         );
@@ -215,11 +230,7 @@ pub fn render_status(s: &Status) -> String {
             out,
             "dns steering at {} egress: {}",
             d.name,
-            match (&d.error, d.classifier_attached) {
-                (Some(e), _) => format!("unknown: {e}"),
-                (None, true) => "attached".to_string(),
-                (None, false) => "NOT ATTACHED".to_string(),
-            }
+            attach_state(d)
         );
     }
     if let Some(t) = &s.tunnel {
@@ -416,7 +427,7 @@ fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{InterfaceStatus, ProgramInfo, RouteStatus, STATUS_SCHEMA};
+    use crate::api::{AttachKind, InterfaceStatus, ProgramInfo, RouteStatus, STATUS_SCHEMA};
     use std::collections::BTreeMap;
 
     #[test]
@@ -678,13 +689,36 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
                         id: 17,
                         name: "gw_classify".into(),
                         ours: true,
+                        mode: Some(AttachKind::Tcx),
                     }],
+                    attach: Some(AttachKind::Tcx),
                     error: None,
                 },
                 InterfaceStatus {
                     name: "eth1".into(),
                     classifier_attached: false,
                     programs: vec![],
+                    attach: Some(AttachKind::Tcx),
+                    error: None,
+                },
+                InterfaceStatus {
+                    name: "eth2".into(),
+                    classifier_attached: true,
+                    programs: vec![
+                        ProgramInfo {
+                            id: 9,
+                            name: "other".into(),
+                            ours: false,
+                            mode: Some(AttachKind::Tcx),
+                        },
+                        ProgramInfo {
+                            id: 17,
+                            name: "gw_classify".into(),
+                            ours: true,
+                            mode: Some(AttachKind::Tc),
+                        },
+                    ],
+                    attach: Some(AttachKind::Tc),
                     error: None,
                 },
             ],
@@ -720,9 +754,10 @@ gatewayd 0.1.0 on node lab-op, classifier only (pid 42), up 1m 5s
 config: /etc/gateway/gateway.toml
 last reload: 1m 0s ago, REFUSED (running the previous config): tunnel.tun changed; that takes a restart
 
-INTERFACE  CLASSIFIER    TCX INGRESS PROGRAMS
-lan0       attached      gw_classify (id 17)
-eth1       NOT ATTACHED  -
+INTERFACE  CLASSIFIER                INGRESS PROGRAMS
+lan0       attached via tcx          gw_classify (id 17) via tcx
+eth1       NOT ATTACHED (tcx)        -
+eth2       attached via tc (clsact)  other (id 9, not ours) via tcx, gw_classify (id 17) via tc (clsact)
 
 ROUTE          CIDR           PACKETS  BYTES
 10.128.0.0/16  10.128.0.0/16        5    420

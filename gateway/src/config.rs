@@ -21,8 +21,13 @@ use crate::routes::{Route, RouteTable};
 
 /// Where the daemon listens and `gatewayctl` connects when nothing else is said.
 pub const DEFAULT_SOCKET: &str = "/run/gateway/gatewayd.sock";
-/// Where the daemon records what it set up, so a crashed run can be cleaned at the next start.
-pub const DEFAULT_STATE_DIR: &str = "/run/gateway";
+/// Where the daemon records what it set up, so a crashed run can be cleaned at the next start:
+/// the unit's `StateDirectory=gateway`, which (unlike its `RuntimeDirectory`) survives the
+/// automatic restart that follows a crash.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/gateway";
+/// Exit status of gatewayd and `gatewayctl check-config` for a config that does not validate;
+/// the unit's `RestartPreventExitStatus=` lists it, since restarting cannot fix a file.
+pub const EXIT_BAD_CONFIG: u8 = 2;
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +37,8 @@ pub struct Config {
     pub node: Node,
     /// Interfaces whose TC ingress gets the classifier.
     pub interfaces: Vec<String>,
+    /// `[dataplane] attach`: how TC programs are attached.
+    pub attach: crate::dataplane::AttachMode,
     pub routes: RouteTable,
     /// The tunnel, when this node is a connector or a client; `None` for a classifier only.
     pub tunnel: Option<Tunnel>,
@@ -318,6 +325,7 @@ struct RawNode {
 struct RawDataplane {
     #[serde(default)]
     interfaces: Vec<String>,
+    attach: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -428,6 +436,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let attach = match raw.dataplane.attach.as_deref().map(str::parse) {
+        None => crate::dataplane::AttachMode::Auto,
+        Some(Ok(mode)) => mode,
+        Some(Err(reason)) => {
+            push("dataplane.attach".into(), reason);
+            crate::dataplane::AttachMode::Auto
+        }
+    };
+
     let mut routes = Vec::new();
     if raw.route.len() > MAX_ROUTES as usize {
         push(
@@ -526,6 +543,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
             log_level,
         },
         interfaces: raw.dataplane.interfaces,
+        attach,
         routes: RouteTable::new(routes),
     })
 }
@@ -986,6 +1004,7 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
     };
     differs("node", old.node != new.node);
     differs("dataplane.interfaces", old.interfaces != new.interfaces);
+    differs("dataplane.attach", old.attach != new.attach);
     differs("metrics.listen", old.metrics != new.metrics);
     differs(
         "icmp.manage_ping_group_range",

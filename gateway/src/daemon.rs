@@ -9,16 +9,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use gateway_common::{Counter, programs::CLASSIFY};
+use gateway_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{
-    InterfaceStatus, ProgramInfo, Request, Response, RouteStatus, STATUS_SCHEMA, Status,
+    AttachKind, InterfaceStatus, ProgramInfo, Request, Response, RouteStatus, STATUS_SCHEMA, Status,
 };
 use crate::config::Config;
 use crate::dataplane::{self, Dataplane};
 use crate::routes::{Route, RouteTable};
 use crate::state::{self, Record, StateDir};
+
+mod leftovers;
 
 /// What the status handler reads; shared with the socket task.
 struct Shared {
@@ -48,8 +50,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     crate::sys::set_private_umask();
     let (state_dir, leftover) = StateDir::acquire(&config.node.state_dir)?;
+    let boot_id = state::boot_id();
     if let Some(record) = leftover {
-        clean_leftovers(&record);
+        leftovers::clean(&record, &boot_id);
     }
     state::clear_stale_socket(&config.node.socket)?;
 
@@ -57,6 +60,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let attach = config.attach.resolve();
     // Written before anything is attached, so a crash in the middle of setup is cleaned too.
     let mut record = Record {
         pid: std::process::id(),
@@ -72,7 +76,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             })
             .collect(),
         sysctls: Vec::new(),
+        tc_hooks: match attach {
+            AttachKind::Tc => leftovers::tc_hooks(&config),
+            AttachKind::Tcx => Vec::new(),
+        },
+        clsact_added: Vec::new(),
+        boot_id,
     };
+    record.clsact_added = leftovers::clsact_to_add(&record.tc_hooks);
     state_dir.write(&record)?;
 
     // Sysctls the daemon itself changes (the tunnel keeps its own list), restored on stop.
@@ -81,7 +92,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     record.sysctls = own_sysctls.clone();
     state_dir.write(&record)?;
 
-    let (dataplane, (listener, metrics)) = match set_up(&config) {
+    let (dataplane, (listener, metrics)) = match set_up(&config, attach) {
         Ok(v) => v,
         Err(e) => {
             // The Dataplane, if any was made, was dropped inside set_up and detached its links.
@@ -281,19 +292,23 @@ fn check_ping_group_range(manage: bool, changed: &mut Vec<(String, String)>) {
 
 type Listeners = (tokio::net::UnixListener, Option<tokio::net::TcpListener>);
 
-fn set_up(config: &Config) -> anyhow::Result<(Dataplane, Listeners)> {
-    let mut dp = Dataplane::load().context("loading the eBPF classifier")?;
+fn set_up(config: &Config, attach: AttachKind) -> anyhow::Result<(Dataplane, Listeners)> {
+    let mut dp = Dataplane::load(attach).context("loading the eBPF classifier")?;
     dp.set_routes(&config.routes.trie_entries())
         .context("loading routes into the classifier")?;
+    let how = match attach {
+        AttachKind::Tcx => "TCX",
+        AttachKind::Tc => "TC (clsact)",
+    };
     for iface in classified_interfaces(config) {
         dp.attach(&iface)
             .with_context(|| format!("attaching the classifier to {iface}"))?;
-        tracing::info!(interface = %iface, "classifier attached at TCX ingress");
+        tracing::info!(interface = %iface, "classifier attached at {how} ingress");
     }
     for iface in config.tunnel.iter().flat_map(|t| t.dns_intercept.iter()) {
         dp.attach_dns_egress(iface)
             .with_context(|| format!("attaching DNS steering to {iface}"))?;
-        tracing::info!(interface = %iface, "DNS steering attached at TCX egress");
+        tracing::info!(interface = %iface, "DNS steering attached at {how} egress");
     }
     let metrics = match config.metrics {
         None => None,
@@ -308,46 +323,6 @@ fn set_up(config: &Config) -> anyhow::Result<(Dataplane, Listeners)> {
     let listener = crate::server::bind(&config.node.socket)
         .with_context(|| format!("binding the status socket {}", config.node.socket.display()))?;
     Ok((dp, (listener, metrics)))
-}
-
-/// Undoes what a run that did not stop cleanly left. Its TCX links were fd-based, so the kernel
-/// already detached them when the process died; the socket file is what remains.
-fn clean_leftovers(record: &Record) {
-    tracing::warn!(
-        pid = record.pid,
-        "the previous gatewayd did not stop cleanly; cleaning what it left"
-    );
-    match state::clear_stale_socket(&record.socket) {
-        Ok(true) => tracing::info!(socket = %record.socket.display(), "removed stale socket"),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "could not remove the previous socket"),
-    }
-    for table in &record.nft_tables {
-        match crate::tunnel::nat::remove(table) {
-            Ok(()) => tracing::info!(%table, "removed the previous run's nftables table"),
-            Err(e) => tracing::warn!(%table, error = %e, "could not remove nftables table"),
-        }
-    }
-    for (key, old) in record.sysctls.iter().rev() {
-        match crate::tunnel::net::sysctl_set(key, old) {
-            Ok(()) => {
-                tracing::info!(%key, value = %old, "restored sysctl the previous run changed")
-            }
-            Err(e) => tracing::warn!(%key, error = %e, "could not restore sysctl"),
-        }
-    }
-    for iface in &record.interfaces {
-        if let Ok(programs) = dataplane::attached_programs(iface)
-            && let Some(p) = programs.iter().find(|p| p.name == CLASSIFY)
-        {
-            tracing::warn!(
-                interface = %iface,
-                program_id = p.id,
-                "a gw_classify program is still attached (not by a link this daemon can own); \
-                 it will run beside the new one until removed"
-            );
-        }
-    }
 }
 
 fn remove_socket(path: &std::path::Path) {
@@ -540,10 +515,15 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
         .lock()
         .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
     let ours = dp.program_id();
+    let attach = dp.kind();
     let config = shared.config();
     let interfaces = classified_interfaces(&config)
         .iter()
-        .map(|name| interface_status(name, dataplane::attached_programs(name), |p| p.id == ours))
+        .map(|name| {
+            interface_status(name, attach, dataplane::attached_programs(name), |p| {
+                p.id == ours
+            })
+        })
         .collect();
     let table = shared
         .routes
@@ -583,9 +563,12 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
             .iter()
             .flat_map(|t| t.dns_intercept.iter())
             .map(|name| {
-                interface_status(name, dataplane::attached_egress_programs(name), |p| {
-                    p.name == gateway_common::programs::DNS_EGRESS
-                })
+                interface_status(
+                    name,
+                    attach,
+                    dataplane::attached_egress_programs(name),
+                    |p| p.name == gateway_common::programs::DNS_EGRESS,
+                )
             })
             .collect(),
         icmp: Some(crate::pingrange::status(config.manage_ping_group_range)),
@@ -630,6 +613,7 @@ fn tls_status(
 /// What the kernel reported at one interface, with our program marked.
 fn interface_status(
     name: &str,
+    attach: AttachKind,
     programs: Result<Vec<dataplane::AttachedProgram>, dataplane::DataplaneError>,
     ours: impl Fn(&dataplane::AttachedProgram) -> bool,
 ) -> InterfaceStatus {
@@ -641,12 +625,14 @@ fn interface_status(
                     ours: ours(&p),
                     id: p.id,
                     name: p.name,
+                    mode: Some(p.kind),
                 })
                 .collect();
             InterfaceStatus {
                 name: name.to_string(),
                 classifier_attached: programs.iter().any(|p| p.ours),
                 programs,
+                attach: Some(attach),
                 error: None,
             }
         }
@@ -654,6 +640,7 @@ fn interface_status(
             name: name.to_string(),
             classifier_attached: false,
             programs: vec![],
+            attach: Some(attach),
             error: Some(e.to_string()),
         },
     }

@@ -1,6 +1,10 @@
 //! The eBPF dataplane: a thin adapter over aya that loads the embedded object, keeps the route
 //! tries in step with the config, attaches the classifier and reads its counters.
 //!
+//! Programs attach with TCX (Linux 6.6 and later: a link the kernel drops with the process) or,
+//! where TCX is missing or `[dataplane] attach = "tc"` says so, as legacy netlink TC filters on
+//! a `clsact` qdisc, which this dataplane adds when the interface has none and removes again.
+//!
 //! The arithmetic (prefix → trie key, which keys to remove, per-CPU sums) is in small pure
 //! functions below with their own tests; everything else is one aya call each.
 
@@ -9,14 +13,25 @@ use std::collections::BTreeSet;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, PerCpuArray, PerCpuValues};
-use aya::programs::tc::{SchedClassifierLinkId, TcAttachType};
-use aya::programs::{ProgramError, SchedClassifier};
+use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier};
 use gateway_common::{
     Counter, MAX_ROUTES, RouteCounters, maps,
     programs::{CLASSIFY, DNS_EGRESS},
 };
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+
+pub mod clsact;
+mod hooks;
+
+pub use crate::api::AttachKind;
+pub use hooks::{
+    AttachMode, AttachedProgram, attached_egress_programs, attached_programs, remove_added_clsact,
+    remove_leftover_filters,
+};
+
+/// The legacy TC filter priority the programs ask for: the first to run.
+const FIRST_PRIORITY: u16 = 1;
 
 /// The object built by `cargo xtask build-ebpf`, embedded by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf.o"));
@@ -40,24 +55,25 @@ pub enum DataplaneError {
     Attach { iface: String, source: ProgramError },
     #[error("querying the programs attached to {iface}: {source}")]
     Query { iface: String, source: ProgramError },
+    /// Adding, listing or removing the clsact qdisc or its filters (legacy TC).
+    #[error("legacy TC on {iface}: {source}")]
+    Tc {
+        iface: String,
+        source: std::io::Error,
+    },
     #[error("route id {0} is out of range (at most {MAX_ROUTES} routes)")]
     RouteId(u32),
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
 }
 
-/// A program the kernel reports at an interface's TCX ingress.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AttachedProgram {
-    pub id: u32,
-    pub name: String,
-    pub tag: String,
-}
-
 pub struct Dataplane {
     ebpf: Ebpf,
     /// (program name, interface, link) for every attachment this dataplane made.
     links: Vec<(&'static str, String, SchedClassifierLinkId)>,
+    kind: AttachKind,
+    /// Interfaces (name, ifindex) whose clsact qdisc this dataplane added, to remove on detach.
+    clsact_added: Vec<(String, u32)>,
     program_id: u32,
     /// The (route id, prefix) pairs in the tries now, to tell a route that stays from one
     /// that is new or renumbered.
@@ -66,9 +82,10 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the embedded object and starts forwarding the programs' logs to `log`/`tracing`.
-    /// Must run inside a tokio runtime (aya-log reads its perf buffers from tasks).
-    pub fn load() -> Result<Self, DataplaneError> {
+    /// Loads the embedded object and starts forwarding the programs' logs to `log`/`tracing`;
+    /// programs will be attached the `kind` way. Must run inside a tokio runtime (aya-log reads
+    /// its perf buffers from tasks).
+    pub fn load(kind: AttachKind) -> Result<Self, DataplaneError> {
         let mut ebpf = Ebpf::load(OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -85,6 +102,8 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             links: Vec::new(),
+            kind,
+            clsact_added: Vec::new(),
             loaded: Vec::new(),
             program_id,
             _logger: logger,
@@ -94,6 +113,11 @@ impl Dataplane {
     /// Kernel id of the loaded classifier, to tell ours from other programs on an interface.
     pub fn program_id(&self) -> u32 {
         self.program_id
+    }
+
+    /// How this dataplane attaches its programs.
+    pub fn kind(&self) -> AttachKind {
+        self.kind
     }
 
     /// Makes the tries hold exactly `routes` and zeroes the counters of every id that is new or
@@ -132,29 +156,79 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Attaches the classifier at ingress of `iface`; on kernels >= 6.6 aya does this with a
-    /// TCX link, which the kernel drops by itself if this process dies.
+    /// Attaches the classifier at ingress of `iface`: a TCX link (which the kernel drops by
+    /// itself if this process dies) or a filter on the interface's clsact qdisc.
     pub fn attach(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let link = classifier(&mut self.ebpf)?
-            .attach(iface, TcAttachType::Ingress)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                source,
-            })?;
-        self.links.push((CLASSIFY, iface.to_string(), link));
-        Ok(())
+        self.attach_program(CLASSIFY, iface, TcAttachType::Ingress)
     }
 
     /// Attaches the DNS steering program at egress of `iface` (a client's uplink), so the
     /// host's own queries for private zones can be redirected into the TUN.
     pub fn attach_dns_egress(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let link = program_by_name(&mut self.ebpf, DNS_EGRESS)?
-            .attach(iface, TcAttachType::Egress)
-            .map_err(|source| DataplaneError::Attach {
-                iface: iface.to_string(),
-                source,
-            })?;
-        self.links.push((DNS_EGRESS, iface.to_string(), link));
+        self.attach_program(DNS_EGRESS, iface, TcAttachType::Egress)
+    }
+
+    fn attach_program(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        hook: TcAttachType,
+    ) -> Result<(), DataplaneError> {
+        let attach_err = |source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            source,
+        };
+        let link = match self.kind {
+            AttachKind::Tcx => program_by_name(&mut self.ebpf, name)?
+                .attach_with_options(iface, hook, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(attach_err)?,
+            AttachKind::Tc => {
+                self.ensure_clsact(iface)?;
+                let program = program_by_name(&mut self.ebpf, name)?;
+                // First, as under TCX (which runs before any filter): a filter that ends
+                // classification (a match without action) would otherwise hide packets from us.
+                let first = NlOptions {
+                    priority: FIRST_PRIORITY,
+                    handle: 0,
+                };
+                match program.attach_with_options(iface, hook, TcAttachOptions::Netlink(first)) {
+                    Ok(link) => link,
+                    Err(e) => {
+                        tracing::warn!(
+                            interface = %iface, error = %e,
+                            "TC priority {FIRST_PRIORITY} is taken by another filter; gatewayd's \
+                             runs after it, and sees only what it passes on"
+                        );
+                        program
+                            .attach_with_options(
+                                iface,
+                                hook,
+                                TcAttachOptions::Netlink(NlOptions::default()),
+                            )
+                            .map_err(attach_err)?
+                    }
+                }
+            }
+        };
+        self.links.push((name, iface.to_string(), link));
+        Ok(())
+    }
+
+    /// Legacy TC needs a clsact qdisc; one already there is someone else's and stays.
+    fn ensure_clsact(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        if self.clsact_added.iter().any(|(n, _)| n == iface) {
+            return Ok(());
+        }
+        let tc_err = |source| DataplaneError::Tc {
+            iface: iface.to_string(),
+            source,
+        };
+        let index = crate::sys::if_index(iface)
+            .ok_or_else(|| tc_err(std::io::Error::other("no such interface")))?;
+        if clsact::add(iface, index).map_err(tc_err)? {
+            tracing::info!(interface = %iface, "added a clsact qdisc for legacy TC");
+            self.clsact_added.push((iface.to_string(), index));
+        }
         Ok(())
     }
 
@@ -184,7 +258,8 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Detaches every link this dataplane made; tries all of them and reports the first error.
+    /// Detaches every link this dataplane made, then removes the clsact qdiscs it added; tries
+    /// all of them and reports the first error.
     pub fn detach_all(&mut self) -> Result<(), DataplaneError> {
         let links = std::mem::take(&mut self.links);
         let mut first_error = None;
@@ -192,11 +267,21 @@ impl Dataplane {
             let program = program_by_name(&mut self.ebpf, name)?;
             if let Err(e) = program.detach(link) {
                 tracing::warn!(interface = %iface, error = %e, "detaching the classifier failed");
-                first_error.get_or_insert(e);
+                first_error.get_or_insert(DataplaneError::from(e));
+            }
+        }
+        for (iface, index) in std::mem::take(&mut self.clsact_added) {
+            match remove_added_clsact(&iface, index) {
+                Ok(true) => tracing::info!(interface = %iface, "removed the clsact qdisc it added"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(interface = %iface, error = %e, "removing the clsact qdisc failed");
+                    first_error.get_or_insert(e);
+                }
             }
         }
         match first_error {
-            Some(e) => Err(e.into()),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -280,7 +365,7 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
-        if !self.links.is_empty() {
+        if !self.links.is_empty() || !self.clsact_added.is_empty() {
             let _ = self.detach_all();
         }
     }
@@ -360,36 +445,6 @@ fn sum_route_counters(per_cpu: &[RouteCounters]) -> RouteCounters {
             packets: acc.packets.wrapping_add(c.packets),
             bytes: acc.bytes.wrapping_add(c.bytes),
         })
-}
-
-/// What the kernel reports at TCX ingress of `iface`: every program, ours and others', in the
-/// order they run.
-pub fn attached_programs(iface: &str) -> Result<Vec<AttachedProgram>, DataplaneError> {
-    tcx_programs(iface, TcAttachType::Ingress)
-}
-
-/// The same at TCX egress (where the DNS steering program sits on a client's uplink).
-pub fn attached_egress_programs(iface: &str) -> Result<Vec<AttachedProgram>, DataplaneError> {
-    tcx_programs(iface, TcAttachType::Egress)
-}
-
-fn tcx_programs(
-    iface: &str,
-    direction: TcAttachType,
-) -> Result<Vec<AttachedProgram>, DataplaneError> {
-    let (_revision, programs) =
-        SchedClassifier::query_tcx(iface, direction).map_err(|source| DataplaneError::Query {
-            iface: iface.to_string(),
-            source,
-        })?;
-    Ok(programs
-        .iter()
-        .map(|p| AttachedProgram {
-            id: p.id(),
-            name: p.name_as_str().unwrap_or("").to_string(),
-            tag: format!("{:016x}", p.tag()),
-        })
-        .collect())
 }
 
 #[cfg(test)]

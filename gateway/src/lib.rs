@@ -5,6 +5,7 @@
 //! state directory) stay thin around them.
 
 pub mod api;
+pub mod assets;
 pub mod cli;
 pub mod config;
 pub mod core;
@@ -20,3 +21,4 @@ pub mod server;
 pub mod state;
 pub mod sys;
 pub mod tunnel;
+pub mod unit;

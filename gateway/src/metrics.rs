@@ -87,14 +87,23 @@ pub fn render(s: &Status) -> String {
     );
     b.gauge(
         "program_attached",
-        "1 when the kernel reports gatewayd's program at the interface's hook",
+        "1 when the kernel reports gatewayd's program at the interface's hook (tcx_* for a TCX \
+         link, tc_* for a filter on a clsact qdisc)",
         s.interfaces
             .iter()
-            .map(|i| (i, "tcx_ingress"))
-            .chain(s.dns_egress.iter().map(|i| (i, "tcx_egress")))
-            .map(|(i, hook)| {
+            .map(|i| (i, "ingress"))
+            .chain(s.dns_egress.iter().map(|i| (i, "egress")))
+            .map(|(i, side)| {
+                let mode = i
+                    .programs
+                    .iter()
+                    .find(|p| p.ours)
+                    .and_then(|p| p.mode)
+                    .or(i.attach)
+                    .unwrap_or(crate::api::AttachKind::Tcx);
+                let hook = format!("{}_{side}", mode.as_str());
                 (
-                    labels(&[("interface", &i.name), ("hook", hook)]),
+                    labels(&[("interface", &i.name), ("hook", &hook)]),
                     f64::from(u8::from(i.classifier_attached)),
                 )
             })
@@ -382,7 +391,8 @@ mod tests {
             "gateway_dns_resolver_up{zone=\"hoge-vpc.com\",resolver=\"10.128.0.61\"} 0.0",
             "gateway_access_streams_total 2",
             "gateway_forward_filter_drops_total{reason=\"into_vpc\"} 4",
-            "gateway_program_attached{interface=\"wan0\",hook=\"tcx_egress\"} 1.0",
+            "gateway_program_attached{interface=\"lan0\",hook=\"tcx_ingress\"} 1.0",
+            "gateway_program_attached{interface=\"wan0\",hook=\"tc_egress\"} 1.0",
             "gateway_build_info{version=\"0.1.0\",node=\"lab-op\"} 1",
         ] {
             assert!(

@@ -11,6 +11,10 @@ use std::fmt::Write;
 use crate::config::{Config, Role};
 use crate::core::policy::{Proto, Rule};
 
+mod aws;
+use aws::Peer;
+pub use aws::render_aws_cli;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
     Inbound,
@@ -20,7 +24,7 @@ pub enum Direction {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FwRule {
     pub direction: Direction,
-    /// `udp`, `tcp` or `icmp`.
+    /// `udp`, `tcp` or `icmp` (ICMPv6 when the peer is IPv6).
     pub proto: &'static str,
     /// Ports on this node; `None` for ICMP.
     pub local_ports: Option<(u16, u16)>,
@@ -207,6 +211,14 @@ fn ports(p: Option<(u16, u16)>) -> String {
     }
 }
 
+/// The protocol as a person reads it: ICMP towards an IPv6 peer is ICMPv6, another protocol.
+fn proto_name(r: &FwRule) -> &'static str {
+    match (r.proto, Peer::of(&r.peer)) {
+        ("icmp", Peer::V6(_)) => "icmpv6",
+        (p, _) => p,
+    }
+}
+
 /// Two tables: the stateless ACL (every rule) and the stateful security group (openers only).
 pub fn render_table(rules: &[FwRule]) -> String {
     let mut out = String::new();
@@ -223,7 +235,7 @@ pub fn render_table(rules: &[FwRule]) -> String {
         let _ = writeln!(out, "{title}");
         let _ = writeln!(
             out,
-            "{:<9} {:<5} {:<12} {:<18} {:<11} WHY",
+            "{:<9} {:<6} {:<12} {:<18} {:<11} WHY",
             "DIRECTION", "PROTO", "LOCAL PORTS", "PEER", "PEER PORTS"
         );
         for r in rules.iter().filter(|r| !(stateful && r.reply)) {
@@ -233,9 +245,9 @@ pub fn render_table(rules: &[FwRule]) -> String {
             };
             let _ = writeln!(
                 out,
-                "{:<9} {:<5} {:<12} {:<18} {:<11} {}",
+                "{:<9} {:<6} {:<12} {:<18} {:<11} {}",
                 dir,
-                r.proto,
+                proto_name(r),
                 ports(r.local_ports),
                 r.peer,
                 ports(r.peer_ports),
@@ -243,67 +255,6 @@ pub fn render_table(rules: &[FwRule]) -> String {
             );
         }
         out.push('\n');
-    }
-    out
-}
-
-/// Ready-to-run AWS CLI commands; `$ACL_ID` and `$SG_ID` are the operator's to set.
-pub fn render_aws_cli(rules: &[FwRule]) -> String {
-    let mut out = String::from(
-        "# Set ACL_ID (the subnet's network ACL) and SG_ID (the instance's security group) first.\n",
-    );
-    let proto_num = |p: &str| match p {
-        "tcp" => "6",
-        "udp" => "17",
-        _ => "1",
-    };
-    for (i, r) in rules.iter().enumerate() {
-        let egress = if r.direction == Direction::Outbound {
-            "--egress"
-        } else {
-            "--ingress"
-        };
-        // The ACL's port range is the destination port of the packet.
-        let dst = match r.direction {
-            Direction::Inbound => r.local_ports,
-            Direction::Outbound => r.peer_ports,
-        };
-        let range = match (r.proto, dst) {
-            ("icmp", _) => " --icmp-type-code Code=-1,Type=-1".to_string(),
-            (_, Some((a, b))) => format!(" --port-range From={a},To={b}"),
-            (_, None) => " --port-range From=0,To=65535".to_string(),
-        };
-        let _ = writeln!(
-            out,
-            "aws ec2 create-network-acl-entry --network-acl-id \"$ACL_ID\" {egress} --rule-number {} \
-             --protocol {}{range} --cidr-block {} --rule-action allow  # {}",
-            100 + i * 10,
-            proto_num(r.proto),
-            r.peer,
-            r.why
-        );
-    }
-    for r in rules.iter().filter(|r| !r.reply) {
-        let cmd = if r.direction == Direction::Inbound {
-            "authorize-security-group-ingress"
-        } else {
-            "authorize-security-group-egress"
-        };
-        let dst = match r.direction {
-            Direction::Inbound => r.local_ports,
-            Direction::Outbound => r.peer_ports,
-        };
-        let port = match (r.proto, dst) {
-            ("icmp", _) => " --port -1".to_string(),
-            (_, Some((a, b))) if a == b => format!(" --port {a}"),
-            (_, Some((a, b))) => format!(" --port {a}-{b}"),
-            (_, None) => " --port 0-65535".to_string(),
-        };
-        let _ = writeln!(
-            out,
-            "aws ec2 {cmd} --group-id \"$SG_ID\" --protocol {}{port} --cidr {}  # {}",
-            r.proto, r.peer, r.why
-        );
     }
     out
 }
@@ -478,8 +429,29 @@ mod tests {
             aws.contains("--protocol 17 --port-range From=7844,To=7844 --cidr-block 0.0.0.0/0")
         );
         assert!(aws.contains(
-            "authorize-security-group-ingress --group-id \"$SG_ID\" --protocol udp --port 7844"
+            "authorize-security-group-ingress --group-id \"$SG_ID\" --ip-permissions \
+             'IpProtocol=udp,FromPort=7844,ToPort=7844,IpRanges=[{CidrIp=0.0.0.0/0}]'"
         ));
+    }
+
+    #[test]
+    fn table_names_icmpv6_for_ipv6_peers_and_icmp_for_ipv4_ones() {
+        let (connector, client) = aws::tests::dual_stack();
+        let text = render_table(&connector);
+        let row = |proto: &str, peer: &str| {
+            text.lines().any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.get(1) == Some(&proto) && w.get(3) == Some(&peer)
+            })
+        };
+        assert!(row("icmp", "10.128.0.0/16"), "{text}");
+        assert!(row("icmpv6", "fd00:128::/64"), "{text}");
+        assert!(!row("icmp", "fd00:128::/64"), "{text}");
+        assert!(row("tcp", "fd00:128::/64"), "{text}");
+        assert!(row("udp", "fd00:128::61/128"), "{text}");
+        let text = render_table(&client);
+        assert!(text.contains("2001:db8::7"), "{text}");
+        assert!(text.contains("gw.example.net"), "{text}");
     }
 
     #[test]

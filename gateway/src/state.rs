@@ -30,6 +30,32 @@ pub struct Record {
     /// Sysctls the run changed, with the values to put back.
     #[serde(default)]
     pub sysctls: Vec<(String, String)>,
+    /// Hooks where the run attached programs as legacy TC filters, (interface, egress):
+    /// unlike TCX links, those outlive the process.
+    #[serde(default)]
+    pub tc_hooks: Vec<(String, bool)>,
+    /// Interfaces whose clsact qdisc the run added, or was about to add.
+    #[serde(default)]
+    pub clsact_added: Vec<String>,
+    /// The kernel's boot id when the record was written: a record from an earlier boot
+    /// describes kernel state that is gone (and old sysctl values a reboot already reset).
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), or empty if it cannot be read.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Record {
+    /// Whether the record was written during an earlier boot. A record without a boot id
+    /// (written by an older version) is taken as this boot's, as before.
+    pub fn from_earlier_boot(&self, now: &str) -> bool {
+        !self.boot_id.is_empty() && !now.is_empty() && self.boot_id != now
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,7 +202,28 @@ mod tests {
             interfaces: vec!["lan0".into()],
             nft_tables: vec!["gateway_t".into()],
             sysctls: vec![("net.ipv4.ip_forward".into(), "0".into())],
+            tc_hooks: vec![("lan0".into(), false)],
+            clsact_added: vec!["lan0".into()],
+            boot_id: "b1".into(),
         }
+    }
+
+    #[test]
+    fn a_record_from_an_earlier_boot_is_told_apart() {
+        let r = record(Path::new("/x"));
+        assert!(!r.from_earlier_boot("b1"));
+        assert!(r.from_earlier_boot("b2"));
+        let old = Record {
+            boot_id: String::new(),
+            ..r
+        };
+        assert!(
+            !old.from_earlier_boot("b2"),
+            "an old record is cleaned as before"
+        );
+        let text = r#"{"pid":1,"started_at":1,"socket":"/s","interfaces":[]}"#;
+        let parsed: Record = serde_json::from_str(text).expect("a record of an older version");
+        assert!(parsed.tc_hooks.is_empty() && parsed.boot_id.is_empty());
     }
 
     #[test]

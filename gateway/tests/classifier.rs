@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use gateway::api::AttachKind;
 use gateway_lab::{Host, Lab, LabOptions};
 
 fn ping(lab: &Lab, target: &str, count: u32) {
@@ -19,6 +20,17 @@ fn ping(lab: &Lab, target: &str, count: u32) {
 
 #[test]
 fn counts_packets_and_bytes_per_route_for_ipv4_and_ipv6() {
+    counts_per_route(None, AttachKind::Tcx);
+}
+
+/// The same counts from the same program attached the legacy way, as on a kernel before 6.6:
+/// a filter on a clsact qdisc, which status names.
+#[test]
+fn counts_per_route_the_same_when_attached_with_legacy_tc() {
+    counts_per_route(Some("tc"), AttachKind::Tc);
+}
+
+fn counts_per_route(attach: Option<&str>, expected: AttachKind) {
     let lab = Lab::start(LabOptions {
         servers: false,
         ..LabOptions::default()
@@ -37,7 +49,7 @@ name = "vpc-host"
 cidr = "fd00:128::/64"
 name = "vpc-v6"
 "#;
-    let config = write_config(&lab, "op", &["lan0"], routes);
+    let config = write_config_attach(&lab, "op", &["lan0"], attach, routes);
     let socket = socket_path(&lab, "op");
     let mut daemon = start_daemon(&lab, Host::Operator, &config, &socket, "gatewayd.log");
 
@@ -46,6 +58,7 @@ name = "vpc-v6"
     let iface = &before.interfaces[0];
     assert_eq!(iface.name, "lan0");
     assert!(iface.classifier_attached, "{iface:?}");
+    assert_eq!(attached_via(iface), expected);
 
     // From the office host, through the operator host's lan0: 56-byte pings are 84-byte IPv4
     // and 104-byte IPv6 packets. Only echo requests enter lan0; the replies leave through it.
@@ -94,9 +107,10 @@ name = "vpc-v6"
                 == ["vpc-host", "10.128.0.10/32", "5", "420"]),
         "{text}"
     );
+    let attached = format!("attached via {}", expected.label());
     assert!(
         text.lines()
-            .any(|l| l.starts_with("lan0") && l.contains("attached") && l.contains("gw_classify")),
+            .any(|l| l.starts_with("lan0") && l.contains(&attached) && l.contains("gw_classify")),
         "{text}"
     );
 

@@ -1,5 +1,6 @@
 //! gatewayd's log: the level from `[node] log_level`, RUST_LOG above it, one line per event,
-//! no colour when stderr is not a terminal, no timestamps under journald.
+//! no colour when stderr is not a terminal; under journald no timestamps and each line with its
+//! syslog priority.
 
 mod common;
 
@@ -59,18 +60,52 @@ fn log_level_comes_from_the_config_and_rust_log_overrides_it() {
         "a broken RUST_LOG falls back to log_level, and says so:\n{broken}"
     );
 
-    // Under systemd journald stamps each line itself: none from us.
-    let journal = run_and_stop(
+    // JOURNAL_STREAM inherited but stderr is a file (a redirect): plain lines, as before.
+    let redirected = run_and_stop(
         &lab,
         &["RUST_LOG=info", "JOURNAL_STREAM=8:1234"],
         &config,
+        "redirected.log",
+    );
+    assert!(
+        redirected.lines().all(|l| l.starts_with("20")),
+        "{redirected}"
+    );
+
+    // Under systemd stderr is the journal stream JOURNAL_STREAM names (device:inode): each line
+    // carries its syslog priority for journald to file it under, and no time (journald stamps
+    // it). A classifier-only node in a fresh namespace warns that ICMP probes are impossible.
+    let socket = socket_path(&lab, "op");
+    let exec = format!(
+        "export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); exec {GATEWAYD} --config {}",
+        config.display()
+    );
+    let mut daemon = start_daemon_argv(
+        &lab,
+        Host::Operator,
+        &["env", "RUST_LOG=info", "sh", "-c", &exec],
+        &socket,
         "journal.log",
     );
+    status_json(&lab, Host::Operator, &socket);
+    stop_cleanly(&mut daemon);
+    let journal = daemon.log();
     assert!(journal.contains("gatewayd ready"), "{journal}");
+    let warning = journal
+        .lines()
+        .find(|l| l.contains("ICMP echo probes are impossible"))
+        .unwrap_or_else(|| panic!("no warning:\n{journal}"));
+    assert!(warning.starts_with("<4>"), "not at priority 4: {warning:?}");
     for line in journal.lines() {
+        let priority = match line.get(..3) {
+            Some("<4>") if line.contains(" WARN ") => "warn",
+            Some("<6>") if line.contains(" INFO ") => "info",
+            Some("<3>") if line.contains(" ERROR ") => "error",
+            _ => panic!("a line without its matching priority: {line:?}\n{journal}"),
+        };
         assert!(
-            !line.starts_with(|c: char| c.is_ascii_digit()),
-            "a timestamp under journald: {line:?}"
+            !line[3..].starts_with(|c: char| c.is_ascii_digit()),
+            "a timestamp under journald ({priority}): {line:?}"
         );
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+use gateway::api::AttachKind;
 use gateway_lab::{Host, Lab, LabOptions, Spawned, addr, zone};
 
 struct TunnelLab {
@@ -80,15 +81,27 @@ fn connector_config(lab: &Lab, pki: &std::path::Path, on_servfail: &str) -> Path
 
 /// The operator host's client; as a site gateway it also steers its office LAN.
 fn client_config(lab: &Lab, pki: &std::path::Path, name: &str, site: bool) -> PathBuf {
+    client_config_attach(lab, pki, name, site, None)
+}
+
+/// [`client_config`] with `[dataplane] attach` set ("tc": legacy TC on a clsact qdisc).
+fn client_config_attach(
+    lab: &Lab,
+    pki: &std::path::Path,
+    name: &str,
+    site: bool,
+    attach: Option<&str>,
+) -> PathBuf {
     let lan = if site {
         "lan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n"
     } else {
         ""
     };
-    write_config(
+    write_config_attach(
         lab,
         name,
         &[],
+        attach,
         &format!(
             "[tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\n\
              tun = \"optun\"\n\n{}\n[icmp]\nmanage_ping_group_range = true\n[metrics]\nlisten = \"127.0.0.1:9469\"\n[client]\ndns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n{lan}",
@@ -142,6 +155,17 @@ fn start_full(site: bool, wrapper: &[&str], on_servfail: &str) -> TunnelLab {
 /// `owner`: the user both daemons run as; the lab directory (for sockets and state) and the
 /// certificates are made theirs.
 fn start_owned(site: bool, wrapper: &[&str], on_servfail: &str, owner: Option<&str>) -> TunnelLab {
+    start_attached(site, wrapper, on_servfail, owner, None)
+}
+
+/// [`start_owned`] with the client's `[dataplane] attach` set.
+fn start_attached(
+    site: bool,
+    wrapper: &[&str],
+    on_servfail: &str,
+    owner: Option<&str>,
+    attach: Option<&str>,
+) -> TunnelLab {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: false,
         servers: true,
@@ -182,7 +206,7 @@ fn start_owned(site: bool, wrapper: &[&str], on_servfail: &str, owner: Option<&s
         &connector_socket,
         "connector.log",
     );
-    let oc = client_config(&lab, &pki, "ops-alice", site);
+    let oc = client_config_attach(&lab, &pki, "ops-alice", site, attach);
     let client_socket = socket_path(&lab, "ops-alice");
     let oargv = argv(&oc);
     let oargv: Vec<&str> = oargv.iter().map(String::as_str).collect();
@@ -276,7 +300,27 @@ fn ssh_ping_dns_and_iperf_from_the_operator_host_go_through_the_tunnel() {
 
 #[test]
 fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
-    let t = start_with(true);
+    office_host_reaches_the_vpc(&start_with(true), AttachKind::Tcx);
+}
+
+/// As on a kernel before 6.6: the client's programs attached as legacy TC filters on clsact
+/// qdiscs pass the same office-LAN and DNS-steering checks as with TCX.
+#[test]
+fn with_legacy_tc_the_office_lan_and_private_dns_are_steered_as_with_tcx() {
+    let t = start_attached(true, &[], "failover", None, Some("tc"));
+    office_host_reaches_the_vpc(&t, AttachKind::Tc);
+    private_names_are_answered_privately(&t, AttachKind::Tc);
+    let out = t
+        .lab
+        .run_ok(
+            Host::Operator,
+            &["tc", "filter", "show", "dev", "wan0", "egress"],
+        )
+        .expect("tc filter show");
+    assert!(out.contains("gw_dns_egress"), "{out}");
+}
+
+fn office_host_reaches_the_vpc(t: &TunnelLab, mode: AttachKind) {
     let lab = &t.lab;
     assert_eq!(ssh_ok(lab, Host::Office, addr::VPC_HOST), "tunnelled-42");
     reaches_the_vpc(lab, Host::Office);
@@ -323,6 +367,12 @@ fn an_office_host_behind_the_site_gateway_reaches_the_vpc_through_the_tunnel() {
         .find(|r| r.cidr == addr::VPC_CIDR)
         .expect("learned route in status");
     assert!(vpc.packets > 100, "{vpc:?}");
+    let lan = status
+        .interfaces
+        .iter()
+        .find(|i| i.name == "lan0")
+        .expect("lan0 in status");
+    assert_eq!(attached_via(lan), mode);
 }
 
 #[test]
@@ -810,7 +860,10 @@ fn private_zone_resolves_through_the_tunnel_with_failover_and_tcp_retry() {
 /// from the resolver asked; every other name goes to the normal resolver, untouched.
 #[test]
 fn private_names_sent_to_the_normal_resolver_are_answered_privately() {
-    let t = start_with(true);
+    private_names_are_answered_privately(&start_with(true), AttachKind::Tcx);
+}
+
+fn private_names_are_answered_privately(t: &TunnelLab, mode: AttachKind) {
     let lab = &t.lab;
     let db = format!("db.{}", zone::DOMAIN);
     for host in [Host::Operator, Host::Office] {
@@ -853,6 +906,7 @@ fn private_names_sent_to_the_normal_resolver_are_answered_privately() {
         "{:?}",
         status.classifier
     );
+    assert_eq!(attached_via(&status.dns_egress[0]), mode);
 }
 
 #[test]

@@ -10,6 +10,11 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod deb;
+mod install;
+
+use install::{UNITS, install, unit_for};
+
 #[derive(Parser)]
 #[command(about = "gateway developer tasks")]
 struct Args {
@@ -31,6 +36,17 @@ enum Task {
     Bench,
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
+    /// Build target/deb/gateway_VERSION_ARCH.deb: binaries (eBPF object inside gatewayd), units,
+    /// sysusers entry, examples, completions, man pages; Depends from dpkg-shlibdeps.
+    Deb {
+        /// Package gatewayd and gatewayctl from DIR instead of building them (release).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Then install it into a Debian root (debootstrap, cached), use it and purge it, as
+        /// `cargo xtask test` does.
+        #[arg(long)]
+        check: bool,
+    },
     /// Build release binaries and install them, the systemd unit, the sysusers entry, example
     /// configs and the README (run as root, then follow the printed next steps).
     Install {
@@ -47,7 +63,7 @@ enum Task {
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; the lab's real programs; systemd-analyze;
-/// the C libraries the nftables code links.
+/// the C libraries the nftables code links; dpkg-shlibdeps, strip and debootstrap for the .deb.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -66,6 +82,9 @@ const PACKAGES: &[&str] = &[
     "libmnl-dev",
     "pkg-config",
     "dnsperf",
+    "dpkg-dev",
+    "binutils",
+    "debootstrap",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -82,6 +101,17 @@ fn main() -> anyhow::Result<()> {
             print!("{}", licence_table(&root)?);
             Ok(())
         }
+        Task::Deb { bin_dir, check } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => build_release(&root)?,
+            };
+            let deb = deb::build(&root, &bin_dir, &root.join("target/deb"), "xz")?;
+            if check {
+                deb::check(&root, &deb)?;
+            }
+            Ok(())
+        }
         Task::Install {
             prefix,
             dest_dir,
@@ -89,21 +119,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let bin_dir = match bin_dir {
                 Some(d) => d,
-                None => {
-                    setup()?;
-                    build_ebpf(&root)?;
-                    step("build (release)");
-                    run(
-                        Command::new("cargo").current_dir(&root).args([
-                            "build",
-                            "--release",
-                            "-p",
-                            "gateway",
-                        ]),
-                        "cargo build --release -p gateway",
-                    )?;
-                    root.join("target/release")
-                }
+                None => build_release(&root)?,
             };
             let dest = dest_dir.unwrap_or_else(|| PathBuf::from("/"));
             let installed = install(&root, &bin_dir, &prefix, &dest)?;
@@ -121,84 +137,18 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Copies the files of an installation under `dest` (`/` for a real one) and returns their
-/// paths. Never overwrites /etc/gateway/gateway.toml: examples go beside it.
-fn install(
-    root: &Path,
-    bin_dir: &Path,
-    prefix: &Path,
-    dest: &Path,
-) -> anyhow::Result<Vec<PathBuf>> {
-    use std::os::unix::fs::PermissionsExt;
-    let under = |p: &Path| dest.join(p.strip_prefix("/").unwrap_or(p));
-    let mut installed = Vec::new();
-    let mut put =
-        |from: Option<&Path>, text: Option<String>, to: PathBuf, mode: u32| -> anyhow::Result<()> {
-            if let Some(dir) = to.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            match (from, text) {
-                (_, Some(t)) => std::fs::write(&to, t),
-                (Some(f), None) => std::fs::copy(f, &to).map(|_| ()),
-                (None, None) => Ok(()),
-            }
-            .with_context(|| format!("writing {}", to.display()))?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
-            installed.push(to);
-            Ok(())
-        };
-    let bin = prefix.join("bin");
-    for b in ["gatewayd", "gatewayctl"] {
-        let from = bin_dir.join(b);
-        if !from.exists() {
-            bail!(
-                "{} is missing: build it first (or leave out --bin-dir)",
-                from.display()
-            );
-        }
-        put(Some(&from), None, under(&bin.join(b)), 0o755)?;
-    }
-    let unit = std::fs::read_to_string(root.join("systemd/gatewayd.service"))
-        .context("reading systemd/gatewayd.service")?
-        .replace("/usr/local/bin/", &format!("{}/", bin.display()))
-        .replace(
-            "/usr/local/share/doc/gateway/",
-            &format!("{}/", prefix.join("share/doc/gateway").display()),
-        );
-    put(
-        None,
-        Some(unit),
-        under(Path::new("/etc/systemd/system/gatewayd.service")),
-        0o644,
+/// Setup, the eBPF object, then gatewayd and gatewayctl in release; returns their directory.
+fn build_release(root: &Path) -> anyhow::Result<PathBuf> {
+    setup()?;
+    build_ebpf(root)?;
+    step("build (release)");
+    run(
+        Command::new("cargo")
+            .current_dir(root)
+            .args(["build", "--release", "-p", "gateway"]),
+        "cargo build --release -p gateway",
     )?;
-    put(
-        Some(&root.join("systemd/gateway.sysusers.conf")),
-        None,
-        under(Path::new("/usr/lib/sysusers.d/gateway.conf")),
-        0o644,
-    )?;
-    for example in ["connector.toml", "client.toml", "gateway.toml"] {
-        put(
-            Some(&root.join("gateway/examples").join(example)),
-            None,
-            under(&Path::new("/etc/gateway/examples").join(example)),
-            0o644,
-        )?;
-    }
-    put(
-        Some(&root.join("README.md")),
-        None,
-        under(&prefix.join("share/doc/gateway/README.md")),
-        0o644,
-    )?;
-    put(
-        Some(&root.join("docs/status.schema.json")),
-        None,
-        under(&prefix.join("share/doc/gateway/status.schema.json")),
-        0o644,
-    )?;
-    Ok(installed)
+    Ok(root.join("target/release"))
 }
 
 fn workspace_root() -> PathBuf {
@@ -398,6 +348,17 @@ fn test(root: &Path) -> anyhow::Result<()> {
     if totals.failed > 0 {
         bail!("{} test(s) failed", totals.failed);
     }
+    // The package, from the binaries the tests just used (gzip: quicker than xz, same files).
+    step("the .deb in a Debian root");
+    let started = std::time::Instant::now();
+    let deb = deb::build(
+        root,
+        &root.join("target/debug"),
+        &root.join("target/deb/test"),
+        "gzip",
+    )?;
+    deb::check(root, &deb)?;
+    println!("    {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -518,58 +479,4 @@ fn normalise_licence(licence: &str) -> String {
     let mut parts: Vec<&str> = licence.split(" OR ").map(str::trim).collect();
     parts.sort_unstable();
     parts.join(" OR ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn install_stages_binaries_unit_sysusers_and_examples_under_dest_dir() {
-        let tmp = std::env::temp_dir().join(format!("gw-install-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let bins = tmp.join("bins");
-        std::fs::create_dir_all(&bins).expect("mkdir");
-        for b in ["gatewayd", "gatewayctl"] {
-            std::fs::write(bins.join(b), format!("#!/bin/sh\necho {b}\n")).expect("write");
-        }
-        let dest = tmp.join("root");
-        let files =
-            install(&workspace_root(), &bins, Path::new("/opt/gw"), &dest).expect("install");
-        for f in [
-            "opt/gw/bin/gatewayd",
-            "opt/gw/bin/gatewayctl",
-            "etc/systemd/system/gatewayd.service",
-            "usr/lib/sysusers.d/gateway.conf",
-            "etc/gateway/examples/connector.toml",
-            "etc/gateway/examples/client.toml",
-            "etc/gateway/examples/gateway.toml",
-            "opt/gw/share/doc/gateway/README.md",
-            "opt/gw/share/doc/gateway/status.schema.json",
-        ] {
-            assert!(
-                files.contains(&dest.join(f)),
-                "{f} not installed: {files:?}"
-            );
-            assert!(dest.join(f).exists(), "{f}");
-        }
-        assert!(
-            !dest.join("etc/gateway/gateway.toml").exists(),
-            "the live config is the operator's"
-        );
-        let unit = std::fs::read_to_string(dest.join("etc/systemd/system/gatewayd.service"))
-            .expect("unit");
-        assert!(
-            unit.contains("ExecStart=/opt/gw/bin/gatewayd --config /etc/gateway/gateway.toml"),
-            "{unit}"
-        );
-        assert!(!unit.contains("/usr/local"), "{unit}");
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(dest.join("opt/gw/bin/gatewayd"))
-                .expect("stat")
-                .permissions(),
-        );
-        assert_eq!(mode & 0o777, 0o755);
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
 }

@@ -14,7 +14,7 @@ const EXIT_NOT_RUNNING: u8 = 3;
 const DEFAULT_CONFIG: &str = "/etc/gateway/gateway.toml";
 
 #[derive(Parser)]
-#[command(version, about = "Operate a gateway node")]
+#[command(name = "gatewayctl", version, about = "Operate a gateway node")]
 struct Args {
     #[command(subcommand)]
     command: Command,
@@ -40,8 +40,8 @@ enum Command {
         #[arg(long, default_value_t = 2.0, requires = "watch", value_parser = interval_secs)]
         interval: f64,
     },
-    /// Validate a config file without starting anything; exits non-zero naming file, key and
-    /// reason for every problem.
+    /// Validate a config file without starting anything; exits 2 (as gatewayd would) naming
+    /// file, key and reason for every problem.
     CheckConfig { file: PathBuf },
     /// Cloud firewall rules this config needs (network ACL and security group).
     Firewall {
@@ -58,6 +58,9 @@ enum Command {
         #[command(subcommand)]
         command: gateway::pki::cli::PkiCommand,
     },
+    /// Write shell completions and man pages into DIR (packaging).
+    #[command(hide = true)]
+    WriteAssets { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +121,16 @@ fn main() -> ExitCode {
         Command::Firewall {
             command: Firewall::Plan { config, format },
         } => firewall_plan(&config, format),
+        Command::WriteAssets { dir } => {
+            use clap::CommandFactory;
+            match gateway::assets::write(Args::command(), "1", &dir) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gatewayctl: writing to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
@@ -307,7 +320,8 @@ fn check_config(file: &Path) -> ExitCode {
             for issue in &e.0 {
                 eprintln!("gatewayctl: invalid config: {issue}");
             }
-            ExitCode::FAILURE
+            // The status gatewayd exits with for the same file.
+            ExitCode::from(config::EXIT_BAD_CONFIG)
         }
     }
 }

@@ -5,12 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit status for a config that does not validate; the systemd unit does not restart on it,
-/// since restarting cannot fix a file.
-const EXIT_BAD_CONFIG: u8 = 2;
-
 #[derive(Parser)]
 #[command(
+    name = "gatewayd",
     version,
     about = "gateway daemon: classifies traffic with eBPF and serves status"
 )]
@@ -18,20 +15,38 @@ struct Args {
     /// Config file (TOML).
     #[arg(long, default_value = "/etc/gateway/gateway.toml")]
     config: PathBuf,
+    /// Write shell completions and man pages into DIR and exit (packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    write_assets: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.write_assets {
+        use clap::CommandFactory;
+        return match gateway::assets::write(Args::command(), "8", dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gatewayd: writing to {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
 
+    // A config that does not validate exits with EXIT_BAD_CONFIG, which the unit does not
+    // restart on: restarting cannot fix a file.
     let config = match gateway::config::load(&args.config)
         .and_then(|c| gateway::config::check_system(&c).map(|()| c))
-    {
+        .and_then(|c| match gateway::unit::check_dirs_from_env(&c) {
+            issues if issues.is_empty() => Ok(c),
+            issues => Err(gateway::config::ConfigError(issues)),
+        }) {
         Ok(c) => c,
         Err(e) => {
             for issue in &e.0 {
                 eprintln!("gatewayd: invalid config: {issue}");
             }
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            return ExitCode::from(gateway::config::EXIT_BAD_CONFIG);
         }
     };
     gateway::logging::init(&config.node.log_level);

@@ -21,11 +21,25 @@ pub const GATEWAYCTL: &str = env!("CARGO_BIN_EXE_gatewayctl");
 /// A config for the operator host with the classifier on its LAN interface. `extra` is appended
 /// verbatim (routes, usually).
 pub fn write_config(lab: &Lab, name: &str, interfaces: &[&str], extra: &str) -> PathBuf {
+    write_config_attach(lab, name, interfaces, None, extra)
+}
+
+/// [`write_config`] with `[dataplane] attach = ATTACH` when given ("tc" forces legacy TC).
+pub fn write_config_attach(
+    lab: &Lab,
+    name: &str,
+    interfaces: &[&str],
+    attach: Option<&str>,
+    extra: &str,
+) -> PathBuf {
     let dir = lab.dir();
     let path = dir.join(format!("{name}.toml"));
     let ifaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
+    let attach = attach
+        .map(|a| format!("attach = \"{a}\"\n"))
+        .unwrap_or_default();
     let text = format!(
-        "[node]\nname = \"{name}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n[dataplane]\ninterfaces = [{}]\n\n{extra}",
+        "[node]\nname = \"{name}\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n[dataplane]\ninterfaces = [{}]\n{attach}\n{extra}",
         socket_path(lab, name).display(),
         dir.join(format!("{name}-state")).display(),
         ifaces.join(", ")
@@ -239,4 +253,17 @@ pub fn spawn_watch(lab: &Lab, host: Host, socket: &str, log: &str) -> Spawned {
         log,
     )
     .expect("spawn gatewayctl status --watch")
+}
+
+/// How status says our program is attached at `iface` (one of `interfaces` or `dns_egress`):
+/// the kernel's report for our program, and the daemon's own mode, which must agree.
+pub fn attached_via(iface: &gateway::api::InterfaceStatus) -> gateway::api::AttachKind {
+    let ours = iface
+        .programs
+        .iter()
+        .find(|p| p.ours)
+        .unwrap_or_else(|| panic!("our program is not at {}: {iface:?}", iface.name));
+    let mode = ours.mode.expect("the kernel's mode is reported");
+    assert_eq!(iface.attach, Some(mode), "{iface:?}");
+    mode
 }
