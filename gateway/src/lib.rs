@@ -7,6 +7,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod config_checks;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
