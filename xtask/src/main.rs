@@ -10,6 +10,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
+
 #[derive(Parser)]
 #[command(about = "gateway developer tasks")]
 struct Args {
@@ -31,6 +33,11 @@ enum Task {
     Bench,
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
+    /// Run every fuzz target (fuzz/) for a bounded time each, from its seed corpus.
+    Fuzz {
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+    },
     /// Build release binaries and install them, the systemd unit, the sysusers entry, example
     /// configs and the README (run as root, then follow the printed next steps).
     Install {
@@ -78,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(&root),
         Task::Demo => demo(&root),
         Task::Bench => lab_release(&root, "bench"),
+        Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::Licences => {
             print!("{}", licence_table(&root)?);
             Ok(())
@@ -385,6 +393,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
         ]),
         "cargo clippy",
     )?;
+    fuzz::fuzz(root, fuzz::TEST_SECONDS)?;
     step("cargo test");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root).args(["test", "--workspace"]);
