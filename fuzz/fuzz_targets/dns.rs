@@ -18,12 +18,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(dns::in_zone(&q.name, &zones[i]));
         }
     }
-    // A name anywhere in a message, as the forwarder reads the question of an answer.
+    // The question of an answer, as the forwarder matches it, and a name anywhere else.
     let at = data.first().map_or(0, |b| usize::from(*b));
-    if let Ok((name, end)) = dns::parse_name(data, at) {
-        assert!(end <= data.len());
-        assert!(name.len() <= dns::MAX_NAME);
-        let _ = dns::dotted(&name);
+    for at in [12, at] {
+        if let Ok((name, end)) = dns::parse_name(data, at) {
+            assert!(end <= data.len());
+            assert!(name.len() <= dns::MAX_NAME);
+            let _ = dns::dotted(&name);
+        }
     }
     let _ = dns::response_rcode(data);
     let _ = dns::truncated(data);
