@@ -120,19 +120,28 @@ fn parse_v6(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
     let mut next = pkt[6];
     let mut off = 40;
     let mut later_fragment = false;
-    // Hop-by-hop, destination options and fragment headers; bounded so a chain of headers
+    // Hop-by-hop, destination options, authentication and fragment headers; bounded so a chain of headers
     // cannot keep us busy, and a chain longer than the bound is refused rather than taken for
     // the transport protocol (it could hide a Routing header behind it).
     let mut walked = 0;
     loop {
         match next {
             EXT_ROUTING => return Err(Malformed::RoutingHeader),
-            EXT_HOP_BY_HOP | EXT_DEST_OPTS | EXT_FRAGMENT if walked == MAX_EXT_HEADERS => {
+            EXT_HOP_BY_HOP | EXT_DEST_OPTS | EXT_AUTH | EXT_FRAGMENT
+                if walked == MAX_EXT_HEADERS =>
+            {
                 return Err(Malformed::ExtensionChain);
             }
             EXT_HOP_BY_HOP | EXT_DEST_OPTS => {
                 let len =
                     (usize::from(*pkt.get(off + 1).ok_or(Malformed::TruncatedHeader)?) + 1) * 8;
+                next = *pkt.get(off).ok_or(Malformed::TruncatedHeader)?;
+                off += len;
+            }
+            EXT_AUTH => {
+                // Its length is in 4-byte units, less 2 (RFC 4302).
+                let len =
+                    (usize::from(*pkt.get(off + 1).ok_or(Malformed::TruncatedHeader)?) + 2) * 4;
                 next = *pkt.get(off).ok_or(Malformed::TruncatedHeader)?;
                 off += len;
             }
@@ -172,6 +181,7 @@ const EXT_HOP_BY_HOP: u8 = 0;
 const EXT_ROUTING: u8 = 43;
 const EXT_FRAGMENT: u8 = 44;
 const EXT_DEST_OPTS: u8 = 60;
+const EXT_AUTH: u8 = 51;
 /// Extension headers read before giving up: real packets carry one or two.
 const MAX_EXT_HEADERS: usize = 8;
 
@@ -387,6 +397,15 @@ pub(crate) mod tests {
                 (EXT_DEST_OPTS, ext(EXT_ROUTING)),
                 (EXT_ROUTING, routing(PROTO_TCP)),
             ],
+            // Behind an authentication header (length 4 => 24 bytes).
+            vec![
+                (EXT_AUTH, {
+                    let mut ah = vec![EXT_ROUTING, 4];
+                    ah.resize(24, 0);
+                    ah
+                }),
+                (EXT_ROUTING, routing(PROTO_TCP)),
+            ],
             // First fragment: the routing header behind the fragment header.
             vec![
                 (EXT_FRAGMENT, vec![EXT_ROUTING, 0, 0, 1, 0, 0, 0, 1]),
@@ -422,6 +441,14 @@ pub(crate) mod tests {
         );
         let p = v6_with(&chain(MAX_EXT_HEADERS + 1), &tcp_to(22));
         assert_eq!(parse(&p), Err(Malformed::ExtensionChain));
+        // An authentication header is walked too: the policy sees the TCP behind it.
+        let mut ah = vec![PROTO_TCP, 1]; // (1 + 2) * 4 = 12 bytes
+        ah.resize(12, 0);
+        let p = v6_with(&[(EXT_AUTH, ah)], &tcp_to(22));
+        assert_eq!(
+            parse(&p).map(|m| (m.proto, m.dst_port)),
+            Ok((PROTO_TCP, Some(22)))
+        );
     }
 
     #[test]
