@@ -47,6 +47,9 @@ pub struct Config {
     pub manage_ping_group_range: bool,
     /// `[metrics] listen`: where the Prometheus endpoint serves `/metrics`; off when absent.
     pub metrics: Option<SocketAddr>,
+    /// What is valid but probably not meant (see `config_checks`): printed by check-config,
+    /// logged at start.
+    pub warnings: Vec<ConfigIssue>,
 }
 
 /// What a node does in the tunnel, from which of `[tunnel] listen` / `connect` is set.
@@ -230,6 +233,9 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+    /// Listening beyond loopback on purpose: no warning.
+    #[serde(default)]
+    allow_remote: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -517,6 +523,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         );
     }
     let node_name = raw.node.name.clone();
+    let metrics_allow_remote = raw.metrics.as_ref().is_some_and(|m| m.allow_remote);
     let tunnel = validate_tunnel(
         &node_name,
         raw.egress,
@@ -531,7 +538,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     if !issues.is_empty() {
         return Err(ConfigError(issues));
     }
-    Ok(Config {
+    let mut config = Config {
         manage_ping_group_range,
         metrics,
         tunnel,
@@ -545,7 +552,14 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
         interfaces: raw.dataplane.interfaces,
         attach,
         routes: RouteTable::new(routes),
-    })
+        warnings: Vec::new(),
+    };
+    let review = crate::config_checks::review(&config, metrics_allow_remote);
+    if !review.errors.is_empty() {
+        return Err(ConfigError(review.errors));
+    }
+    config.warnings = review.warnings;
+    Ok(config)
 }
 
 /// Default overlay prefixes; RFC 6598 shared space and a ULA, unlikely to clash with a VPC.
@@ -1196,6 +1210,7 @@ pub fn check_system(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
+    issues.extend(crate::config_checks::system(config));
     for (key, name) in named {
         if crate::sys::if_index(name).is_none() {
             issues.push(ConfigIssue {

@@ -413,6 +413,9 @@ fn apply_reload(
                 .collect::<Vec<_>>()
                 .join("; ")
         })?;
+    for warning in &new.warnings {
+        tracing::warn!("config: {warning}");
+    }
     let changes = crate::config::reload_changes(old, &new).map_err(|keys| {
         format!(
             "{} changed; that takes a restart (systemctl restart gatewayd)",

@@ -309,13 +309,25 @@ fn parse_request(head: &str) -> Asked {
     Asked::Metrics { openmetrics }
 }
 
+/// Scrapes served at once: Prometheus sends one at a time per target.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Time for the request head to arrive, all of it: a scraper sends it at once.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Time for a whole exchange, the answer included.
+pub const EXCHANGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest request head read; the rest is ignored.
+const MAX_HEAD: usize = 4096;
+
 /// Serves `GET /metrics` (anything else: 404 or 405) on `listener`, one snapshot per request.
+/// Bounded as the status socket is (`server::Slots`): at most [`MAX_CONNECTIONS`] open, the
+/// oldest closed for a new one, [`READ_TIMEOUT`] for the head and [`EXCHANGE_TIMEOUT`] in all.
 pub async fn serve<F>(listener: tokio::net::TcpListener, snapshot: Arc<F>)
 where
     F: Fn() -> Option<Status> + Send + Sync + 'static,
 {
+    let mut slots = crate::server::Slots::new(MAX_CONNECTIONS);
     loop {
-        let mut stream = match listener.accept().await {
+        let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of file descriptors, usually: wait instead of spinning on the error.
@@ -325,51 +337,62 @@ where
             }
         };
         let snapshot = snapshot.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // The request line and headers; a scrape sends no body.
-            while n < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    stream.read(&mut buf[n..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                    Ok(Ok(k)) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, ctype, body) = match parse_request(&head) {
-                Asked::Metrics { openmetrics } => match snapshot() {
-                    Some(s) if openmetrics => ("200 OK", OPENMETRICS, render(&s)),
-                    Some(s) => ("200 OK", TEXT_004, to_text_004(&render(&s))),
-                    None => (
-                        "500 Internal Server Error",
-                        "text/plain",
-                        "status unavailable\n".into(),
-                    ),
-                },
-                Asked::NotAllowed => (
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    "GET /metrics\n".into(),
-                ),
-                Asked::NotFound => ("404 Not Found", "text/plain", "try /metrics\n".into()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes()).await;
-            let _ = stream.write_all(body.as_bytes()).await;
-            let _ = stream.shutdown().await;
+        let closed = slots.spawn(async move {
+            let _ = tokio::time::timeout(EXCHANGE_TIMEOUT, answer(stream, snapshot.as_ref())).await;
         });
+        if closed > 0 {
+            tracing::debug!(
+                "metrics endpoint: {MAX_CONNECTIONS} connections open; closed the oldest"
+            );
+        }
     }
+}
+
+/// Reads one request head and answers it.
+async fn answer<F>(mut stream: tokio::net::TcpStream, snapshot: &F)
+where
+    F: Fn() -> Option<Status>,
+{
+    let mut buf = vec![0u8; MAX_HEAD];
+    let mut n = 0;
+    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    // The request line and headers; a scrape sends no body.
+    while n < buf.len() {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf[n..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            // Nothing whole in time: answer nothing.
+            Err(_) => return,
+            Ok(Ok(k)) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let (status, ctype, body) = match parse_request(&head) {
+        Asked::Metrics { openmetrics } => match snapshot() {
+            Some(s) if openmetrics => ("200 OK", OPENMETRICS, render(&s)),
+            Some(s) => ("200 OK", TEXT_004, to_text_004(&render(&s))),
+            None => (
+                "500 Internal Server Error",
+                "text/plain",
+                "status unavailable\n".into(),
+            ),
+        },
+        Asked::NotAllowed => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET /metrics\n".into(),
+        ),
+        Asked::NotFound => ("404 Not Found", "text/plain", "try /metrics\n".into()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 #[cfg(test)]
@@ -440,6 +463,90 @@ mod tests {
                 assert!(line.starts_with(&family), "{line} outside {family}");
             }
         }
+    }
+
+    /// A metrics endpoint on a loopback port, serving the test status.
+    fn start() -> (tokio::runtime::Runtime, std::net::SocketAddr) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let status = crate::api::tests::full_status();
+        rt.spawn(serve(listener, Arc::new(move || Some(status.clone()))));
+        (rt, addr)
+    }
+
+    fn scrape(addr: std::net::SocketAddr) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("read");
+        out
+    }
+
+    #[test]
+    fn scrapes_are_answered_while_five_hundred_idle_connections_are_open() {
+        let (_rt, addr) = start();
+        let idle: Vec<std::net::TcpStream> = (0..500)
+            .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let answer = scrape(addr);
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("gateway_peers 1"), "{answer}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // Most idle ones were closed by the server to make room: reading gives EOF at once.
+        let closed = idle
+            .iter()
+            .filter(|s| {
+                use std::io::Read;
+                let mut s: &std::net::TcpStream = s;
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(20)));
+                matches!(s.read(&mut [0u8; 1]), Ok(0))
+            })
+            .count();
+        assert!(
+            closed >= 500 - MAX_CONNECTIONS,
+            "only {closed} idle connections were closed"
+        );
+    }
+
+    #[test]
+    fn a_head_that_trickles_in_is_cut_off_after_the_read_timeout() {
+        use std::io::{Read, Write};
+        let (_rt, addr) = start();
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(READ_TIMEOUT * 3)).expect("timeout");
+        let started = std::time::Instant::now();
+        // One byte every 300 ms: each read is quick, the head never completes.
+        for b in b"GET /metr" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "no answer to half a request");
+        assert!(
+            started.elapsed() < READ_TIMEOUT * 2,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -13,6 +13,70 @@ pub fn if_index(name: &str) -> Option<u32> {
     (idx != 0).then_some(idx)
 }
 
+/// The driver behind an interface of this network namespace, as `ethtool -i` shows it ("tun"
+/// for a TUN device, "veth", ...); `None` when it does not exist or reports none (loopback).
+/// Asked with an ioctl on the interface, which sees the caller's namespace whatever /sys shows.
+pub fn if_driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// `struct ethtool_drvinfo` (linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    /// `struct ifreq` with the `ifr_data` member of its union (padded to the union's size).
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut libc::c_void,
+        pad: [u8; 16],
+    }
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return None;
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: (&raw mut info).cast(),
+        pad: [0; 16],
+    };
+    for (dst, src) in req.name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket() has no memory-safety requirements; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `req` is a valid ifreq whose data pointer refers to `info`, a properly sized
+    // ethtool_drvinfo; both outlive the call, and the kernel writes only within them.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL, &raw mut req) };
+    // SAFETY: `fd` is ours and closed once.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
 /// Takes an exclusive advisory lock without waiting. The kernel drops it when the process dies,
 /// however it dies, which is what makes it a reliable "is the previous daemon still alive" test.
 pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
@@ -72,6 +136,14 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_the_driver_of_an_interface_or_none() {
+        assert_eq!(if_driver("gwnosuch0"), None, "no such interface");
+        assert_eq!(if_driver("lo"), None, "loopback reports no driver");
+        assert_eq!(if_driver(""), None);
+        assert_eq!(if_driver("a-name-far-too-long"), None);
+    }
 
     #[test]
     fn reads_the_effective_capability_mask() {

@@ -41,7 +41,15 @@ fn kill_9_and_a_restart_restore_every_sysctl_from_the_record_in_the_state_dir() 
     let d = pki.to_str().expect("utf-8");
     for args in [
         vec!["pki", "init", "--dir", d],
-        vec!["pki", "issue", "lab-gw", "--dir", d, "--profile", "connector"],
+        vec![
+            "pki",
+            "issue",
+            "lab-gw",
+            "--dir",
+            d,
+            "--profile",
+            "connector",
+        ],
     ] {
         let out = gatewayctl(&lab, Host::VpcGateway, &args);
         assert!(out.status.success(), "{}", stderr_of(&out));

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 mod deb;
+mod fuzz;
 mod install;
 
 use install::{UNITS, install, unit_for};
@@ -46,6 +47,11 @@ enum Task {
         /// `cargo xtask test` does.
         #[arg(long)]
         check: bool,
+    },
+    /// Run every fuzz target (fuzz/) for a bounded time each, from its seed corpus.
+    Fuzz {
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
     },
     /// Build release binaries and install them, the systemd unit, the sysusers entry, example
     /// configs and the README (run as root, then follow the printed next steps).
@@ -97,6 +103,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(&root),
         Task::Demo => demo(&root),
         Task::Bench => lab_release(&root, "bench"),
+        Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::Licences => {
             print!("{}", licence_table(&root)?);
             Ok(())
@@ -335,6 +342,7 @@ fn test(root: &Path) -> anyhow::Result<()> {
         ]),
         "cargo clippy",
     )?;
+    fuzz::fuzz(root, fuzz::TEST_SECONDS)?;
     step("cargo test");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root).args(["test", "--workspace"]);

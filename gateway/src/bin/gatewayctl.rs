@@ -307,12 +307,17 @@ fn check_config(file: &Path) -> ExitCode {
     let checked = config::load(file).and_then(|c| config::check_system(&c).map(|()| c));
     match checked {
         Ok(c) => {
+            // Warnings leave the config valid: they are shown, and the exit status stays 0.
+            for warning in &c.warnings {
+                eprintln!("gatewayctl: warning: {warning}");
+            }
             println!(
-                "{}: ok (node {}, {} interface(s), {} route(s))",
+                "{}: ok (node {}, {} interface(s), {} route(s), {} warning(s))",
                 file.display(),
                 c.node.name,
                 c.interfaces.len(),
-                c.routes.len()
+                c.routes.len(),
+                c.warnings.len()
             );
             ExitCode::SUCCESS
         }

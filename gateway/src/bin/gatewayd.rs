@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         }
     };
     gateway::logging::init(&config.node.log_level);
+    for warning in &config.warnings {
+        tracing::warn!("config: {warning}");
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

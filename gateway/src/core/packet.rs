@@ -1,5 +1,12 @@
 //! Just enough IP parsing for the tunnel's decisions: addresses, protocol, destination port.
 //! Bounds-checked slices only; malformed input is an error value, never a panic.
+//!
+//! Packets that ask routers to do more than forward them by destination are refused here, in
+//! both directions, so no policy rule can let them through: IPv4 source routes (LSRR, SSRR)
+//! and every other IPv4 option (record route and timestamp would have VPC routers write their
+//! addresses and clocks into packets that go back to the client; router alert and the rest ask
+//! for handling nobody here has vetted; nothing the tunnel carries needs one), and IPv6
+//! Routing headers of any type, wherever they sit in the (bounded) extension-header chain.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -31,6 +38,16 @@ pub enum Malformed {
     TruncatedHeader,
     BadHeaderLength,
     TruncatedTransport,
+    /// IPv4 loose or strict source route (options 131, 137): the sender picks the path.
+    SourceRoute,
+    /// Any other IPv4 option than end-of-list and no-operation padding.
+    IpOptions,
+    /// An IPv4 option whose length runs past the header or is below 2.
+    BadOptions,
+    /// An IPv6 Routing header (next header 43), of any type.
+    RoutingHeader,
+    /// More IPv6 extension headers than the bounded walk reads.
+    ExtensionChain,
 }
 
 impl Malformed {
@@ -41,6 +58,11 @@ impl Malformed {
             Malformed::TruncatedHeader => "truncated_header",
             Malformed::BadHeaderLength => "bad_header_length",
             Malformed::TruncatedTransport => "truncated_transport",
+            Malformed::SourceRoute => "source_route",
+            Malformed::IpOptions => "ip_options",
+            Malformed::BadOptions => "bad_options",
+            Malformed::RoutingHeader => "routing_header",
+            Malformed::ExtensionChain => "extension_chain",
         }
     }
 }
@@ -68,6 +90,7 @@ fn parse_v4(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
     if ihl < 20 || total < ihl || pkt.len() < ihl {
         return Err(Malformed::BadHeaderLength);
     }
+    check_v4_options(&pkt[20..ihl])?;
     let frag = be16(pkt, 6).ok_or(Malformed::TruncatedHeader)?;
     let later_fragment = frag & 0x1fff != 0;
     let proto = pkt[9];
@@ -102,24 +125,48 @@ fn parse_v6(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
     let mut next = pkt[6];
     let mut off = 40;
     let mut later_fragment = false;
-    // Hop-by-hop, routing, destination options and fragment headers; bounded so a chain of
-    // headers cannot keep us busy.
-    for _ in 0..8 {
+    // Hop-by-hop, destination options, authentication and fragment headers; bounded so a chain of headers
+    // cannot keep us busy, and a chain longer than the bound is refused rather than taken for
+    // the transport protocol (it could hide a Routing header behind it).
+    let mut walked = 0;
+    loop {
         match next {
-            0 | 43 | 60 => {
+            EXT_ROUTING => return Err(Malformed::RoutingHeader),
+            EXT_HOP_BY_HOP | EXT_DEST_OPTS | EXT_AUTH | EXT_FRAGMENT
+                if walked == MAX_EXT_HEADERS =>
+            {
+                return Err(Malformed::ExtensionChain);
+            }
+            EXT_HOP_BY_HOP | EXT_DEST_OPTS => {
                 let len =
                     (usize::from(*pkt.get(off + 1).ok_or(Malformed::TruncatedHeader)?) + 1) * 8;
                 next = *pkt.get(off).ok_or(Malformed::TruncatedHeader)?;
                 off += len;
             }
-            44 => {
+            EXT_AUTH => {
+                // Its length is in 4-byte units, less 2 (RFC 4302).
+                let len =
+                    (usize::from(*pkt.get(off + 1).ok_or(Malformed::TruncatedHeader)?) + 2) * 4;
+                next = *pkt.get(off).ok_or(Malformed::TruncatedHeader)?;
+                off += len;
+            }
+            EXT_FRAGMENT => {
                 let frag = be16(pkt, off + 2).ok_or(Malformed::TruncatedHeader)?;
                 later_fragment = frag & 0xfff8 != 0;
                 next = *pkt.get(off).ok_or(Malformed::TruncatedHeader)?;
                 off += 8;
+                if later_fragment {
+                    // The rest is payload, not headers. A Routing header right behind the
+                    // fragment header is in every fragment's next-header field: refuse them all.
+                    if next == EXT_ROUTING {
+                        return Err(Malformed::RoutingHeader);
+                    }
+                    break;
+                }
             }
             _ => break,
         }
+        walked += 1;
     }
     let (dst_port, src_port) = if later_fragment {
         (None, None)
@@ -135,6 +182,44 @@ fn parse_v6(pkt: &[u8]) -> Result<PacketMeta, Malformed> {
         src_port,
         later_fragment,
     })
+}
+
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_DEST_OPTS: u8 = 60;
+const EXT_AUTH: u8 = 51;
+/// Extension headers read before giving up: real packets carry one or two.
+const MAX_EXT_HEADERS: usize = 8;
+
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_LSRR: u8 = 131;
+const OPT_SSRR: u8 = 137;
+
+/// Refuses IPv4 options (see the module comment). `opts` is the header past its first 20
+/// bytes; every option is walked, so a source route behind another option is still named.
+fn check_v4_options(opts: &[u8]) -> Result<(), Malformed> {
+    let mut found = None;
+    let mut i = 0;
+    while let Some(&kind) = opts.get(i) {
+        match kind {
+            OPT_END => break,
+            OPT_NOP => i += 1,
+            _ => {
+                let len = usize::from(*opts.get(i + 1).ok_or(Malformed::BadOptions)?);
+                if len < 2 || i + len > opts.len() {
+                    return Err(Malformed::BadOptions);
+                }
+                if matches!(kind, OPT_LSRR | OPT_SSRR) {
+                    return Err(Malformed::SourceRoute);
+                }
+                found = Some(Malformed::IpOptions);
+                i += len;
+            }
+        }
+    }
+    found.map_or(Ok(()), Err)
 }
 
 /// TCP/UDP destination and source port, or the ICMP type for ICMP; 0 for other protocols.
@@ -228,6 +313,189 @@ pub(crate) mod tests {
         let p = v4(PROTO_TCP, [1, 1, 1, 1], [2, 2, 2, 2], &[0, 1]);
         assert_eq!(parse(&p), Err(Malformed::TruncatedTransport));
         assert_eq!(parse(&[0x60; 39]), Err(Malformed::TruncatedHeader));
+    }
+
+    /// `v4` with `opts` (padded to a multiple of 4 bytes with end-of-list) after the header.
+    fn v4_with_options(opts: &[u8], l4: &[u8]) -> Vec<u8> {
+        let mut opts = opts.to_vec();
+        while !opts.len().is_multiple_of(4) {
+            opts.push(OPT_END);
+        }
+        let plain = v4(PROTO_TCP, [100, 64, 0, 2], [10, 128, 0, 10], l4);
+        let ihl = (20 + opts.len()) / 4;
+        let mut p = plain[..20].to_vec();
+        p[0] = 0x40 | ihl as u8;
+        p[2..4].copy_from_slice(&((20 + opts.len() + l4.len()) as u16).to_be_bytes());
+        p.extend_from_slice(&opts);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    /// A loose (131) or strict (137) source route through 192.0.2.1.
+    fn source_route(kind: u8) -> Vec<u8> {
+        vec![kind, 7, 4, 192, 0, 2, 1]
+    }
+
+    #[test]
+    fn refuses_ipv4_loose_and_strict_source_routes() {
+        for kind in [OPT_LSRR, OPT_SSRR] {
+            let p = v4_with_options(&source_route(kind), &tcp_to(22));
+            assert_eq!(parse(&p), Err(Malformed::SourceRoute), "option {kind}");
+        }
+        // Behind padding and another option it is still found and named.
+        let mut opts = vec![OPT_NOP, 7, 3, 4]; // NOP, then an empty record route
+        opts.extend_from_slice(&source_route(OPT_SSRR));
+        let p = v4_with_options(&opts, &tcp_to(22));
+        assert_eq!(parse(&p), Err(Malformed::SourceRoute));
+        // A later fragment carries it too (the option's copy bit): refused as well.
+        let mut p = v4_with_options(&source_route(OPT_LSRR), &[0u8; 8]);
+        p[6..8].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(parse(&p), Err(Malformed::SourceRoute));
+    }
+
+    #[test]
+    fn refuses_record_route_timestamp_and_router_alert() {
+        for opts in [
+            vec![7, 7, 4, 0, 0, 0, 0],     // record route
+            vec![68, 8, 5, 0, 0, 0, 0, 0], // timestamp
+            vec![148, 4, 0, 0],            // router alert
+        ] {
+            let p = v4_with_options(&opts, &tcp_to(22));
+            assert_eq!(parse(&p), Err(Malformed::IpOptions), "{opts:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_ipv4_header_padding_and_refuses_broken_option_lengths() {
+        let p = v4_with_options(&[OPT_NOP, OPT_NOP, OPT_NOP, OPT_END], &tcp_to(22));
+        assert_eq!(parse(&p).map(|m| m.dst_port), Ok(Some(22)));
+        for opts in [
+            vec![7, 1, 0, 0],
+            vec![7, 9, 4, 0],
+            vec![OPT_NOP, OPT_NOP, OPT_NOP, 7],
+        ] {
+            let p = v4_with_options(&opts, &tcp_to(22));
+            assert_eq!(parse(&p), Err(Malformed::BadOptions), "{opts:?}");
+        }
+    }
+
+    fn ext(next: u8) -> Vec<u8> {
+        vec![next, 0, 0, 0, 0, 0, 0, 0]
+    }
+
+    fn v6_with(headers: &[(u8, Vec<u8>)], l4: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (_, h) in headers {
+            body.extend_from_slice(h);
+        }
+        body.extend_from_slice(l4);
+        let first = headers.first().map_or(PROTO_TCP, |(kind, _)| *kind);
+        v6(
+            first,
+            "fd00:64::2".parse().expect("ip"),
+            "fd00:128::10".parse().expect("ip"),
+            &body,
+        )
+    }
+
+    #[test]
+    fn refuses_ipv6_routing_headers_wherever_they_sit() {
+        let routing = |next| vec![next, 0, 2, 0, 0, 0, 0, 0]; // type 2, segments left 0
+        let cases = [
+            vec![(EXT_ROUTING, routing(PROTO_TCP))],
+            vec![
+                (EXT_HOP_BY_HOP, ext(EXT_DEST_OPTS)),
+                (EXT_DEST_OPTS, ext(EXT_ROUTING)),
+                (EXT_ROUTING, routing(PROTO_TCP)),
+            ],
+            // Behind an authentication header (length 4 => 24 bytes).
+            vec![
+                (EXT_AUTH, {
+                    let mut ah = vec![EXT_ROUTING, 4];
+                    ah.resize(24, 0);
+                    ah
+                }),
+                (EXT_ROUTING, routing(PROTO_TCP)),
+            ],
+            // First fragment: the routing header behind the fragment header.
+            vec![
+                (EXT_FRAGMENT, vec![EXT_ROUTING, 0, 0, 1, 0, 0, 0, 1]),
+                (EXT_ROUTING, routing(PROTO_TCP)),
+            ],
+        ];
+        for headers in cases {
+            let p = v6_with(&headers, &tcp_to(22));
+            assert_eq!(parse(&p), Err(Malformed::RoutingHeader), "{headers:?}");
+        }
+        // A later fragment of such a packet names it in the fragment header: refused too.
+        let p = v6_with(
+            &[(EXT_FRAGMENT, vec![EXT_ROUTING, 0, 0x05, 0x01, 0, 0, 0, 1])],
+            &[0u8; 16],
+        );
+        assert_eq!(parse(&p), Err(Malformed::RoutingHeader));
+    }
+
+    #[test]
+    fn walks_a_bounded_ipv6_extension_chain_and_refuses_a_longer_one() {
+        let chain = |n: usize| -> Vec<(u8, Vec<u8>)> {
+            (0..n)
+                .map(|i| {
+                    let next = if i + 1 == n { PROTO_TCP } else { EXT_DEST_OPTS };
+                    (EXT_DEST_OPTS, ext(next))
+                })
+                .collect()
+        };
+        let p = v6_with(&chain(MAX_EXT_HEADERS), &tcp_to(22));
+        assert_eq!(
+            parse(&p).map(|m| (m.proto, m.dst_port)),
+            Ok((PROTO_TCP, Some(22)))
+        );
+        let p = v6_with(&chain(MAX_EXT_HEADERS + 1), &tcp_to(22));
+        assert_eq!(parse(&p), Err(Malformed::ExtensionChain));
+        // An authentication header is walked too: the policy sees the TCP behind it.
+        let mut ah = vec![PROTO_TCP, 1]; // (1 + 2) * 4 = 12 bytes
+        ah.resize(12, 0);
+        let p = v6_with(&[(EXT_AUTH, ah)], &tcp_to(22));
+        assert_eq!(
+            parse(&p).map(|m| (m.proto, m.dst_port)),
+            Ok((PROTO_TCP, Some(22)))
+        );
+    }
+
+    #[test]
+    fn a_later_ipv6_fragment_is_not_walked_as_headers() {
+        // The payload of a later fragment starts with bytes that look like a short header.
+        let p = v6_with(
+            &[(EXT_FRAGMENT, vec![EXT_DEST_OPTS, 0, 0x05, 0x01, 0, 0, 0, 1])],
+            &[0xff, 0xff],
+        );
+        let m = parse(&p).expect("a later fragment");
+        assert!(m.later_fragment);
+        assert_eq!(m.dst_port, None);
+    }
+
+    #[test]
+    fn refusal_names_are_the_drop_counter_labels() {
+        let names: Vec<_> = [
+            Malformed::SourceRoute,
+            Malformed::IpOptions,
+            Malformed::BadOptions,
+            Malformed::RoutingHeader,
+            Malformed::ExtensionChain,
+        ]
+        .iter()
+        .map(|m| format!("malformed_{}", m.name()))
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "malformed_source_route",
+                "malformed_ip_options",
+                "malformed_bad_options",
+                "malformed_routing_header",
+                "malformed_extension_chain"
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! (`dns_serve::PeerDns`: a rate and its own in-flight share), so a client flooding a silent
 //! resolver gets SERVFAIL or silence while everyone else is answered.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -146,16 +146,15 @@ impl Forwarder {
             Some((lo, hi)) => {
                 let first = hi.saturating_sub(POOL - 1).max(lo);
                 for port in first..=hi {
-                    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-                    let s = UdpSocket::bind(addr)
+                    let s = super::net::udp_dual_stack(port)
                         .await
-                        .with_context(|| format!("binding the DNS forwarder to UDP {addr}"))?;
+                        .with_context(|| format!("binding the DNS forwarder to UDP port {port}"))?;
                     sockets.push(Arc::new(s));
                 }
             }
             None => {
                 for _ in 0..POOL {
-                    let s = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+                    let s = super::net::udp_dual_stack(0)
                         .await
                         .context("binding the DNS forwarder")?;
                     sockets.push(Arc::new(s));
@@ -360,6 +359,7 @@ async fn read_answers(socket: Arc<UdpSocket>, pending: Arc<Pending>) {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             continue;
         };
+        let from = super::net::canonical(from);
         let msg = &buf[..n];
         if dns::response_rcode(msg).is_none() {
             continue;

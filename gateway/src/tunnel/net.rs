@@ -5,7 +5,7 @@
 //! ([`add_route`]: an existing route is an error, never replaced); only a route the daemon
 //! itself created before may be replaced ([`replace_route`]).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use futures::TryStreamExt;
@@ -260,4 +260,33 @@ pub async fn tcp_connect_from_range(
         socket.bind(std::net::SocketAddr::new(any, port))?;
     }
     socket.connect(server).await
+}
+
+/// A UDP socket on `port` that reaches IPv4 and IPv6 peers alike (an IPv6 socket that also
+/// takes IPv4, whose peers read back as IPv4 through [`canonical`]); an IPv4 one where the host
+/// has no IPv6.
+pub async fn udp_dual_stack(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    let v6 = || -> std::io::Result<std::net::UdpSocket> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_only_v6(false)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s.into())
+    };
+    match v6() {
+        Ok(s) => tokio::net::UdpSocket::from_std(s),
+        Err(_) => {
+            tokio::net::UdpSocket::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
+                .await
+        }
+    }
+}
+
+/// `a` with an IPv4-mapped IPv6 address written as the IPv4 address it is.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
