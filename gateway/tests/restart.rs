@@ -85,6 +85,8 @@ fn kill_9_and_a_restart_restore_every_sysctl_from_the_record_in_the_state_dir() 
 
     let before = sysctls(&lab);
     let mut first = start_daemon(&lab, Host::VpcGateway, &config, &socket, "first.log");
+    // The socket is bound before the tunnel starts; an answer comes once it has.
+    let _ = status_json(&lab, Host::VpcGateway, &socket);
     let running = sysctls(&lab);
     let changed: Vec<&str> = SYSCTLS
         .iter()
@@ -118,6 +120,7 @@ fn kill_9_and_a_restart_restore_every_sysctl_from_the_record_in_the_state_dir() 
     std::fs::remove_dir_all(&run).expect("remove the runtime directory");
 
     let mut second = start_daemon(&lab, Host::VpcGateway, &config, &socket, "second.log");
+    let _ = status_json(&lab, Host::VpcGateway, &socket);
     let log = second.log();
     for key in &changed {
         assert!(
