@@ -137,7 +137,7 @@ inside gatewayctl --version > "$OUT/gatewayctl-version.txt"
 inside gatewayd --version > "$OUT/gatewayd-version.txt"
 echo "== check-config on the shipped examples"
 inside gatewayctl pki init --dir /etc/gateway/pki
-inside gatewayctl pki issue vpc-gw-1 --dir /etc/gateway/pki
+inside gatewayctl pki issue vpc-gw-1 --dir /etc/gateway/pki --profile connector
 inside gatewayctl pki issue ops-alice --dir /etc/gateway/pki
 for example in gateway connector client; do
     inside gatewayctl check-config "/usr/share/gateway/examples/$example.toml"
