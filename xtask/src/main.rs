@@ -10,6 +10,8 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(about = "gateway developer tasks")]
 struct Args {
@@ -27,8 +29,9 @@ enum Task {
     Test,
     /// Set up, build, and run the lab demo.
     Demo,
-    /// Benchmark the tunnel against the direct path in the lab (ratios, no targets).
-    Bench,
+    /// Benchmark the tunnel against the direct path and other tunnels (quincy, boringtun) in
+    /// the lab: one table of medians and ratios, written to docs/bench.md.
+    Bench(bench::BenchArgs),
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
     /// Build release binaries and install them, the systemd unit, the sysusers entry, example
@@ -77,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
-        Task::Bench => lab_release(&root, "bench"),
+        Task::Bench(args) => bench::bench(&root, args),
         Task::Licences => {
             print!("{}", licence_table(&root)?);
             Ok(())
