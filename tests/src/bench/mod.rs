@@ -441,8 +441,8 @@ fn run_one(
             ),
         );
     }
-    if let Some(r) = running {
-        r.stop()?;
+    if let Some(Err(e)) = running.map(|r| r.stop()) {
+        note("stopping the tunnel", Err(e));
     }
     Ok(warnings)
 }
