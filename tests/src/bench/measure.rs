@@ -223,14 +223,36 @@ pub fn tcp(
     Ok(())
 }
 
-/// The highest UDP rate received with at most 1 % of 1200-byte datagrams lost. Returns the
-/// probes as `(offered Mbit/s, received Mbit/s, loss %)` for the log.
+/// One probe of the UDP rate search, in Mbit/s; `failed` says why iperf3 gave no result
+/// (counted as everything lost).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    pub offered: f64,
+    pub received: f64,
+    pub lost_percent: f64,
+    pub failed: Option<String>,
+}
+
+/// `100→99 1.05%, 400 failed (reason)`: the probes in the order they ran.
+pub fn probe_line(probes: &[Probe]) -> String {
+    probes
+        .iter()
+        .map(|p| match &p.failed {
+            None => format!("{:.0}→{:.0} {:.2}%", p.offered, p.received, p.lost_percent),
+            Some(why) => format!("{:.0} failed ({why})", p.offered),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The highest UDP rate received with at most 1 % of 1200-byte datagrams lost; returns every
+/// probe, for the report.
 pub fn udp(
     lab: &Lab,
     plan: &Plan,
     column: &str,
     samples: &mut Samples,
-) -> anyhow::Result<Vec<(f64, f64, f64)>> {
+) -> anyhow::Result<Vec<Probe>> {
     let mut search = RateSearch::new(
         UDP_START,
         UDP_FLOOR,
@@ -246,14 +268,26 @@ pub fn udp(
         match parse::iperf3_udp(&out) {
             Ok(r) => {
                 search.record(rate, r.received_bits_per_second, r.lost_percent);
-                probes.push((rate / 1e6, r.received_bits_per_second / 1e6, r.lost_percent));
+                probes.push(Probe {
+                    offered: rate / 1e6,
+                    received: r.received_bits_per_second / 1e6,
+                    lost_percent: r.lost_percent,
+                    failed: None,
+                });
             }
             Err(e) if search.probes() == 0 => {
                 return Err(e).with_context(|| format!("{}\n{err}", argv.join(" ")));
             }
             Err(e) => {
-                eprintln!("    udp probe at {:.0} Mbit/s failed: {e:#}", rate / 1e6);
-                search.abort();
+                // Mid-search, a failed probe is the path failing at that rate (e.g. the
+                // tunnel's MTU fell below the datagram: EMSGSIZE): nothing got through.
+                search.record(rate, 0.0, 100.0);
+                probes.push(Probe {
+                    offered: rate / 1e6,
+                    received: 0.0,
+                    lost_percent: 100.0,
+                    failed: Some(format!("{e:#}").lines().next().unwrap_or_default().into()),
+                });
             }
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -282,4 +316,41 @@ pub fn dns(
     samples.add(column, figures.0, run.queries_per_second);
     samples.add(column, figures.1, run.lost);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_line_lists_rates_losses_and_failures_in_order() {
+        let probes = [
+            Probe {
+                offered: 100.0,
+                received: 99.4,
+                lost_percent: 1.049,
+                failed: None,
+            },
+            Probe {
+                offered: 400.0,
+                received: 0.0,
+                lost_percent: 100.0,
+                failed: Some("iperf3: Message too long".into()),
+            },
+        ];
+        assert_eq!(
+            probe_line(&probes),
+            "100→99 1.05%, 400 failed (iperf3: Message too long)"
+        );
+    }
+
+    #[test]
+    fn commands_are_the_ones_run() {
+        let c = commands(&Plan::QUICK);
+        assert_eq!(c[0], "ping -n -c 200 -i 0.01 10.128.0.10");
+        assert_eq!(c[1], "iperf3 -J -c 10.128.0.10 -t 2");
+        assert_eq!(c[2], "iperf3 -J -c 10.128.0.10 -t 2 -R");
+        assert_eq!(c[3], "iperf3 -J -u -l 1200 -b RATE -c 10.128.0.10 -t 1");
+        assert_eq!(c[4], "dnsperf -s 10.128.0.61 -d queries.txt -l 2");
+    }
 }

@@ -251,6 +251,7 @@ pub fn run(o: &Options, start_gateway: StartGateway) -> anyhow::Result<()> {
     let mut contenders = contenders(o);
     let mut samples = Samples::default();
     let mut notes: Vec<String> = Vec::new();
+    let mut udp_log: Vec<String> = Vec::new();
     println!(
         "bench: {} repetition(s) of {} column(s); load average before: {}",
         o.reps,
@@ -267,11 +268,18 @@ pub fn run(o: &Options, start_gateway: StartGateway) -> anyhow::Result<()> {
             println!("[{rep}/{}] {}", o.reps, c.column.title);
             let id = c.column.id.clone();
             match run_one(o, &plan, c, &gatewayctl, start_gateway, &mut samples) {
-                Ok(warnings) => notes.extend(
-                    warnings
-                        .into_iter()
-                        .map(|w| format!("{} (repetition {rep}): {w}", c.column.title)),
-                ),
+                Ok(outcome) => {
+                    notes.extend(
+                        outcome
+                            .warnings
+                            .into_iter()
+                            .map(|w| format!("{} (repetition {rep}): {w}", c.column.title)),
+                    );
+                    udp_log.push(format!(
+                        "{} (repetition {rep}): {}",
+                        c.column.title, outcome.udp_line
+                    ));
+                }
                 Err(e) if id == "gateway" => return Err(e.context("the gateway did not start")),
                 Err(e) => {
                     let reason = format!("{e:#}");
@@ -308,6 +316,7 @@ pub fn run(o: &Options, start_gateway: StartGateway) -> anyhow::Result<()> {
             table: &table,
             samples: &samples,
             notes: &notes,
+            udp_log: &udp_log,
             elapsed,
             load_after: written::load_average(),
         });
@@ -351,6 +360,13 @@ fn print_progress(id: &str, s: &Samples) {
     );
 }
 
+/// What one column's repetition leaves besides its samples.
+struct Outcome {
+    warnings: Vec<String>,
+    /// The UDP rate search, probe by probe.
+    udp_line: String,
+}
+
 /// One column in one repetition, in a fresh lab. An error means the tunnel did not start;
 /// a measurement that fails is a warning and leaves its figure without this sample.
 fn run_one(
@@ -360,7 +376,7 @@ fn run_one(
     gatewayctl: &str,
     start_gateway: StartGateway,
     samples: &mut Samples,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Outcome> {
     let lab = Lab::start(LabOptions {
         direct_vpc_route: matches!(c.kind, Kind::Direct),
         servers: true,
@@ -406,15 +422,18 @@ fn run_one(
         "tcp VPC→operator",
         measure::tcp(&lab, plan, true, id, samples),
     );
+    let mut udp_line = String::new();
     match measure::udp(&lab, plan, id, samples) {
-        Ok(probes) => println!(
-            "    udp probes (offered → received Mbit/s, loss %): {}",
-            probes
-                .iter()
-                .map(|(o, r, l)| format!("{o:.0}→{r:.0} {l:.2}%"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Ok(probes) => {
+            udp_line = measure::probe_line(&probes);
+            println!("    udp probes (offered → received Mbit/s, loss %): {udp_line}");
+            for p in probes.iter().filter(|p| p.failed.is_some()) {
+                note(
+                    &format!("udp probe at {:.0} Mbit/s", p.offered),
+                    Err(anyhow::anyhow!(p.failed.clone().unwrap_or_default())),
+                );
+            }
+        }
         Err(e) => note("udp rate search", Err(e)),
     }
     note(
@@ -444,7 +463,7 @@ fn run_one(
     if let Some(Err(e)) = running.map(|r| r.stop()) {
         note("stopping the tunnel", Err(e));
     }
-    Ok(warnings)
+    Ok(Outcome { warnings, udp_line })
 }
 
 #[cfg(test)]

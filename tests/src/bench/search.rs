@@ -71,11 +71,6 @@ impl RateSearch {
         }
     }
 
-    /// A probe that could not run (iperf3 failed) ends the search with what it has.
-    pub fn abort(&mut self) {
-        self.done = true;
-    }
-
     /// The highest received rate with at most 1 % loss, in bit/s; `None` if no probe passed.
     pub fn result(&self) -> Option<f64> {
         self.best
@@ -164,15 +159,5 @@ mod tests {
         let (offered, best) = run(s, f64::INFINITY, 350.0 * M);
         assert_eq!(offered, vec![100.0 * M, 200.0 * M, 400.0 * M]);
         assert_eq!(best, Some(350.0 * M));
-    }
-
-    #[test]
-    fn abort_ends_the_search_with_what_passed() {
-        let mut s = RateSearch::new(100.0 * M, 10.0 * M, 10_000.0 * M, 1.1, 12);
-        s.record(100.0 * M, 100.0 * M, 0.0);
-        s.abort();
-        assert_eq!(s.next_rate(), None);
-        assert_eq!(s.result(), Some(100.0 * M));
-        assert_eq!(s.probes(), 1);
     }
 }

@@ -72,6 +72,8 @@ pub(super) struct Finished<'a> {
     pub(super) table: &'a str,
     pub(super) samples: &'a Samples,
     pub(super) notes: &'a [String],
+    /// Each column's UDP rate search, probe by probe.
+    pub(super) udp_log: &'a [String],
     pub(super) elapsed: Duration,
     pub(super) load_after: String,
 }
@@ -85,6 +87,7 @@ pub(super) fn render_report(f: &Finished) -> String {
         table,
         samples,
         notes,
+        udp_log,
         elapsed,
         ref load_after,
     } = *f;
@@ -173,6 +176,12 @@ pub(super) fn render_report(f: &Finished) -> String {
     ));
     s.push_str("\n## Every repetition\n\n");
     s.push_str(&report::samples_table(columns, samples));
+    if !udp_log.is_empty() {
+        s.push_str("\nThe UDP rate searches (offered → received Mbit/s, loss):\n\n");
+        for l in udp_log {
+            s.push_str(&format!("- {l}\n"));
+        }
+    }
     s
 }
 
@@ -198,6 +207,7 @@ mod tests {
             samples.add("gateway", report::IDLE_CPU, *c);
         }
         let notes = ["quincy did not start".to_string()];
+        let udp_log = ["gateway (repetition 1): 100→99 0.10%".to_string()];
         f(&Finished {
             options: &options,
             plan: &Plan::FULL,
@@ -206,6 +216,7 @@ mod tests {
             table: "| the table |\n",
             samples: &samples,
             notes: &notes,
+            udp_log: &udp_log,
             elapsed: Duration::from_secs(905),
             load_after: "1.00 0.50 0.25".into(),
         })
@@ -228,6 +239,7 @@ mod tests {
             "dnsperf -s 10.128.0.61 -d queries.txt -l 10",
             "quincy-client@3.1.1",
             "boringtun-cli@0.7.1",
+            "- gateway (repetition 1): 100→99 0.10%",
         ] {
             assert!(doc.contains(want), "missing {want:?} in:\n{doc}");
         }
