@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod bench;
 pub mod impair;
 
 /// Addresses of the lab's hosts.

@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod deb;
 mod fuzz;
 mod install;
@@ -33,8 +34,9 @@ enum Task {
     Test,
     /// Set up, build, and run the lab demo.
     Demo,
-    /// Benchmark the tunnel against the direct path in the lab (ratios, no targets).
-    Bench,
+    /// Benchmark the tunnel against the direct path and other tunnels (quincy, boringtun) in
+    /// the lab: one table of medians and ratios, written to docs/bench.md.
+    Bench(bench::BenchArgs),
     /// Print the licences of what the binaries link, as the README's table.
     Licences,
     /// Build target/deb/gateway_VERSION_ARCH.deb: binaries (eBPF object inside gatewayd), units,
@@ -102,7 +104,7 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf => build_ebpf(&root),
         Task::Test => test(&root),
         Task::Demo => demo(&root),
-        Task::Bench => lab_release(&root, "bench"),
+        Task::Bench(args) => bench::bench(&root, args),
         Task::Fuzz { seconds } => fuzz::fuzz(&root, seconds),
         Task::Licences => {
             print!("{}", licence_table(&root)?);

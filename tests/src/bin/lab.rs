@@ -1,4 +1,4 @@
-//! `lab`: build the lab by hand, sweep leftovers, or run the product demo.
+//! `lab`: build the lab by hand, sweep leftovers, run the product demo or the bench.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use gateway_lab::{Host, Lab, LabOptions, addr, zone};
 
-const USAGE: &str = "usage: lab up | lab sweep | lab demo --bin-dir DIR | lab bench --bin-dir DIR";
+const USAGE: &str =
+    "usage: lab up | lab sweep | lab demo --bin-dir DIR | lab bench --bin-dir DIR [...]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -21,10 +22,7 @@ fn main() -> ExitCode {
             (Some("--bin-dir"), Some(dir)) => demo(Path::new(dir)),
             _ => Err(anyhow::anyhow!(USAGE)),
         },
-        Some("bench") => match (args.get(1).map(String::as_str), args.get(2)) {
-            (Some("--bin-dir"), Some(dir)) => bench(Path::new(dir)),
-            _ => Err(anyhow::anyhow!(USAGE)),
-        },
+        Some("bench") => bench(&args[1..]),
         _ => Err(anyhow::anyhow!(USAGE)),
     };
     match result {
@@ -384,168 +382,38 @@ fn start_daemon(
     Ok(daemon)
 }
 
-/// One benchmark figure on both paths.
-struct Figure {
-    name: String,
-    unit: &'static str,
-    direct: f64,
-    quic: f64,
-    tcp: f64,
-}
-
-/// Measures from the operator host to the VPC host over the direct path (plain routing through
-/// the VPC gateway's namespace) and through the tunnel, in one run, and prints each figure with
-/// its ratio to the direct path. No target: the point is that every change is measured.
-fn bench(bin_dir: &Path) -> anyhow::Result<()> {
-    let gatewayd = bin_dir.join("gatewayd");
-    let gatewayctl = bin_dir.join("gatewayctl");
-    let (gatewayd, gatewayctl) = (path_str(&gatewayd)?, path_str(&gatewayctl)?);
-    println!("direct path: plain routing operator host -> underlay -> VPC gateway -> VPC host");
-    let direct = {
-        let lab = Lab::start(LabOptions::default())?;
-        measure(&lab, addr::RESOLVER_PRIMARY)?
-    };
-    let mut tunnels = Vec::new();
-    for transport in ["quic", "tcp"] {
-        println!(
-            "tunnel over {transport}: the same hosts, no direct route, gatewayd client and connector"
-        );
-        let lab = Lab::start(LabOptions {
-            direct_vpc_route: false,
-            servers: true,
-        })?;
-        let t = start_tunnel(&lab, gatewayd, gatewayctl, false, transport)?;
-        let figures = measure(&lab, "127.0.0.53")?;
-        let (mut client, mut connector) = (t.client, t.connector);
+impl gateway_lab::bench::Running for Tunnel {
+    fn stop(self: Box<Self>) -> anyhow::Result<()> {
+        let (mut client, mut connector) = (self.client, self.connector);
         for d in [&mut client, &mut connector] {
             d.terminate()?;
             d.wait_timeout(Duration::from_secs(10))?;
         }
-        tunnels.push(figures);
+        Ok(())
     }
-    let tcp = tunnels.pop().unwrap_or_default();
-    let quic = tunnels.pop().unwrap_or_default();
-    let figures: Vec<Figure> = direct
-        .into_iter()
-        .zip(quic)
-        .zip(tcp)
-        .map(|(((name, unit, d), (_, _, q)), (_, _, t))| Figure {
-            name,
-            unit,
-            direct: d,
-            quic: q,
-            tcp: t,
-        })
-        .collect();
-    println!(
-        "\n{:<40} {:>9} {:>9} {:>7} {:>9} {:>7}",
-        "figure", "direct", "quic", "ratio", "tcp", "ratio"
-    );
-    let ratio = |x: f64, d: f64| if d > 0.0 { x / d } else { 0.0 };
-    for f in &figures {
-        println!(
-            "{:<40} {:>9.2} {:>9.2} {:>7.3} {:>9.2} {:>7.3}",
-            format!("{} ({})", f.name, f.unit),
-            f.direct,
-            f.quic,
-            ratio(f.quic, f.direct),
-            f.tcp,
-            ratio(f.tcp, f.direct)
-        );
-    }
-    Ok(())
 }
 
-/// The figures for one path, in a fixed order.
-fn measure(lab: &Lab, dns_server: &str) -> anyhow::Result<Vec<(String, &'static str, f64)>> {
-    let mut out = Vec::new();
-    // Private-zone DNS: straight to the primary resolver, or through the client's stub.
-    let file = lab.dir().join("queries.txt");
-    std::fs::write(
-        &file,
-        format!("db.{0} A\nssh.{0} A\nwhich.{0} TXT\n", zone::DOMAIN),
-    )?;
-    let perf = lab.run_ok(
-        Host::Operator,
-        &[
-            "dnsperf",
-            "-s",
-            dns_server,
-            "-d",
-            path_str(&file)?,
-            "-l",
-            "5",
-        ],
-    )?;
-    let field = |name: &str| -> f64 {
-        perf.lines()
-            .find(|l| l.trim_start().starts_with(name))
-            .and_then(|l| l.split(':').nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
-    out.push((
-        "dns queries answered (dnsperf 10 s)".into(),
-        "kqps",
-        field("Queries per second") / 1e3,
-    ));
-    out.push(("dns queries lost".into(), "count", field("Queries lost")));
-    for (streams, reverse) in [(1, false), (1, true), (4, false), (4, true)] {
-        let p = streams.to_string();
-        let mut argv = vec!["iperf3", "-J", "-c", addr::VPC_HOST, "-t", "3", "-P", &p];
-        if reverse {
-            argv.push("-R");
+/// The bench (`gateway_lab::bench`) with this binary's way of starting the gateway.
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let opts = gateway_lab::bench::Options::parse(args)?;
+    let start = |lab: &Lab, bin_dir: &Path, transport: &str| {
+        let gatewayd = bin_dir.join("gatewayd");
+        let gatewayctl = bin_dir.join("gatewayctl");
+        for b in [&gatewayd, &gatewayctl] {
+            if !b.exists() {
+                bail!("{} not found", b.display());
+            }
         }
-        let json: serde_json::Value = serde_json::from_str(&lab.run_ok(Host::Operator, &argv)?)?;
-        let bps = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .context("iperf3 gave no throughput")?;
-        let dir = if reverse { "vpc->op" } else { "op->vpc" };
-        out.push((
-            format!("tcp {streams} stream(s) {dir}"),
-            "Gbit/s",
-            bps / 1e9,
-        ));
-    }
-    let json: serde_json::Value = serde_json::from_str(&lab.run_ok(
-        Host::Operator,
-        &[
-            "iperf3",
-            "-J",
-            "-u",
-            "-b",
-            "0",
-            "-l",
-            "64",
-            "-c",
-            addr::VPC_HOST,
-            "-t",
-            "3",
-        ],
-    )?)?;
-    let sum = &json["end"]["sum"];
-    let packets = sum["packets"].as_f64().unwrap_or(0.0);
-    let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-    let secs = sum["seconds"].as_f64().unwrap_or(1.0).max(0.001);
-    out.push((
-        "udp 64-byte packets received".into(),
-        "kpps",
-        (packets - lost) / secs / 1e3,
-    ));
-    let ping = lab.run_ok(
-        Host::Operator,
-        &["ping", "-q", "-n", "-c", "50", "-i", "0.01", addr::VPC_HOST],
-    )?;
-    let avg = ping
-        .lines()
-        .find(|l| l.starts_with("rtt"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .context("ping gave no rtt")?;
-    out.push(("ping rtt avg".into(), "ms", avg));
-    Ok(out)
+        let t = start_tunnel(
+            lab,
+            path_str(&gatewayd)?,
+            path_str(&gatewayctl)?,
+            false,
+            transport,
+        )?;
+        Ok(Box::new(t) as Box<dyn gateway_lab::bench::Running>)
+    };
+    gateway_lab::bench::run(&opts, &start)
 }
 
 fn path_str(p: &Path) -> anyhow::Result<&str> {
