@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod pingrange;
 pub mod pki;
 pub mod plan;

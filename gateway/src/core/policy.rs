@@ -288,6 +288,49 @@ impl Policy {
     }
 }
 
+/// Every rule that applies to one identity, gathered once when its session starts and again on
+/// reload, so a packet's decision matches no glob and allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityRules {
+    rules: Vec<Rule>,
+}
+
+impl IdentityRules {
+    pub fn allows(&self, m: &PacketMeta) -> bool {
+        self.rules.iter().any(|r| r.matches(m))
+    }
+}
+
+impl Policy {
+    pub fn from_entries(entries: Vec<Entry>) -> Policy {
+        Policy { entries }
+    }
+
+    /// What every entry naming `identity` lets it advertise.
+    pub fn advertise_for(&self, identity: &str) -> Vec<IpNet> {
+        self.entries
+            .iter()
+            .filter(|e| glob_match(&e.identity, identity))
+            .flat_map(|e| e.advertise.iter().copied())
+            .collect()
+    }
+
+    /// The rules of every entry naming `identity`; `None` when no entry does.
+    pub fn rules_for(&self, identity: &str) -> Option<IdentityRules> {
+        let mut known = false;
+        let mut rules = Vec::new();
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| glob_match(&e.identity, identity))
+        {
+            known = true;
+            rules.extend_from_slice(&e.rules);
+        }
+        known.then_some(IdentityRules { rules })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

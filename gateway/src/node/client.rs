@@ -1,0 +1,802 @@
+//! The client's session: which connector and transport to dial, the hello, the welcome's
+//! addresses and routes, keepalives, reconnecting with backoff and jitter, and — while on the
+//! TCP fallback — probing QUIC and moving back to it with the same overlay addresses.
+//!
+//! ```text
+//!  Backoff ─▶ Dialing(QUIC) ─timeout/fail, auto─▶ Dialing(TCP) ─fail─▶ Backoff (next target)
+//!                 └─link up─▶ Hello ─welcome─▶ Up ─keepalives missed/link down─▶ Backoff
+//!                                 └─refused/timeout─▶ Backoff     │ on TCP, auto: probe QUIC
+//!                                                                 └─welcome on QUIC─▶ Up(QUIC)
+//! ```
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::connector::overlaps;
+use super::datapath::{Counters, Datapath, PeerPath};
+use super::drops::Drops;
+use super::leases::{nth_v4, nth_v6};
+use super::table::PrefixTable;
+use super::{
+    HANDSHAKE_TIMEOUT, Jitter, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit, secs,
+};
+use crate::config::Transport;
+use crate::core::control::{Control, PROTOCOL_VERSION};
+
+/// Control keepalives prove the connector's engine (not only its QUIC stack) answers.
+pub const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
+/// This many unanswered in a row and the client reconnects.
+pub const KEEPALIVES_MISSED: u64 = 3;
+/// A client on the TCP fallback tries QUIC again this often (plus up to a fifth as jitter).
+pub const QUIC_PROBE_EVERY: Duration = Duration::from_secs(5);
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of each connector, tried in turn.
+    pub targets: Vec<String>,
+    /// The name the connector's certificate must carry; also the peer's name in status.
+    pub server_name: String,
+    pub transport: Transport,
+    pub quic_timeout: Duration,
+    /// Prefixes behind this client (its LANs), offered to the connector.
+    pub advertise: Vec<IpNet>,
+}
+
+/// Effects the driver carries out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Open a link to `target` (resolve it, TLS handshake); answer with `handle_link_up` or
+    /// `handle_dial_failed` naming `attempt`. `timeout` bounds the whole attempt.
+    Dial {
+        attempt: u64,
+        target: String,
+        kind: LinkKind,
+        timeout: Duration,
+    },
+    /// The node stopped waiting for this attempt: close its link if it still comes up.
+    CancelDial {
+        attempt: u64,
+    },
+    CloseLink {
+        link: LinkId,
+        code: u32,
+        reason: String,
+    },
+    /// The tunnel is up: give the TUN these addresses and route these prefixes into it
+    /// (without replacing routes that exist), load the zones into the DNS steering.
+    TunnelUp {
+        v4: Ipv4Net,
+        v6: Ipv6Net,
+        routes: Vec<IpNet>,
+        zones: Vec<String>,
+    },
+    /// The connector changed what it offers (its reload), on the same connection.
+    Offer {
+        added: Vec<IpNet>,
+        removed: Vec<IpNet>,
+        zones: Vec<String>,
+    },
+    TunnelDown,
+}
+
+#[derive(Debug)]
+enum Probe {
+    Off,
+    Waiting {
+        at: Instant,
+    },
+    Dialing {
+        attempt: u64,
+        deadline: Instant,
+    },
+    Hello {
+        link: LinkId,
+        info: LinkInfo,
+        deadline: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct Up {
+    link: LinkId,
+    info: LinkInfo,
+    /// Why this transport: empty on QUIC.
+    reason: String,
+    /// The first reason, kept while probe failures are appended to `reason`.
+    first_reason: String,
+    v4: Ipv4Net,
+    v6: Ipv6Net,
+    routes: Vec<IpNet>,
+    next_keepalive: Instant,
+    seq: u64,
+    answered: u64,
+    probe: Probe,
+    peer: Arc<PeerPath>,
+    since: Instant,
+    rtt: Duration,
+}
+
+#[derive(Debug)]
+enum State {
+    Backoff {
+        until: Instant,
+    },
+    Dialing {
+        attempt: u64,
+        kind: LinkKind,
+        deadline: Instant,
+        /// Why QUIC was given up, when this is the TCP fallback.
+        why: String,
+    },
+    Hello {
+        link: LinkId,
+        info: LinkInfo,
+        deadline: Instant,
+        reason: String,
+    },
+    Up(Box<Up>),
+}
+
+pub struct Client {
+    cfg: ClientConfig,
+    state: State,
+    /// Which target the current or next attempt is for.
+    target: usize,
+    failures: u32,
+    next_attempt: u64,
+    jitter: Jitter,
+    /// The host's own connected subnets and default routes' prefixes, from the driver: a route
+    /// the connector offers that overlaps one is refused.
+    local_nets: Vec<IpNet>,
+    status_line: String,
+    refusals: Refusals,
+    /// Offered routes this client would not install, with why.
+    rejected: Vec<(IpNet, String)>,
+    out: VecDeque<Transmit>,
+    events: VecDeque<ClientEvent>,
+    drops: Arc<Drops>,
+    datapath: Arc<Datapath>,
+    zones: Vec<String>,
+    version: u64,
+}
+
+impl Client {
+    /// A client that dials its first target at `now`. `seed` spreads the jitter of a fleet.
+    pub fn new(cfg: ClientConfig, drops: Arc<Drops>, now: Instant, seed: u64) -> Client {
+        Client {
+            cfg,
+            state: State::Backoff { until: now },
+            target: 0,
+            failures: 0,
+            next_attempt: 1,
+            jitter: Jitter::new(seed),
+            local_nets: Vec::new(),
+            status_line: "connecting".into(),
+            refusals: Refusals::default(),
+            rejected: Vec::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            datapath: Arc::new(Datapath::new(drops.clone())),
+            drops,
+            zones: Vec::new(),
+            version: 0,
+        }
+    }
+
+    pub fn set_local_nets(&mut self, nets: Vec<IpNet>) {
+        self.local_nets = nets;
+    }
+
+    fn target_name(&self) -> String {
+        self.cfg
+            .targets
+            .get(self.target)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn dial(&mut self, now: Instant, kind: LinkKind, why: String) -> u64 {
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        let timeout = match (self.cfg.transport, kind) {
+            (Transport::Auto, LinkKind::Quic) => self.cfg.quic_timeout,
+            _ => HANDSHAKE_TIMEOUT,
+        };
+        self.events.push_back(ClientEvent::Dial {
+            attempt,
+            target: self.target_name(),
+            kind,
+            timeout,
+        });
+        if !matches!(self.state, State::Up(_)) {
+            self.state = State::Dialing {
+                attempt,
+                kind,
+                deadline: now + timeout,
+                why,
+            };
+        }
+        attempt
+    }
+
+    /// The first dial of a round: QUIC unless the config pins TCP.
+    fn start_round(&mut self, now: Instant) {
+        match self.cfg.transport {
+            Transport::Tcp => {
+                self.dial(
+                    now,
+                    LinkKind::Tcp,
+                    "transport = \"tcp\" in the config".into(),
+                );
+            }
+            Transport::Quic | Transport::Auto => {
+                self.dial(now, LinkKind::Quic, String::new());
+            }
+        }
+    }
+
+    pub fn handle_dial_failed(&mut self, now: Instant, attempt: u64, error: String) {
+        if let State::Up(up) = &mut self.state {
+            if let Probe::Dialing { attempt: a, .. } = up.probe
+                && a == attempt
+            {
+                self.probe_failed(now, error);
+            }
+            return;
+        }
+        let State::Dialing {
+            attempt: a,
+            kind,
+            why,
+            ..
+        } = &self.state
+        else {
+            return;
+        };
+        if *a != attempt {
+            return;
+        }
+        let (kind, why) = (*kind, why.clone());
+        self.dial_failed(now, kind, why, error);
+    }
+
+    fn dial_failed(&mut self, now: Instant, kind: LinkKind, why: String, error: String) {
+        match (self.cfg.transport, kind) {
+            (Transport::Auto, LinkKind::Quic) => {
+                self.dial(now, LinkKind::Tcp, error);
+            }
+            (Transport::Auto, LinkKind::Tcp) => {
+                self.fail(now, format!("QUIC: {why}; TCP fallback: {error}"))
+            }
+            _ => self.fail(now, error),
+        }
+    }
+
+    /// The session attempt failed or ended: backoff with jitter, then the next target.
+    fn fail(&mut self, now: Instant, reason: String) {
+        if matches!(self.state, State::Up(_)) {
+            self.events.push_back(ClientEvent::TunnelDown);
+        }
+        self.status_line = format!("reconnecting: {reason}");
+        self.failures = self.failures.saturating_add(1);
+        let base = BACKOFF_FIRST
+            .saturating_mul(1u32 << self.failures.min(4))
+            .min(BACKOFF_MAX);
+        let wait = base + self.jitter.upto(base / 2);
+        self.state = State::Backoff { until: now + wait };
+        if !self.cfg.targets.is_empty() {
+            self.target = (self.target + 1) % self.cfg.targets.len();
+        }
+        self.publish(None);
+    }
+
+    pub fn handle_link_up(&mut self, now: Instant, attempt: u64, link: LinkId, info: LinkInfo) {
+        let name = self.cfg.server_name.clone();
+        let hello = |reason: &str, advertise: &[IpNet]| Control::Hello {
+            version: PROTOCOL_VERSION,
+            node: name.clone(),
+            advertise: advertise.to_vec(),
+            transport_reason: (!reason.is_empty()).then(|| reason.to_string()),
+        };
+        match &mut self.state {
+            State::Dialing {
+                attempt: a,
+                why,
+                kind,
+                ..
+            } if *a == attempt => {
+                let reason = match kind {
+                    LinkKind::Quic => String::new(),
+                    LinkKind::Tcp => why.clone(),
+                };
+                self.out.push_back(Transmit {
+                    link,
+                    msg: hello(&reason, &self.cfg.advertise),
+                });
+                self.state = State::Hello {
+                    link,
+                    info,
+                    deadline: now + HANDSHAKE_TIMEOUT,
+                    reason,
+                };
+            }
+            State::Up(up) if matches!(up.probe, Probe::Dialing { attempt: a, .. } if a == attempt) =>
+            {
+                self.out.push_back(Transmit {
+                    link,
+                    msg: hello("", &self.cfg.advertise),
+                });
+                up.probe = Probe::Hello {
+                    link,
+                    info,
+                    deadline: now + HANDSHAKE_TIMEOUT,
+                };
+            }
+            _ => self.events.push_back(ClientEvent::CloseLink {
+                link,
+                code: 0,
+                reason: "not needed any more".into(),
+            }),
+        }
+    }
+
+    pub fn handle_control(&mut self, now: Instant, link: LinkId, msg: Control) {
+        match &mut self.state {
+            State::Hello { link: l, .. } if *l == link => self.answer_to_hello(now, msg),
+            State::Up(up) if up.link == link => match msg {
+                Control::Keepalive { seq } => up.answered = up.answered.max(seq),
+                Control::Routes { routes, zones } => self.offer(routes, zones),
+                _ => {}
+            },
+            State::Up(up) if matches!(up.probe, Probe::Hello { link: l, .. } if l == link) => {
+                self.answer_to_probe(now, msg)
+            }
+            _ => {}
+        }
+    }
+
+    fn answer_to_hello(&mut self, now: Instant, msg: Control) {
+        let State::Hello {
+            link, info, reason, ..
+        } = &self.state
+        else {
+            return;
+        };
+        let (link, info, reason) = (*link, info.clone(), reason.clone());
+        match msg {
+            Control::Welcome {
+                address_v4,
+                address_v6,
+                prefix_v4,
+                prefix_v6,
+                routes,
+                zones,
+                ..
+            } => {
+                let (Ok(v4), Ok(v6)) = (
+                    Ipv4Net::new(address_v4, prefix_v4),
+                    Ipv6Net::new(address_v6, prefix_v6),
+                ) else {
+                    self.close(link, "the welcome's overlay prefix is not valid");
+                    return self.fail(now, "the connector sent an invalid overlay prefix".into());
+                };
+                self.failures = 0;
+                let routes = self.accept_routes(routes);
+                self.zones = zones.clone();
+                self.events.push_back(ClientEvent::TunnelUp {
+                    v4,
+                    v6,
+                    routes: routes.clone(),
+                    zones,
+                });
+                self.status_line = match info.kind {
+                    LinkKind::Quic => format!("connected to {} over QUIC", info.remote),
+                    LinkKind::Tcp => format!("connected to {} over TCP: {reason}", info.remote),
+                };
+                let probe = match (self.cfg.transport, info.kind) {
+                    (Transport::Auto, LinkKind::Tcp) => Probe::Waiting {
+                        at: now + QUIC_PROBE_EVERY + self.jitter.upto(QUIC_PROBE_EVERY / 5),
+                    },
+                    _ => Probe::Off,
+                };
+                let peer = Self::peer_path(&self.cfg.server_name, link, &info, v4, v6, None);
+                self.state = State::Up(Box::new(Up {
+                    link,
+                    info,
+                    first_reason: reason.clone(),
+                    reason,
+                    v4,
+                    v6,
+                    routes,
+                    next_keepalive: now + CONTROL_KEEPALIVE,
+                    seq: 0,
+                    answered: 0,
+                    probe,
+                    peer: peer.clone(),
+                    since: now,
+                    rtt: Duration::ZERO,
+                }));
+                self.publish(Some(peer));
+            }
+            Control::Refused { reason } => {
+                let reason = crate::core::text::clean(&reason, 200);
+                self.refusals.push(Refusal {
+                    identity: Some(self.cfg.server_name.clone()),
+                    remote: info.remote,
+                    reason: reason.clone(),
+                    at: now,
+                });
+                self.close(link, "refused");
+                self.fail(now, format!("refused by the connector: {reason}"));
+            }
+            other => {
+                self.close(link, "unexpected answer to hello");
+                let what = crate::core::text::clean(&format!("{other:?}"), 80);
+                self.fail(now, format!("unexpected answer to hello: {what}"));
+            }
+        }
+    }
+
+    /// A welcome on the QUIC probe's link: the tunnel moves there, keeping its addresses.
+    fn answer_to_probe(&mut self, now: Instant, msg: Control) {
+        let State::Up(up) = &mut self.state else {
+            return;
+        };
+        let Probe::Hello { link, info, .. } = &up.probe else {
+            return;
+        };
+        let (link, info) = (*link, info.clone());
+        match msg {
+            Control::Welcome {
+                address_v4,
+                address_v6,
+                routes,
+                zones,
+                ..
+            } if address_v4 == up.v4.addr() && address_v6 == up.v6.addr() => {
+                let old = up.link;
+                let peer = Self::peer_path(
+                    &self.cfg.server_name,
+                    link,
+                    &info,
+                    up.v4,
+                    up.v6,
+                    Some(&up.peer.counters),
+                );
+                up.link = link;
+                up.info = info.clone();
+                up.reason = String::new();
+                up.first_reason = String::new();
+                up.probe = Probe::Off;
+                up.peer = peer.clone();
+                up.next_keepalive = now + CONTROL_KEEPALIVE;
+                up.seq = 0;
+                up.answered = 0;
+                self.status_line = format!("connected to {} over QUIC", info.remote);
+                self.events.push_back(ClientEvent::CloseLink {
+                    link: old,
+                    code: 0,
+                    reason: "moved to another transport".into(),
+                });
+                self.offer(routes, zones);
+                self.publish(Some(peer));
+            }
+            Control::Welcome { .. } => {
+                // Other addresses would break open sessions: stay on TCP, try again later.
+                self.close(link, "the QUIC session got other overlay addresses");
+                self.probe_failed(now, "the connector gave other overlay addresses".into());
+            }
+            Control::Refused { reason } => {
+                self.close(link, "refused");
+                let reason = crate::core::text::clean(&reason, 200);
+                self.probe_failed(now, format!("refused over QUIC: {reason}"));
+            }
+            _ => {}
+        }
+    }
+
+    fn probe_failed(&mut self, now: Instant, error: String) {
+        let State::Up(up) = &mut self.state else {
+            return;
+        };
+        up.reason = format!(
+            "{}; QUIC retried every {}, last: {}",
+            up.first_reason,
+            secs(QUIC_PROBE_EVERY),
+            crate::core::text::clean(&error, 200)
+        );
+        up.probe = Probe::Waiting {
+            at: now + QUIC_PROBE_EVERY + self.jitter.upto(QUIC_PROBE_EVERY / 5),
+        };
+    }
+
+    /// The routes the connector offers, minus those that would take over the host's own
+    /// networks or its default route; those are listed in status instead.
+    fn accept_routes(&mut self, routes: Vec<IpNet>) -> Vec<IpNet> {
+        self.rejected.clear();
+        let mut ok = Vec::new();
+        for r in routes {
+            let why = if r.prefix_len() == 0 {
+                Some("a default route would take over all traffic".to_string())
+            } else if r != r.trunc() {
+                Some("host bits are set".to_string())
+            } else {
+                self.local_nets
+                    .iter()
+                    .find(|l| overlaps(r, **l))
+                    .map(|l| format!("overlaps this host's own network {l}"))
+            };
+            match why {
+                Some(w) => self.rejected.push((r, w)),
+                None if !ok.contains(&r) => ok.push(r),
+                None => {}
+            }
+        }
+        ok
+    }
+
+    fn offer(&mut self, routes: Vec<IpNet>, zones: Vec<String>) {
+        let routes = self.accept_routes(routes);
+        let State::Up(up) = &mut self.state else {
+            return;
+        };
+        let added: Vec<IpNet> = routes
+            .iter()
+            .filter(|r| !up.routes.contains(r))
+            .copied()
+            .collect();
+        let removed: Vec<IpNet> = up
+            .routes
+            .iter()
+            .filter(|r| !routes.contains(r))
+            .copied()
+            .collect();
+        if added.is_empty() && removed.is_empty() && zones == self.zones {
+            return;
+        }
+        up.routes = routes;
+        self.zones = zones.clone();
+        self.events.push_back(ClientEvent::Offer {
+            added,
+            removed,
+            zones,
+        });
+        let peer = up.peer.clone();
+        self.publish(Some(peer));
+    }
+
+    pub fn handle_link_down(&mut self, now: Instant, link: LinkId, reason: String) {
+        match &mut self.state {
+            State::Hello { link: l, .. } if *l == link => self.fail(now, reason),
+            State::Up(up) if up.link == link => self.fail(now, reason),
+            State::Up(up) if matches!(up.probe, Probe::Hello { link: l, .. } if l == link) => {
+                self.probe_failed(now, reason)
+            }
+            _ => {}
+        }
+    }
+
+    /// QUIC MTU discovery or the RTT of `link` moved.
+    pub fn handle_path(&mut self, link: LinkId, max_packet: Option<usize>, rtt: Duration) {
+        if let State::Up(up) = &mut self.state
+            && up.link == link
+        {
+            up.rtt = rtt;
+            up.info.max_packet = max_packet;
+            up.peer
+                .max_packet
+                .store(max_packet.unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.state {
+            State::Backoff { until } if now >= *until => self.start_round(now),
+            State::Dialing {
+                attempt,
+                kind,
+                deadline,
+                why,
+            } if now >= *deadline => {
+                let (attempt, kind, why) = (*attempt, *kind, why.clone());
+                self.events.push_back(ClientEvent::CancelDial { attempt });
+                let error = match kind {
+                    LinkKind::Quic => format!("no QUIC handshake in {}", secs(self.timeout(kind))),
+                    LinkKind::Tcp => {
+                        format!("no TCP+TLS handshake in {}", secs(self.timeout(kind)))
+                    }
+                };
+                self.dial_failed(now, kind, why, error);
+            }
+            State::Hello { link, deadline, .. } if now >= *deadline => {
+                let link = *link;
+                self.close(link, "no answer to hello");
+                self.fail(now, "no answer to hello".into());
+            }
+            State::Up(up) => {
+                if now >= up.next_keepalive {
+                    if up.seq >= up.answered + KEEPALIVES_MISSED {
+                        let reason = format!(
+                            "the connector answered no control keepalive since #{}",
+                            up.answered
+                        );
+                        let link = up.link;
+                        self.close(link, "keepalives unanswered");
+                        return self.fail(now, reason);
+                    }
+                    up.seq += 1;
+                    up.next_keepalive = now + CONTROL_KEEPALIVE;
+                    self.out.push_back(Transmit {
+                        link: up.link,
+                        msg: Control::Keepalive { seq: up.seq },
+                    });
+                }
+                match up.probe {
+                    Probe::Waiting { at } if now >= at => {
+                        let attempt = self.next_attempt;
+                        self.next_attempt += 1;
+                        let timeout = self.cfg.quic_timeout;
+                        up.probe = Probe::Dialing {
+                            attempt,
+                            deadline: now + timeout,
+                        };
+                        self.events.push_back(ClientEvent::Dial {
+                            attempt,
+                            target: self
+                                .cfg
+                                .targets
+                                .get(self.target)
+                                .cloned()
+                                .unwrap_or_default(),
+                            kind: LinkKind::Quic,
+                            timeout,
+                        });
+                    }
+                    Probe::Dialing { attempt, deadline } if now >= deadline => {
+                        self.events.push_back(ClientEvent::CancelDial { attempt });
+                        let e = format!("no QUIC handshake in {}", secs(self.cfg.quic_timeout));
+                        self.probe_failed(now, e);
+                    }
+                    Probe::Hello { link, deadline, .. } if now >= deadline => {
+                        self.close(link, "no answer to hello");
+                        self.probe_failed(now, "no answer to hello over QUIC".into());
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn timeout(&self, kind: LinkKind) -> Duration {
+        match (self.cfg.transport, kind) {
+            (Transport::Auto, LinkKind::Quic) => self.cfg.quic_timeout,
+            _ => HANDSHAKE_TIMEOUT,
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.state {
+            State::Backoff { until } => Some(*until),
+            State::Dialing { deadline, .. } | State::Hello { deadline, .. } => Some(*deadline),
+            State::Up(up) => {
+                let probe = match up.probe {
+                    Probe::Off => None,
+                    Probe::Waiting { at } => Some(at),
+                    Probe::Dialing { deadline, .. } | Probe::Hello { deadline, .. } => {
+                        Some(deadline)
+                    }
+                };
+                Some(probe.map_or(up.next_keepalive, |p| p.min(up.next_keepalive)))
+            }
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn datapath(&self) -> Arc<Datapath> {
+        self.datapath.clone()
+    }
+
+    pub fn datapath_version(&self) -> u64 {
+        self.version
+    }
+
+    /// One line for status: connecting, connected (how), or why it is reconnecting.
+    pub fn status_line(&self) -> &str {
+        &self.status_line
+    }
+
+    /// The connector, while the tunnel is up, as status lists it.
+    pub fn peers(&self) -> Vec<super::PeerView<'_>> {
+        match &self.state {
+            State::Up(up) => vec![super::PeerView {
+                link: up.link,
+                info: &up.info,
+                reason: &up.reason,
+                addresses: (up.v4.addr(), up.v6.addr()),
+                rtt: up.rtt,
+                since: up.since,
+                path: &up.peer,
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn refusals(&self) -> impl Iterator<Item = &Refusal> {
+        self.refusals.iter()
+    }
+
+    /// Offered routes not installed, with why.
+    pub fn rejected_routes(&self) -> &[(IpNet, String)] {
+        &self.rejected
+    }
+
+    /// The learned zones (dotted).
+    pub fn zones(&self) -> &[String] {
+        &self.zones
+    }
+
+    fn close(&mut self, link: LinkId, reason: &str) {
+        self.events.push_back(ClientEvent::CloseLink {
+            link,
+            code: 0,
+            reason: reason.into(),
+        });
+    }
+
+    fn peer_path(
+        name: &str,
+        link: LinkId,
+        info: &LinkInfo,
+        v4: Ipv4Net,
+        v6: Ipv6Net,
+        counters: Option<&Arc<Counters>>,
+    ) -> Arc<PeerPath> {
+        // The connector is host 1 of the overlay: ICMP too-big comes from there, as a router
+        // on the path would send it (an address of this node would be dropped as a martian).
+        let far_v4 = nth_v4(v4.trunc(), 1).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let far_v6 = nth_v6(v6.trunc(), 1).unwrap_or(Ipv6Addr::UNSPECIFIED);
+        Arc::new(PeerPath {
+            link,
+            identity: name.into(),
+            far_end: (far_v4, far_v6),
+            sources: PrefixTable::default(),
+            rules: None,
+            max_packet: info.max_packet.unwrap_or(0).into(),
+            counters: counters.cloned().unwrap_or_default(),
+        })
+    }
+
+    /// Everything routed into a client's TUN goes to its connector, while there is one.
+    fn publish(&mut self, peer: Option<Arc<PeerPath>>) {
+        let everything = [
+            (IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0),
+            (IpNet::from(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), 0),
+        ]
+        .map(|(n, i)| (IpNet::new(n.addr(), 0).unwrap_or(n), i));
+        let zones = self
+            .zones
+            .iter()
+            .filter_map(|z| crate::core::dns::wire_name(z).ok())
+            .collect();
+        self.datapath = Arc::new(match peer {
+            Some(p) => Datapath::build(self.drops.clone(), vec![p], everything, zones, true),
+            None => Datapath::build(self.drops.clone(), Vec::new(), [], Vec::new(), true),
+        });
+        self.version += 1;
+    }
+}

@@ -1,0 +1,707 @@
+//! The connector's sessions: a link's hello checked against the policy (identity, version,
+//! advertised prefixes), an overlay lease, routes for what the client may advertise, the
+//! welcome, keepalives, silence, reload and the per-peer path that decides the TUN's MTU.
+//!
+//! ```text
+//!  link up ─▶ AwaitHello ─hello ok─▶ AwaitRoutes ─routes added─▶ Up ─silent/down─▶ gone
+//!               │  └─hello ok, nothing to add──────────────────────▶ │
+//!               └─timeout / not a hello / refused ─▶ gone          reload ─▶ re-checked
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::datapath::{Counters, Datapath, PeerPath};
+use super::drops::Drops;
+use super::leases::{Lease, Leases};
+use super::table::PrefixTable;
+use super::{HANDSHAKE_TIMEOUT, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit};
+use crate::core::control::{Control, PROTOCOL_VERSION};
+use crate::core::policy::Policy;
+
+/// A client that sends no control message for this long is gone: a TCP link to a vanished
+/// client would otherwise linger until TCP gives up, many minutes later.
+pub const CLIENT_SILENCE: Duration = Duration::from_secs(10);
+/// The keepalive interval the welcome announces.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+/// Control messages a client may send per second once up (keepalives come every 2 s).
+const CONTROL_PER_SECOND: u32 = 20;
+/// Prefixes one client may advertise.
+const MAX_ADVERTISED: usize = 64;
+
+/// What a connector is configured to offer and allow; replaced whole on reload.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    pub overlay_v4: Ipv4Net,
+    pub overlay_v6: Ipv6Net,
+    /// Routes offered to clients.
+    pub routes: Vec<IpNet>,
+    /// DNS zones offered to clients.
+    pub zones: Vec<String>,
+    pub policy: Arc<Policy>,
+    /// Identities leased at once; more are refused.
+    pub max_clients: usize,
+}
+
+/// Effects the driver carries out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectorEvent {
+    /// Route each prefix into the TUN, exclusively — a route that exists is a failure, never
+    /// replaced — then call `handle_routes_added`. All or nothing: on a failure the driver
+    /// removes those it added.
+    AddRoutes { link: LinkId, prefixes: Vec<IpNet> },
+    /// Remove routes this node added.
+    RemoveRoutes { prefixes: Vec<IpNet> },
+    /// Close the link; with `linger`, once the control messages sent before it have left.
+    CloseLink {
+        link: LinkId,
+        code: u32,
+        reason: String,
+        linger: bool,
+    },
+    /// The largest packet any peer's path carries changed: the TUN's MTU follows it.
+    SetTunMtu(u32),
+}
+
+#[derive(Debug)]
+enum Phase {
+    AwaitHello { deadline: Instant },
+    AwaitRoutes { lease: Lease, deadline: Instant },
+    Up,
+}
+
+#[derive(Debug)]
+struct Session {
+    info: LinkInfo,
+    phase: Phase,
+    /// Why the client uses this transport, as it said (sanitised).
+    reason: String,
+    /// Accepted advertised prefixes.
+    prefixes: Vec<IpNet>,
+    peer: Option<Arc<PeerPath>>,
+    since: Instant,
+    last_heard: Instant,
+    rtt: Duration,
+    /// Control messages in the current one-second window.
+    window: (Instant, u32),
+}
+
+pub struct Connector {
+    cfg: ConnectorConfig,
+    leases: Leases,
+    sessions: HashMap<LinkId, Session>,
+    /// The Up session of each identity.
+    current: HashMap<String, LinkId>,
+    /// Kernel routes this node added for advertised prefixes, and whose they are.
+    installed: HashMap<IpNet, String>,
+    /// The connector's own connected subnets, from the driver: never advertisable.
+    local_nets: Vec<IpNet>,
+    refusals: Refusals,
+    out: VecDeque<Transmit>,
+    events: VecDeque<ConnectorEvent>,
+    drops: Arc<Drops>,
+    datapath: Arc<Datapath>,
+    version: u64,
+    tun_mtu: u32,
+}
+
+impl Connector {
+    pub fn new(cfg: ConnectorConfig, drops: Arc<Drops>) -> Connector {
+        Connector {
+            leases: Leases::new(cfg.overlay_v4, cfg.overlay_v6, cfg.max_clients),
+            cfg,
+            sessions: HashMap::new(),
+            current: HashMap::new(),
+            installed: HashMap::new(),
+            local_nets: Vec::new(),
+            refusals: Refusals::default(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            datapath: Arc::new(Datapath::new(drops.clone())),
+            drops,
+            version: 0,
+            tun_mtu: 0,
+        }
+    }
+
+    /// The connector's own overlay addresses.
+    pub fn own_addresses(&self) -> Option<(std::net::Ipv4Addr, std::net::Ipv6Addr)> {
+        self.leases.own()
+    }
+
+    /// The driver's view of the kernel's connected subnets, refreshed before hellos are handled.
+    pub fn set_local_nets(&mut self, nets: Vec<IpNet>) {
+        self.local_nets = nets;
+    }
+
+    pub fn handle_link_up(&mut self, now: Instant, link: LinkId, info: LinkInfo) {
+        self.sessions.insert(
+            link,
+            Session {
+                info,
+                phase: Phase::AwaitHello {
+                    deadline: now + HANDSHAKE_TIMEOUT,
+                },
+                reason: String::new(),
+                prefixes: Vec::new(),
+                peer: None,
+                since: now,
+                last_heard: now,
+                rtt: Duration::ZERO,
+                window: (now, 0),
+            },
+        );
+    }
+
+    /// The link is gone (closed by either side or failed).
+    pub fn handle_link_down(&mut self, _now: Instant, link: LinkId) {
+        self.end_session(link);
+    }
+
+    /// Forgets `link`'s session; if it was its identity's live one, its routes and its place in
+    /// the packet path go too. Routes still being added are taken out when they arrive.
+    fn end_session(&mut self, link: LinkId) {
+        let Some(s) = self.sessions.remove(&link) else {
+            return;
+        };
+        let identity = s.info.identity;
+        if self.current.get(&identity) == Some(&link) {
+            self.current.remove(&identity);
+            let mine: Vec<IpNet> = self
+                .installed
+                .iter()
+                .filter(|(_, who)| **who == identity)
+                .map(|(n, _)| *n)
+                .collect();
+            self.uninstall(mine);
+            self.publish();
+        }
+    }
+
+    pub fn handle_control(&mut self, now: Instant, link: LinkId, msg: Control) {
+        let Some(s) = self.sessions.get_mut(&link) else {
+            return;
+        };
+        s.last_heard = now;
+        if now.duration_since(s.window.0) >= Duration::from_secs(1) {
+            s.window = (now, 0);
+        }
+        s.window.1 += 1;
+        if s.window.1 > CONTROL_PER_SECOND {
+            self.close(link, 4, "control messages too fast".into(), false);
+            return;
+        }
+        match (&s.phase, msg) {
+            (
+                Phase::AwaitHello { .. },
+                Control::Hello {
+                    version,
+                    advertise,
+                    transport_reason,
+                    ..
+                },
+            ) => self.hello(now, link, version, advertise, transport_reason),
+            (Phase::AwaitHello { .. }, _) => {
+                self.close(link, 1, "the first message was not a hello".into(), false)
+            }
+            (Phase::Up, Control::Keepalive { seq }) => self.out.push_back(Transmit {
+                link,
+                msg: Control::Keepalive { seq },
+            }),
+            // A newer client's messages, or one sent out of turn: skipped, not fatal.
+            _ => {}
+        }
+    }
+
+    fn hello(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        version: u32,
+        advertise: Vec<IpNet>,
+        transport_reason: Option<String>,
+    ) {
+        let Some(s) = self.sessions.get(&link) else {
+            return;
+        };
+        let identity = s.info.identity.clone();
+        if version != PROTOCOL_VERSION {
+            let reason =
+                format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");
+            return self.refuse(now, link, reason);
+        }
+        if !self.cfg.policy.knows(&identity) {
+            let reason = format!("no [[policy]] entry matches identity {identity:?}");
+            return self.refuse(now, link, reason);
+        }
+        let prefixes = match self.check_advertise(&identity, &advertise) {
+            Ok(p) => p,
+            Err(reason) => return self.refuse(now, link, reason),
+        };
+        let Some(lease) = self.leases.lease(&identity) else {
+            return self.refuse(now, link, "overlay address pool exhausted".into());
+        };
+        let reason = match (s.info.kind, transport_reason) {
+            (_, Some(r)) => format!("client: {}", crate::core::text::clean(&r, 160)),
+            (LinkKind::Quic, None) => String::new(),
+            (LinkKind::Tcp, None) => "client chose TCP".into(),
+        };
+        let to_add: Vec<IpNet> = prefixes
+            .iter()
+            .filter(|p| self.installed.get(p) != Some(&identity))
+            .copied()
+            .collect();
+        if let Some(s) = self.sessions.get_mut(&link) {
+            s.reason = reason;
+            s.prefixes = prefixes;
+            if to_add.is_empty() {
+                self.welcome(now, link, lease);
+            } else {
+                s.phase = Phase::AwaitRoutes {
+                    lease,
+                    deadline: now + HANDSHAKE_TIMEOUT,
+                };
+                self.events.push_back(ConnectorEvent::AddRoutes {
+                    link,
+                    prefixes: to_add,
+                });
+            }
+        }
+    }
+
+    /// The driver added (or failed to add) what `AddRoutes` asked for `link`.
+    pub fn handle_routes_added(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        added: &[IpNet],
+        result: Result<(), String>,
+    ) {
+        let Some(s) = self.sessions.get(&link) else {
+            // The link went while its routes were being added: take them out again.
+            if result.is_ok() {
+                self.events.push_back(ConnectorEvent::RemoveRoutes {
+                    prefixes: added.to_vec(),
+                });
+            }
+            return;
+        };
+        let Phase::AwaitRoutes { lease, .. } = s.phase else {
+            return;
+        };
+        let identity = s.info.identity.clone();
+        match result {
+            Ok(()) => {
+                for p in added {
+                    self.installed.insert(*p, identity.clone());
+                }
+                self.welcome(now, link, lease);
+            }
+            Err(e) => self.refuse(now, link, crate::core::text::clean(&e, 200)),
+        }
+    }
+
+    fn welcome(&mut self, now: Instant, link: LinkId, lease: Lease) {
+        let Some(s) = self.sessions.get_mut(&link) else {
+            return;
+        };
+        let identity = s.info.identity.clone();
+        s.phase = Phase::Up;
+        s.since = now;
+        let rules = self.cfg.policy.rules_for(&identity);
+        let mut sources = PrefixTable::default();
+        sources.insert(IpNet::from(IpAddr::V4(lease.v4)), ());
+        sources.insert(IpNet::from(IpAddr::V6(lease.v6)), ());
+        for p in &s.prefixes {
+            sources.insert(*p, ());
+        }
+        let peer = Arc::new(PeerPath {
+            link,
+            identity: identity.as_str().into(),
+            far_end: (lease.v4, lease.v6),
+            sources,
+            rules,
+            max_packet: s.info.max_packet.unwrap_or(0).into(),
+            counters: Arc::new(Counters::default()),
+        });
+        s.peer = Some(peer);
+        let prefixes = s.prefixes.clone();
+        self.out.push_back(Transmit {
+            link,
+            msg: Control::Welcome {
+                version: PROTOCOL_VERSION,
+                node: identity.clone(),
+                address_v4: lease.v4,
+                address_v6: lease.v6,
+                prefix_v4: self.cfg.overlay_v4.prefix_len(),
+                prefix_v6: self.cfg.overlay_v6.prefix_len(),
+                routes: self.cfg.routes.clone(),
+                keepalive_secs: KEEPALIVE.as_secs(),
+                zones: self.cfg.zones.clone(),
+            },
+        });
+        // A client that reconnects, or moves between QUIC and TCP, replaces its old link; the
+        // routes the old one had and the new one does not advertise go.
+        if let Some(old) = self.current.insert(identity.clone(), link)
+            && old != link
+        {
+            self.sessions.remove(&old);
+            self.events.push_back(ConnectorEvent::CloseLink {
+                link: old,
+                code: 3,
+                reason: "replaced by a new connection".into(),
+                linger: false,
+            });
+        }
+        let stale: Vec<IpNet> = self
+            .installed
+            .iter()
+            .filter(|(n, who)| **who == identity && !prefixes.contains(n))
+            .map(|(n, _)| *n)
+            .collect();
+        self.uninstall(stale);
+        self.publish();
+    }
+
+    /// Tells the client why, records it for status, and closes the link once that has left.
+    fn refuse(&mut self, now: Instant, link: LinkId, reason: String) {
+        let Some(s) = self.sessions.get(&link) else {
+            return;
+        };
+        self.refusals.push(Refusal {
+            identity: Some(s.info.identity.clone()),
+            remote: s.info.remote,
+            reason: reason.clone(),
+            at: now,
+        });
+        self.out.push_back(Transmit {
+            link,
+            msg: Control::Refused { reason },
+        });
+        self.end_session(link);
+        self.events.push_back(ConnectorEvent::CloseLink {
+            link,
+            code: 2,
+            reason: "refused".into(),
+            linger: true,
+        });
+    }
+
+    /// A new config: live sessions keep their links and get the new offer; a session the new
+    /// policy no longer admits (its identity, or a prefix it advertises) is closed with why.
+    pub fn reload(&mut self, now: Instant, cfg: ConnectorConfig) {
+        let offer_changed = cfg.routes != self.cfg.routes || cfg.zones != self.cfg.zones;
+        self.cfg = cfg;
+        let live: Vec<LinkId> = self.current.values().copied().collect();
+        for link in live {
+            let Some(s) = self.sessions.get(&link) else {
+                continue;
+            };
+            let identity = s.info.identity.clone();
+            if !self.cfg.policy.knows(&identity) {
+                let reason = format!("no [[policy]] entry matches identity {identity:?} any more");
+                self.refuse(now, link, reason);
+                continue;
+            }
+            if let Err(reason) = self.check_advertise(&identity, &s.prefixes.clone()) {
+                self.refuse(now, link, format!("after reload: {reason}"));
+                continue;
+            }
+            if let Some(s) = self.sessions.get_mut(&link)
+                && let Some(old) = &s.peer
+            {
+                s.peer = Some(Arc::new(PeerPath {
+                    link,
+                    identity: old.identity.clone(),
+                    far_end: old.far_end,
+                    sources: old.sources.clone(),
+                    rules: self.cfg.policy.rules_for(&identity),
+                    max_packet: old.max_packet.load(Ordering::Relaxed).into(),
+                    counters: old.counters.clone(),
+                }));
+            }
+            if offer_changed {
+                self.out.push_back(Transmit {
+                    link,
+                    msg: Control::Routes {
+                        routes: self.cfg.routes.clone(),
+                        zones: self.cfg.zones.clone(),
+                    },
+                });
+            }
+        }
+        self.publish();
+    }
+
+    /// Closes a live session for a reason decided outside the node (a revoked certificate).
+    pub fn close_link(&mut self, now: Instant, link: LinkId, reason: String) {
+        self.refuse(now, link, reason);
+    }
+
+    fn close(&mut self, link: LinkId, code: u32, reason: String, linger: bool) {
+        self.end_session(link);
+        self.events.push_back(ConnectorEvent::CloseLink {
+            link,
+            code,
+            reason,
+            linger,
+        });
+    }
+
+    /// The prefixes of `advertise` this identity may have routed to it, or why not.
+    fn check_advertise(&self, identity: &str, advertise: &[IpNet]) -> Result<Vec<IpNet>, String> {
+        if advertise.len() > MAX_ADVERTISED {
+            return Err(format!(
+                "advertises {} prefixes; at most {MAX_ADVERTISED}",
+                advertise.len()
+            ));
+        }
+        let granted = self.cfg.policy.advertise_for(identity);
+        let mut taken: Vec<(IpNet, String)> = Vec::new();
+        for (net, who) in &self.installed {
+            if who != identity {
+                taken.push((*net, format!("advertised by {who}")));
+            }
+        }
+        for s in self.sessions.values() {
+            if s.info.identity == identity {
+                continue;
+            }
+            if let Some(p) = &s.peer {
+                taken.push((
+                    IpNet::from(IpAddr::V4(p.far_end.0)),
+                    format!("the overlay address of {}", s.info.identity),
+                ));
+                taken.push((
+                    IpNet::from(IpAddr::V6(p.far_end.1)),
+                    format!("the overlay address of {}", s.info.identity),
+                ));
+            }
+            for n in &s.prefixes {
+                taken.push((*n, format!("advertised by {}", s.info.identity)));
+            }
+        }
+        let mut accepted = Vec::new();
+        for net in advertise {
+            let check = advertisable(
+                *net,
+                &granted,
+                &[
+                    IpNet::V4(self.cfg.overlay_v4),
+                    IpNet::V6(self.cfg.overlay_v6),
+                ],
+                &self.cfg.routes,
+                &self.local_nets,
+                &taken,
+            );
+            match check {
+                Ok(()) if !accepted.contains(net) => accepted.push(*net),
+                Ok(()) => {}
+                Err(why) => return Err(format!("advertised prefix {net}: {why}")),
+            }
+        }
+        Ok(accepted)
+    }
+
+    fn uninstall(&mut self, prefixes: Vec<IpNet>) {
+        if prefixes.is_empty() {
+            return;
+        }
+        for p in &prefixes {
+            self.installed.remove(p);
+        }
+        self.events
+            .push_back(ConnectorEvent::RemoveRoutes { prefixes });
+    }
+
+    /// Builds the snapshot the packet path reads, and follows the largest path with the MTU.
+    fn publish(&mut self) {
+        let mut peers = Vec::new();
+        let mut routes = Vec::new();
+        for link in self.current.values() {
+            let Some(p) = self.sessions.get(link).and_then(|s| s.peer.clone()) else {
+                continue;
+            };
+            let i = peers.len();
+            routes.push((IpNet::from(IpAddr::V4(p.far_end.0)), i));
+            routes.push((IpNet::from(IpAddr::V6(p.far_end.1)), i));
+            if let Some(s) = self.sessions.get(link) {
+                routes.extend(s.prefixes.iter().map(|n| (*n, i)));
+            }
+            peers.push(p);
+        }
+        self.datapath = Arc::new(Datapath::build(
+            self.drops.clone(),
+            peers,
+            routes,
+            Vec::new(),
+            false,
+        ));
+        self.version += 1;
+        self.follow_mtu();
+    }
+
+    /// The path of `link` changed (QUIC MTU discovery, RTT).
+    pub fn handle_path(&mut self, link: LinkId, max_packet: Option<usize>, rtt: Duration) {
+        let Some(s) = self.sessions.get_mut(&link) else {
+            return;
+        };
+        s.rtt = rtt;
+        s.info.max_packet = max_packet;
+        if let Some(p) = &s.peer {
+            p.max_packet
+                .store(max_packet.unwrap_or(0), Ordering::Relaxed);
+        }
+        self.follow_mtu();
+    }
+
+    /// The TUN carries the largest packet any peer's path does; a peer with a smaller path is
+    /// answered "too big" for itself alone.
+    fn follow_mtu(&mut self) {
+        let largest = self
+            .datapath
+            .peers()
+            .iter()
+            .filter_map(|p| p.max_packet())
+            .max()
+            .and_then(|m| u32::try_from(m).ok());
+        if let Some(mtu) = largest
+            && mtu != self.tun_mtu
+        {
+            self.tun_mtu = mtu;
+            self.events.push_back(ConnectorEvent::SetTunMtu(mtu));
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut late = Vec::new();
+        for (link, s) in &self.sessions {
+            match s.phase {
+                Phase::AwaitHello { deadline } | Phase::AwaitRoutes { deadline, .. }
+                    if now >= deadline =>
+                {
+                    late.push((*link, "no hello in time".to_string()))
+                }
+                Phase::Up if now.duration_since(s.last_heard) >= CLIENT_SILENCE => late.push((
+                    *link,
+                    format!(
+                        "the client sent nothing for {}",
+                        super::secs(CLIENT_SILENCE)
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        for (link, reason) in late {
+            self.close(link, 0, reason, false);
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.sessions
+            .values()
+            .map(|s| match s.phase {
+                Phase::AwaitHello { deadline } | Phase::AwaitRoutes { deadline, .. } => deadline,
+                Phase::Up => s.last_heard + CLIENT_SILENCE,
+            })
+            .min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ConnectorEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn datapath(&self) -> Arc<Datapath> {
+        self.datapath.clone()
+    }
+
+    /// Moves whenever [`datapath`](Self::datapath) is a new snapshot.
+    pub fn datapath_version(&self) -> u64 {
+        self.version
+    }
+
+    /// The live sessions, as status lists them.
+    pub fn peers(&self) -> Vec<super::PeerView<'_>> {
+        let mut v: Vec<_> = self
+            .current
+            .values()
+            .filter_map(|l| self.sessions.get(l).map(|s| (l, s)))
+            .filter_map(|(l, s)| {
+                let path = s.peer.as_deref()?;
+                Some(super::PeerView {
+                    link: *l,
+                    info: &s.info,
+                    reason: &s.reason,
+                    addresses: path.far_end,
+                    rtt: s.rtt,
+                    since: s.since,
+                    path,
+                })
+            })
+            .collect();
+        v.sort_by_key(|p| p.link);
+        v
+    }
+
+    pub fn refusals(&self) -> impl Iterator<Item = &Refusal> {
+        self.refusals.iter()
+    }
+
+    /// Records a refusal decided outside the node (a TLS handshake the driver saw fail).
+    pub fn record_refusal(&mut self, r: Refusal) {
+        self.refusals.push(r);
+    }
+}
+
+/// Whether `net` may be routed to a client: inside a grant of its policy, and overlapping
+/// nothing the connector already routes elsewhere.
+pub fn advertisable(
+    net: IpNet,
+    granted: &[IpNet],
+    overlay: &[IpNet],
+    offered: &[IpNet],
+    local: &[IpNet],
+    taken: &[(IpNet, String)],
+) -> Result<(), String> {
+    if net != net.trunc() {
+        return Err("host bits are set".into());
+    }
+    if net.prefix_len() == 0 {
+        return Err("a default route is never advertisable".into());
+    }
+    if !granted.iter().any(|g| g.contains(&net)) {
+        return Err("no [[policy]] advertise entry of this identity grants it".into());
+    }
+    if let Some(o) = overlay.iter().find(|o| overlaps(net, **o)) {
+        return Err(format!("overlaps the overlay {o}"));
+    }
+    if let Some(r) = offered.iter().find(|r| overlaps(net, **r)) {
+        return Err(format!("overlaps the connector's route {r}"));
+    }
+    if let Some(l) = local.iter().find(|l| overlaps(net, **l)) {
+        return Err(format!("overlaps the connector's own subnet {l}"));
+    }
+    if let Some((t, whose)) = taken.iter().find(|(t, _)| overlaps(net, *t)) {
+        return Err(format!("overlaps {t}, {whose}"));
+    }
+    Ok(())
+}
+
+/// Whether two prefixes share any address.
+pub fn overlaps(a: IpNet, b: IpNet) -> bool {
+    match (a, b) {
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)) => {
+            a.contains(&b.network()) || b.contains(&a.network())
+        }
+        _ => false,
+    }
+}
