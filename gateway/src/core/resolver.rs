@@ -50,6 +50,17 @@ pub struct Attempt {
     tried: u64,
 }
 
+impl Attempt {
+    /// A re-probe of resolver `index` alone.
+    pub fn probe(index: usize, now: Instant) -> Attempt {
+        Attempt {
+            current: index,
+            sent_at: now,
+            tried: 1 << index.min(63),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Resolvers {
     health: Vec<Health>,

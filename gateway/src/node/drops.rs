@@ -45,6 +45,10 @@ reasons! {
     TunnelDown = 14 => "tunnel_down", "A client with no connector yet.";
     DnsRelayFailed = 15 => "dns_relay_failed", "A steered DNS query whose relay failed.";
     MalformedSourceRoute = 16 => "malformed_source_route", "IPv4 source-route option or IPv6 routing header.";
+    DnsMalformed = 17 => "dns_malformed", "A relayed DNS message that is not a query.";
+    DnsRateLimited = 18 => "dns_rate_limited", "Over the peer's DNS rate.";
+    DnsTooManyInFlight = 19 => "dns_too_many_in_flight", "Over the queries in flight allowed per peer, per resolver or in all.";
+    DnsNoQueryId = 20 => "dns_no_query_id", "No free query ID found in a bounded number of tries.";
 }
 
 impl Drop {

@@ -16,9 +16,12 @@ pub mod client;
 pub mod connector;
 pub mod datapath;
 pub mod drops;
+pub mod forwarder;
 pub mod leases;
 pub mod table;
 
+#[cfg(test)]
+mod forwarder_tests;
 #[cfg(test)]
 mod pair;
 #[cfg(test)]
@@ -121,15 +124,19 @@ impl Jitter {
         Jitter(seed | 1)
     }
 
-    /// A value in `0..=max`.
-    pub fn upto(&mut self, max: Duration) -> Duration {
-        // xorshift64*: plenty for spreading reconnects apart.
+    /// xorshift64*: plenty for spreading reconnects apart and picking query IDs that an
+    /// off-path attacker must guess (the driver seeds it from the OS's randomness).
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
-        let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A value in `0..=max`.
+    pub fn upto(&mut self, max: Duration) -> Duration {
         let ms = max.as_millis() as u64;
-        Duration::from_millis(r % (ms + 1))
+        Duration::from_millis(self.next_u64() % (ms + 1))
     }
 }
 

@@ -58,6 +58,17 @@ fn up(p: &mut Pair) {
 #[test]
 fn handshake_leases_an_address_and_installs_the_offered_routes() {
     let mut p = Pair::new("ops-alice", Transport::Auto, ops_policy());
+    let early = v4(
+        PROTO_ICMP,
+        IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)),
+        [10, 128, 0, 10],
+        &[8, 0, 0, 0],
+    );
+    assert_eq!(
+        p.client_sends(early),
+        Some(FromTunOutcome::Dropped(Drop::TunnelDown))
+    );
+    assert_eq!(p.client_drops.get(Drop::TunnelDown), 1);
     up(&mut p);
     let peer = p.client_peer().expect("peer");
     assert_eq!(peer.address_v4, "100.64.0.2");
