@@ -170,7 +170,7 @@ pub struct Client {
 impl Client {
     /// A client that dials its first target at `now`. `seed` spreads the jitter of a fleet.
     pub fn new(cfg: ClientConfig, drops: Arc<Drops>, now: Instant, seed: u64) -> Client {
-        Client {
+        let mut c = Client {
             cfg,
             state: State::Backoff { until: now },
             target: 0,
@@ -187,7 +187,9 @@ impl Client {
             drops,
             zones: Vec::new(),
             version: 0,
-        }
+        };
+        c.publish(None);
+        c
     }
 
     pub fn set_local_nets(&mut self, nets: Vec<IpNet>) {
