@@ -306,15 +306,6 @@ impl Policy {
         Policy { entries }
     }
 
-    /// What every entry naming `identity` lets it advertise.
-    pub fn advertise_for(&self, identity: &str) -> Vec<IpNet> {
-        self.entries
-            .iter()
-            .filter(|e| glob_match(&e.identity, identity))
-            .flat_map(|e| e.advertise.iter().copied())
-            .collect()
-    }
-
     /// The rules of every entry naming `identity`; `None` when no entry does.
     pub fn rules_for(&self, identity: &str) -> Option<IdentityRules> {
         let mut known = false;

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::connector::overlaps;
 use super::datapath::{Counters, Datapath, PeerPath};
 use super::drops::Drops;
 use super::leases::{nth_v4, nth_v6};
@@ -390,7 +389,7 @@ impl Client {
                     return self.fail(now, "the connector sent an invalid overlay prefix".into());
                 };
                 self.failures = 0;
-                let routes = self.accept_routes(routes);
+                let routes = self.accept_routes(routes, info.remote.ip());
                 self.zones = zones.clone();
                 self.events.push_back(ClientEvent::TunnelUp {
                     v4,
@@ -520,32 +519,18 @@ impl Client {
     }
 
     /// The routes the connector offers, minus those that would take over the host's own
-    /// networks or its default route; those are listed in status instead.
-    fn accept_routes(&mut self, routes: Vec<IpNet>) -> Vec<IpNet> {
-        self.rejected.clear();
-        let mut ok = Vec::new();
-        for r in routes {
-            let why = if r.prefix_len() == 0 {
-                Some("a default route would take over all traffic".to_string())
-            } else if r != r.trunc() {
-                Some("host bits are set".to_string())
-            } else {
-                self.local_nets
-                    .iter()
-                    .find(|l| overlaps(r, **l))
-                    .map(|l| format!("overlaps this host's own network {l}"))
-            };
-            match why {
-                Some(w) => self.rejected.push((r, w)),
-                None if !ok.contains(&r) => ok.push(r),
-                None => {}
-            }
-        }
+    /// networks, its default route or the tunnel's own path; those are listed in status.
+    fn accept_routes(&mut self, routes: Vec<IpNet>, connector: IpAddr) -> Vec<IpNet> {
+        let (ok, skipped) = crate::core::advertise::learned(&routes, &self.local_nets, connector);
+        self.rejected = skipped.into_iter().map(|s| (s.route, s.why)).collect();
         ok
     }
 
     fn offer(&mut self, routes: Vec<IpNet>, zones: Vec<String>) {
-        let routes = self.accept_routes(routes);
+        let State::Up(up) = &self.state else {
+            return;
+        };
+        let routes = self.accept_routes(routes, up.info.remote.ip());
         let State::Up(up) = &mut self.state else {
             return;
         };
@@ -730,6 +715,7 @@ impl Client {
                 info: &up.info,
                 reason: &up.reason,
                 addresses: (up.v4.addr(), up.v6.addr()),
+                advertised: &[],
                 rtt: up.rtt,
                 since: up.since,
                 path: &up.peer,

@@ -21,6 +21,7 @@ use super::drops::Drops;
 use super::leases::{Lease, Leases};
 use super::table::PrefixTable;
 use super::{HANDSHAKE_TIMEOUT, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit};
+use crate::core::advertise::{self, Grants, Registry, Taken};
 use crate::core::control::{Control, PROTOCOL_VERSION};
 use crate::core::policy::Policy;
 
@@ -31,8 +32,6 @@ pub const CLIENT_SILENCE: Duration = Duration::from_secs(10);
 pub const KEEPALIVE: Duration = Duration::from_secs(1);
 /// Control messages a client may send per second once up (keepalives come every 2 s).
 const CONTROL_PER_SECOND: u32 = 20;
-/// Prefixes one client may advertise.
-const MAX_ADVERTISED: usize = 64;
 
 /// What a connector is configured to offer and allow; replaced whole on reload.
 #[derive(Debug, Clone)]
@@ -44,6 +43,8 @@ pub struct ConnectorConfig {
     /// DNS zones offered to clients.
     pub zones: Vec<String>,
     pub policy: Arc<Policy>,
+    /// What each identity may advertise (`[[policy]] advertise`).
+    pub grants: Grants,
     /// Identities leased at once; more are refused.
     pub max_clients: usize,
 }
@@ -70,8 +71,14 @@ pub enum ConnectorEvent {
 
 #[derive(Debug)]
 enum Phase {
-    AwaitHello { deadline: Instant },
-    AwaitRoutes { lease: Lease, deadline: Instant },
+    AwaitHello {
+        deadline: Instant,
+    },
+    AwaitRoutes {
+        lease: Lease,
+        deadline: Instant,
+        claim: advertise::Claim,
+    },
     Up,
 }
 
@@ -97,9 +104,9 @@ pub struct Connector {
     sessions: HashMap<LinkId, Session>,
     /// The Up session of each identity.
     current: HashMap<String, LinkId>,
-    /// Kernel routes this node added for advertised prefixes, and whose they are.
-    installed: HashMap<IpNet, String>,
-    /// The connector's own connected subnets, from the driver: never advertisable.
+    /// Which session owns which advertised prefix, and so the kernel route to it.
+    registry: Registry,
+    /// Subnets the connector's kernel routes itself, from the driver: never advertisable.
     local_nets: Vec<IpNet>,
     refusals: Refusals,
     out: VecDeque<Transmit>,
@@ -117,7 +124,7 @@ impl Connector {
             cfg,
             sessions: HashMap::new(),
             current: HashMap::new(),
-            installed: HashMap::new(),
+            registry: Registry::default(),
             local_nets: Vec::new(),
             refusals: Refusals::default(),
             out: VecDeque::new(),
@@ -170,15 +177,13 @@ impl Connector {
             return;
         };
         let identity = s.info.identity;
+        let released = self.registry.release(link.0);
+        if !released.is_empty() {
+            self.events
+                .push_back(ConnectorEvent::RemoveRoutes { prefixes: released });
+        }
         if self.current.get(&identity) == Some(&link) {
             self.current.remove(&identity);
-            let mine: Vec<IpNet> = self
-                .installed
-                .iter()
-                .filter(|(_, who)| **who == identity)
-                .map(|(n, _)| *n)
-                .collect();
-            self.uninstall(mine);
             self.publish();
         }
     }
@@ -251,24 +256,21 @@ impl Connector {
             (LinkKind::Quic, None) => String::new(),
             (LinkKind::Tcp, None) => "client chose TCP".into(),
         };
-        let to_add: Vec<IpNet> = prefixes
-            .iter()
-            .filter(|p| self.installed.get(p) != Some(&identity))
-            .copied()
-            .collect();
+        let claim = self.registry.claim(&identity, link.0, &prefixes);
         if let Some(s) = self.sessions.get_mut(&link) {
             s.reason = reason;
             s.prefixes = prefixes;
-            if to_add.is_empty() {
+            if claim.add.is_empty() {
                 self.welcome(now, link, lease);
             } else {
                 s.phase = Phase::AwaitRoutes {
                     lease,
                     deadline: now + HANDSHAKE_TIMEOUT,
+                    claim: claim.clone(),
                 };
                 self.events.push_back(ConnectorEvent::AddRoutes {
                     link,
-                    prefixes: to_add,
+                    prefixes: claim.add,
                 });
             }
         }
@@ -282,7 +284,7 @@ impl Connector {
         added: &[IpNet],
         result: Result<(), String>,
     ) {
-        let Some(s) = self.sessions.get(&link) else {
+        if !self.sessions.contains_key(&link) {
             // The link went while its routes were being added: take them out again.
             if result.is_ok() {
                 self.events.push_back(ConnectorEvent::RemoveRoutes {
@@ -290,19 +292,20 @@ impl Connector {
                 });
             }
             return;
-        };
-        let Phase::AwaitRoutes { lease, .. } = s.phase else {
+        }
+        let Some(s) = self.sessions.get(&link) else {
             return;
         };
-        let identity = s.info.identity.clone();
+        let Phase::AwaitRoutes { lease, claim, .. } = &s.phase else {
+            return;
+        };
+        let (lease, claim) = (*lease, claim.clone());
         match result {
-            Ok(()) => {
-                for p in added {
-                    self.installed.insert(*p, identity.clone());
-                }
-                self.welcome(now, link, lease);
+            Ok(()) => self.welcome(now, link, lease),
+            Err(e) => {
+                self.registry.abort(link.0, &claim);
+                self.refuse(now, link, crate::core::text::clean(&e, 200))
             }
-            Err(e) => self.refuse(now, link, crate::core::text::clean(&e, 200)),
         }
     }
 
@@ -330,7 +333,6 @@ impl Connector {
             counters: Arc::new(Counters::default()),
         });
         s.peer = Some(peer);
-        let prefixes = s.prefixes.clone();
         self.out.push_back(Transmit {
             link,
             msg: Control::Welcome {
@@ -350,7 +352,8 @@ impl Connector {
         if let Some(old) = self.current.insert(identity.clone(), link)
             && old != link
         {
-            self.sessions.remove(&old);
+            // What it owned and this one did not claim goes with it.
+            self.end_session(old);
             self.events.push_back(ConnectorEvent::CloseLink {
                 link: old,
                 code: 3,
@@ -358,13 +361,6 @@ impl Connector {
                 linger: false,
             });
         }
-        let stale: Vec<IpNet> = self
-            .installed
-            .iter()
-            .filter(|(n, who)| **who == identity && !prefixes.contains(n))
-            .map(|(n, _)| *n)
-            .collect();
-        self.uninstall(stale);
         self.publish();
     }
 
@@ -408,8 +404,10 @@ impl Connector {
                 self.refuse(now, link, reason);
                 continue;
             }
-            if let Err(reason) = self.check_advertise(&identity, &s.prefixes.clone()) {
-                self.refuse(now, link, format!("after reload: {reason}"));
+            if let Err(r) =
+                advertise::still_granted(&identity, &s.prefixes, &self.cfg.grants, &self.cfg.routes)
+            {
+                self.refuse(now, link, format!("after reload: {r}"));
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(&link)
@@ -455,68 +453,22 @@ impl Connector {
 
     /// The prefixes of `advertise` this identity may have routed to it, or why not.
     fn check_advertise(&self, identity: &str, advertise: &[IpNet]) -> Result<Vec<IpNet>, String> {
-        if advertise.len() > MAX_ADVERTISED {
-            return Err(format!(
-                "advertises {} prefixes; at most {MAX_ADVERTISED}",
-                advertise.len()
-            ));
-        }
-        let granted = self.cfg.policy.advertise_for(identity);
-        let mut taken: Vec<(IpNet, String)> = Vec::new();
-        for (net, who) in &self.installed {
-            if who != identity {
-                taken.push((*net, format!("advertised by {who}")));
-            }
-        }
-        for s in self.sessions.values() {
-            if s.info.identity == identity {
-                continue;
-            }
-            if let Some(p) = &s.peer {
-                taken.push((
-                    IpNet::from(IpAddr::V4(p.far_end.0)),
-                    format!("the overlay address of {}", s.info.identity),
-                ));
-                taken.push((
-                    IpNet::from(IpAddr::V6(p.far_end.1)),
-                    format!("the overlay address of {}", s.info.identity),
-                ));
-            }
-            for n in &s.prefixes {
-                taken.push((*n, format!("advertised by {}", s.info.identity)));
-            }
-        }
-        let mut accepted = Vec::new();
-        for net in advertise {
-            let check = advertisable(
-                *net,
-                &granted,
-                &[
-                    IpNet::V4(self.cfg.overlay_v4),
-                    IpNet::V6(self.cfg.overlay_v6),
-                ],
-                &self.cfg.routes,
-                &self.local_nets,
-                &taken,
-            );
-            match check {
-                Ok(()) if !accepted.contains(net) => accepted.push(*net),
-                Ok(()) => {}
-                Err(why) => return Err(format!("advertised prefix {net}: {why}")),
-            }
-        }
-        Ok(accepted)
-    }
-
-    fn uninstall(&mut self, prefixes: Vec<IpNet>) {
-        if prefixes.is_empty() {
-            return;
-        }
-        for p in &prefixes {
-            self.installed.remove(p);
-        }
-        self.events
-            .push_back(ConnectorEvent::RemoveRoutes { prefixes });
+        let taken = Taken {
+            overlay: vec![
+                IpNet::V4(self.cfg.overlay_v4),
+                IpNet::V6(self.cfg.overlay_v6),
+            ],
+            offered: self.cfg.routes.clone(),
+            local: self.local_nets.clone(),
+        };
+        advertise::check(
+            identity,
+            advertise,
+            &self.cfg.grants,
+            &taken,
+            &self.registry,
+        )
+        .map_err(|r| r.to_string())
     }
 
     /// Builds the snapshot the packet path reads, and follows the largest path with the MTU.
@@ -642,6 +594,7 @@ impl Connector {
                     info: &s.info,
                     reason: &s.reason,
                     addresses: path.far_end,
+                    advertised: &s.prefixes,
                     rtt: s.rtt,
                     since: s.since,
                     path,
@@ -659,49 +612,5 @@ impl Connector {
     /// Records a refusal decided outside the node (a TLS handshake the driver saw fail).
     pub fn record_refusal(&mut self, r: Refusal) {
         self.refusals.push(r);
-    }
-}
-
-/// Whether `net` may be routed to a client: inside a grant of its policy, and overlapping
-/// nothing the connector already routes elsewhere.
-pub fn advertisable(
-    net: IpNet,
-    granted: &[IpNet],
-    overlay: &[IpNet],
-    offered: &[IpNet],
-    local: &[IpNet],
-    taken: &[(IpNet, String)],
-) -> Result<(), String> {
-    if net != net.trunc() {
-        return Err("host bits are set".into());
-    }
-    if net.prefix_len() == 0 {
-        return Err("a default route is never advertisable".into());
-    }
-    if !granted.iter().any(|g| g.contains(&net)) {
-        return Err("no [[policy]] advertise entry of this identity grants it".into());
-    }
-    if let Some(o) = overlay.iter().find(|o| overlaps(net, **o)) {
-        return Err(format!("overlaps the overlay {o}"));
-    }
-    if let Some(r) = offered.iter().find(|r| overlaps(net, **r)) {
-        return Err(format!("overlaps the connector's route {r}"));
-    }
-    if let Some(l) = local.iter().find(|l| overlaps(net, **l)) {
-        return Err(format!("overlaps the connector's own subnet {l}"));
-    }
-    if let Some((t, whose)) = taken.iter().find(|(t, _)| overlaps(net, *t)) {
-        return Err(format!("overlaps {t}, {whose}"));
-    }
-    Ok(())
-}
-
-/// Whether two prefixes share any address.
-pub fn overlaps(a: IpNet, b: IpNet) -> bool {
-    match (a, b) {
-        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)) => {
-            a.contains(&b.network()) || b.contains(&a.network())
-        }
-        _ => false,
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use super::Jitter;
 use super::drops::{Drop, Drops};
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
+use crate::core::limits::{IdRefused, QueryIds, TokenBucket};
 use crate::core::resolver::{Attempt, OnServfail, Resolvers, Step};
 
 /// How long one resolver gets before the next is asked.
@@ -28,9 +29,11 @@ pub const MAX_IN_FLIGHT: usize = 4096;
 pub const MAX_PER_PEER: u32 = 256;
 /// Queries in flight to one resolver: a silent resolver cannot hold every slot.
 pub const MAX_PER_RESOLVER: u32 = 1024;
-/// Each peer's sustained rate and burst, in queries per second.
-pub const PEER_RATE: u32 = 500;
-pub const PEER_BURST: u32 = 1000;
+/// Each peer's sustained rate and burst, in queries per second: a busy site gateway's whole
+/// office resolves through one client, so this is generous; the in-flight caps are what stop
+/// a flood at a silent resolver.
+pub const PEER_RATE: u32 = 50_000;
+pub const PEER_BURST: u32 = 10_000;
 /// Random IDs tried before the query is given up.
 const ID_TRIES: usize = 16;
 
@@ -97,10 +100,9 @@ struct Flight {
     probe_of: Option<usize>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Bucket {
-    tokens: f64,
-    at: Instant,
+    rate: TokenBucket,
     in_flight: u32,
 }
 
@@ -110,10 +112,9 @@ pub struct Forwarder {
     next_zone: u64,
     flights: HashMap<u64, Flight>,
     next_flight: u64,
-    /// (query ID on the wire, resolver) → flight.
-    pending: HashMap<(u16, SocketAddr), u64>,
+    /// (query ID on the wire, resolver) → flight, at most MAX_PER_RESOLVER per resolver.
+    pending: QueryIds<u64>,
     peers: HashMap<u64, Bucket>,
-    per_resolver: HashMap<SocketAddr, u32>,
     out: std::collections::VecDeque<Output>,
     rng: Jitter,
     next_probe: Option<Instant>,
@@ -127,9 +128,8 @@ impl Forwarder {
             next_zone: 1,
             flights: HashMap::new(),
             next_flight: 1,
-            pending: HashMap::new(),
+            pending: QueryIds::new(MAX_PER_RESOLVER as usize),
             peers: HashMap::new(),
-            per_resolver: HashMap::new(),
             out: std::collections::VecDeque::new(),
             rng: Jitter::new(seed),
             next_probe: None,
@@ -187,19 +187,14 @@ impl Forwarder {
             self.drops.count(Drop::DnsMalformed);
             return;
         };
-        let bucket = self.peers.entry(asker.peer).or_insert(Bucket {
-            tokens: f64::from(PEER_BURST),
-            at: now,
+        let bucket = self.peers.entry(asker.peer).or_insert_with(|| Bucket {
+            rate: TokenBucket::new(PEER_RATE, PEER_BURST, now),
             in_flight: 0,
         });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * f64::from(PEER_RATE)).min(f64::from(PEER_BURST));
-        bucket.at = now;
-        if bucket.tokens < 1.0 {
+        if !bucket.rate.take(now) {
             self.drops.count(Drop::DnsRateLimited);
             return;
         }
-        bucket.tokens -= 1.0;
         let Some(zi) = self
             .zones
             .iter()
@@ -249,21 +244,17 @@ impl Forwarder {
             return;
         };
         let server = f.server;
-        let busy = self.per_resolver.get(&server).copied().unwrap_or(0) >= MAX_PER_RESOLVER;
-        let wire_id = (!busy)
-            .then(|| {
-                (0..ID_TRIES)
-                    .map(|_| (self.rng.next_u64() >> 48) as u16)
-                    .find(|i| !self.pending.contains_key(&(*i, server)))
-            })
-            .flatten();
-        let Some(wire_id) = wire_id else {
-            self.drops.count(if busy {
-                Drop::DnsTooManyInFlight
-            } else {
-                Drop::DnsNoQueryId
-            });
-            return self.give_up(id);
+        let candidates: [u16; ID_TRIES] =
+            std::array::from_fn(|_| (self.rng.next_u64() >> 48) as u16);
+        let wire_id = match self.pending.insert(server, &candidates, id) {
+            Ok(w) => w,
+            Err(e) => {
+                self.drops.count(match e {
+                    IdRefused::ResolverBusy => Drop::DnsTooManyInFlight,
+                    IdRefused::NoFreeId => Drop::DnsNoQueryId,
+                });
+                return self.give_up(id);
+            }
         };
         let Some(f) = self.flights.get_mut(&id) else {
             return;
@@ -274,17 +265,14 @@ impl Forwarder {
         if bytes.len() >= 2 {
             bytes[..2].copy_from_slice(&wire_id.to_be_bytes());
         }
-        self.pending.insert((wire_id, server), id);
-        *self.per_resolver.entry(server).or_default() += 1;
         self.out.push_back(Output::Udp { server, bytes });
     }
 
     fn unpend(&mut self, id: u64) {
         if let Some(f) = self.flights.get(&id)
-            && self.pending.remove(&(f.wire_id, f.server)).is_some()
-            && let Some(n) = self.per_resolver.get_mut(&f.server)
+            && self.pending.get(f.wire_id, f.server) == Some(&id)
         {
-            *n = n.saturating_sub(1);
+            self.pending.remove(f.wire_id, f.server);
         }
     }
 
@@ -297,7 +285,7 @@ impl Forwarder {
         ) else {
             return;
         };
-        let Some(fid) = self.pending.get(&(id, from)).copied() else {
+        let Some(fid) = self.pending.get(id, from).copied() else {
             return;
         };
         let same_question = self.flights.get(&fid).is_some_and(|f| {

@@ -151,6 +151,8 @@ pub struct PeerView<'a> {
     pub info: &'a LinkInfo,
     pub reason: &'a str,
     pub addresses: (std::net::Ipv4Addr, std::net::Ipv6Addr),
+    /// Connector: the client's accepted advertised prefixes.
+    pub advertised: &'a [ipnet::IpNet],
     pub rtt: Duration,
     pub since: Instant,
     pub path: &'a datapath::PeerPath,
@@ -167,6 +169,7 @@ impl PeerView<'_> {
             transport_reason: self.reason.to_string(),
             address_v4: self.addresses.0.to_string(),
             address_v6: self.addresses.1.to_string(),
+            advertised: self.advertised.iter().map(|n| n.to_string()).collect(),
             rtt_ms: self.rtt.as_secs_f64() * 1000.0,
             connected_since: unix_at(now, unix_now, self.since),
             connection_id: self.link.0,

@@ -18,6 +18,7 @@ use super::{
     LinkInfo, LinkKind,
 };
 use crate::config::{TlsPaths, Transport};
+use crate::core::advertise::Grants;
 use crate::core::control::Control;
 use crate::core::policy::{Entry, Policy, Rule};
 
@@ -88,24 +89,36 @@ pub fn tls_handshake(client: &TlsPaths, server: &TlsPaths) -> Result<(String, St
     Err("handshake did not finish".into())
 }
 
-pub fn policy(entries: &[(&str, &[&str], &[&str])]) -> Arc<Policy> {
-    Arc::new(Policy::from_entries(
-        entries
-            .iter()
-            .map(|(id, allow, advertise)| Entry {
+/// A policy: (identity glob, allow rules, advertise grants) per entry.
+pub type PolicySpec = Vec<(&'static str, Vec<&'static str>, Vec<&'static str>)>;
+
+pub fn policy(entries: &[(&'static str, &[&'static str], &[&'static str])]) -> PolicySpec {
+    entries
+        .iter()
+        .map(|(i, a, g)| (*i, a.to_vec(), g.to_vec()))
+        .collect()
+}
+
+pub fn connector_config(spec: PolicySpec) -> ConnectorConfig {
+    let policy = Arc::new(Policy::from_entries(
+        spec.iter()
+            .map(|(id, allow, _)| Entry {
                 identity: id.to_string(),
                 rules: allow
                     .iter()
                     .map(|r| Rule::parse(r).expect("rule"))
                     .collect(),
-                advertise: advertise.iter().map(|a| a.parse().expect("net")).collect(),
             })
             .collect(),
-    ))
-}
-
-pub fn connector_config(policy: Arc<Policy>) -> ConnectorConfig {
+    ));
+    let grants = Grants::new(spec.iter().map(|(id, _, adv)| {
+        (
+            id.to_string(),
+            adv.iter().map(|a| a.parse().expect("net")).collect(),
+        )
+    }));
     ConnectorConfig {
+        grants,
         overlay_v4: "100.64.0.0/24".parse().expect("net"),
         overlay_v6: "fd00:64::/64".parse().expect("net"),
         routes: vec![VPC.parse().expect("net")],
@@ -173,7 +186,7 @@ pub struct Pair {
 }
 
 impl Pair {
-    pub fn new(client: &str, transport: Transport, policy: Arc<Policy>) -> Pair {
+    pub fn new(client: &str, transport: Transport, policy: PolicySpec) -> Pair {
         Pair::with(client, false, transport, connector_config(policy), vec![])
     }
 

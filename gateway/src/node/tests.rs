@@ -12,7 +12,7 @@ use super::{ClientEvent, ConnectorEvent, LinkKind};
 use crate::config::Transport;
 use crate::core::packet::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
-fn ops_policy() -> std::sync::Arc<crate::core::policy::Policy> {
+fn ops_policy() -> pair::PolicySpec {
     pair::policy(&[
         (
             "ops-*",
@@ -327,8 +327,11 @@ fn a_client_may_advertise_only_what_its_policy_grants() {
     for (advertise, refused_because) in [
         ("192.0.2.0/24", None),
         ("192.0.2.128/25", None),
-        ("198.18.0.0/24", Some("no [[policy]] advertise entry")),
-        ("10.128.0.0/16", Some("no [[policy]] advertise entry")),
+        (
+            "198.18.0.0/24",
+            Some("not in any [[policy]] advertise list"),
+        ),
+        ("10.128.0.0/16", Some("overlaps the connector's route")),
         ("0.0.0.0/0", Some("default route")),
     ] {
         let net: IpNet = advertise.parse().expect("net");
@@ -365,7 +368,7 @@ fn advertised_routes_leave_with_the_session_and_the_overlay_or_vpc_cannot_be_cla
     for (net, why) in [
         ("10.128.0.0/16", "overlaps the connector's route"),
         ("100.64.0.3/32", "overlaps the overlay"),
-        ("203.0.113.0/25", "overlaps the connector's own subnet"),
+        ("203.0.113.0/25", "which the connector routes itself"),
     ] {
         let mut p = Pair::with(
             "site-tokyo",
@@ -447,7 +450,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
     assert_eq!(c.peers().len(), 1);
     // Another site claims the same LAN, then the first site's overlay address.
     for (i, claim, why) in [
-        (2, "192.0.2.128/25", "advertised by site-tokyo"),
+        (2, "192.0.2.128/25", "held by site-tokyo"),
         (3, "100.64.0.2/32", "overlaps the overlay"),
     ] {
         c.handle_link_up(now, LinkId(i), info("site-osaka"));

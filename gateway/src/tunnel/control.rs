@@ -78,4 +78,3 @@ where
     r.read_exact(&mut body).await?;
     Ok(decode(&body)?)
 }
-

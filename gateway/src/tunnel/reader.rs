@@ -63,7 +63,12 @@ pub(super) async fn read_frames<R: AsyncRead>(
     let mut reader = std::pin::pin!(reader);
     if let Some(gate) = gate {
         let hello = read_hello(&mut reader).await?;
-        if to.control.send(control::decode(&hello)).await.is_err() {
+        if to
+            .control
+            .send(control::decode(&hello).map_err(ControlError::from))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
         // A refused client is closed instead (and this task aborted).
@@ -88,7 +93,7 @@ pub(super) async fn read_frames<R: AsyncRead>(
                     }
                 }
                 FrameType::Control => {
-                    let msg = control::decode(&payload);
+                    let msg = control::decode(&payload).map_err(ControlError::from);
                     if to.control.send(msg).await.is_err() {
                         return Ok(());
                     }
