@@ -1,5 +1,6 @@
-//! Why the tunnel dropped a packet or a message: one list, counted in atomics, named in status
-//! and metrics. Numbers are never reused or renumbered; add new reasons at the end.
+//! Why the tunnel dropped a packet ([`Drop`]) and which bound a peer ran into ([`Limit`]): one
+//! list each, counted in atomics, named in status and metrics. Numbers are never reused or
+//! renumbered; add new reasons at the end.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,20 +8,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::core::packet::Malformed;
 
 macro_rules! reasons {
-    ($($variant:ident = $n:literal => $name:literal, $why:literal;)*) => {
-        /// A reason to drop; the name is the label `gatewayctl status` and metrics show.
+    ($(#[$doc:meta])* $enum:ident {
+        $($variant:ident = $n:literal => $name:literal, $why:literal;)*
+    }) => {
+        $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         #[repr(u32)]
-        pub enum Drop {
+        pub enum $enum {
             $(#[doc = $why] $variant = $n,)*
         }
 
-        impl Drop {
-            pub const ALL: &'static [Drop] = &[$(Drop::$variant,)*];
+        impl $enum {
+            pub const ALL: &'static [$enum] = &[$($enum::$variant,)*];
 
             pub const fn name(self) -> &'static str {
                 match self {
-                    $(Drop::$variant => $name,)*
+                    $($enum::$variant => $name,)*
                 }
             }
         }
@@ -28,6 +31,8 @@ macro_rules! reasons {
 }
 
 reasons! {
+    /// A reason to drop a packet; the name is the label `gatewayctl status` and metrics show.
+    Drop {
     MalformedEmpty = 0 => "malformed_empty", "An empty datagram from a peer.";
     MalformedBadVersion = 1 => "malformed_bad_version", "Neither IPv4 nor IPv6.";
     MalformedTruncatedHeader = 2 => "malformed_truncated_header", "Shorter than its IP header.";
@@ -45,10 +50,31 @@ reasons! {
     TunnelDown = 14 => "tunnel_down", "A client with no connector yet.";
     DnsRelayFailed = 15 => "dns_relay_failed", "A steered DNS query whose relay failed.";
     MalformedSourceRoute = 16 => "malformed_source_route", "IPv4 source-route option or IPv6 routing header.";
-    DnsMalformed = 17 => "dns_malformed", "A relayed DNS message that is not a query.";
-    DnsRateLimited = 18 => "dns_rate_limited", "Over the peer's DNS rate.";
-    DnsTooManyInFlight = 19 => "dns_too_many_in_flight", "Over the queries in flight allowed per peer, per resolver or in all.";
-    DnsNoQueryId = 20 => "dns_no_query_id", "No free query ID found in a bounded number of tries.";
+    }
+}
+
+reasons! {
+    /// A bound a peer ran into: what it asked for was refused, dropped or cut short.
+    Limit {
+    DnsRate = 0 => "dns_rate", "A query over its peer's DNS rate, dropped unanswered.";
+    DnsInFlightPeer = 1 => "dns_in_flight_peer", "A query past its peer's share of queries in flight.";
+    DnsInFlightGlobal = 2 => "dns_in_flight_global", "A query past the forwarder's queries in flight.";
+    DnsResolverBusy = 3 => "dns_resolver_busy", "A query past one resolver's queries in flight.";
+    DnsNoQueryId = 4 => "dns_no_query_id", "No free query ID in a bounded number of tries.";
+    DnsNotAQuery = 5 => "dns_not_a_query", "Bytes relayed as a DNS query that are not one.";
+    DnsStreamUnread = 6 => "dns_stream_unread", "A DNS stream that sent no whole query in time.";
+    DnsAnswerQueueFull = 7 => "dns_answer_queue_full", "An answer the peer's link had no room for.";
+    DnsBadTcpAnswer = 8 => "dns_bad_tcp_answer", "A resolver's TCP answer that does not answer the question.";
+    DnsRelayBusy = 9 => "dns_relay_busy", "A client's relayed query past its relays in flight.";
+    FrameTooLong = 10 => "frame_too_long", "A TCP-fallback frame longer than its type allows.";
+    FrameNotHello = 11 => "frame_not_hello", "A first frame that is not a hello.";
+    PacketBeforeWelcome = 12 => "packet_before_welcome", "A packet sent before the welcome.";
+    ControlRate = 13 => "control_rate", "Control messages faster than a client sends them.";
+    AdvertiseRefused = 14 => "advertise_refused", "A hello advertising a prefix its identity may not have.";
+    LearnedRouteRefused = 15 => "learned_route_refused", "A route from the connector this client would not install.";
+    DescriptorsLow = 16 => "descriptors_low", "A connection refused to keep descriptors for status and the tunnel.";
+    AccessStreams = 17 => "access_streams", "An access stream past the most open at once.";
+    }
 }
 
 impl Drop {
@@ -64,42 +90,57 @@ impl Drop {
     }
 }
 
-/// One counter per reason; shared by every task that moves packets, never locked.
-#[derive(Debug)]
-pub struct Drops([AtomicU64; Drop::ALL.len()]);
+macro_rules! counters {
+    ($(#[$doc:meta])* $name:ident, $enum:ident) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name([AtomicU64; $enum::ALL.len()]);
 
-impl Default for Drops {
-    fn default() -> Self {
-        Drops(std::array::from_fn(|_| AtomicU64::new(0)))
-    }
-}
-
-impl Drops {
-    pub fn count(&self, d: Drop) {
-        self.add(d, 1);
-    }
-
-    pub fn add(&self, d: Drop, n: u64) {
-        if let Some(c) = self.0.get(d as usize) {
-            c.fetch_add(n, Ordering::Relaxed);
+        impl Default for $name {
+            fn default() -> Self {
+                $name(std::array::from_fn(|_| AtomicU64::new(0)))
+            }
         }
-    }
 
-    pub fn get(&self, d: Drop) -> u64 {
-        self.0
-            .get(d as usize)
-            .map_or(0, |c| c.load(Ordering::Relaxed))
-    }
+        impl $name {
+            pub fn count(&self, d: $enum) {
+                self.add(d, 1);
+            }
 
-    /// Non-zero counters by name, as status and metrics show them.
-    pub fn by_name(&self) -> BTreeMap<String, u64> {
-        Drop::ALL
-            .iter()
-            .map(|d| (d.name().to_string(), self.get(*d)))
-            .filter(|(_, n)| *n > 0)
-            .collect()
-    }
+            pub fn add(&self, d: $enum, n: u64) {
+                if let Some(c) = self.0.get(d as usize) {
+                    c.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+
+            pub fn get(&self, d: $enum) -> u64 {
+                self.0
+                    .get(d as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            }
+
+            /// Non-zero counters by name, as status and metrics show them.
+            pub fn by_name(&self) -> BTreeMap<String, u64> {
+                $enum::ALL
+                    .iter()
+                    .map(|d| (d.name().to_string(), self.get(*d)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect()
+            }
+        }
+    };
 }
+
+counters!(
+    /// One counter per drop reason; shared by every task that moves packets, never locked.
+    Drops,
+    Drop
+);
+counters!(
+    /// One counter per bound a peer ran into.
+    Limits,
+    Limit
+);
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Jitter;
-use super::drops::{Drop, Drops};
+use super::drops::{Limit, Limits};
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
 use crate::core::limits::{IdRefused, QueryIds, TokenBucket};
 use crate::core::resolver::{Attempt, OnServfail, Resolvers, Step};
@@ -118,11 +118,11 @@ pub struct Forwarder {
     out: std::collections::VecDeque<Output>,
     rng: Jitter,
     next_probe: Option<Instant>,
-    drops: Arc<Drops>,
+    limits: Arc<Limits>,
 }
 
 impl Forwarder {
-    pub fn new(zones: Vec<ZoneSpec>, drops: Arc<Drops>, seed: u64) -> Forwarder {
+    pub fn new(zones: Vec<ZoneSpec>, limits: Arc<Limits>, seed: u64) -> Forwarder {
         let mut f = Forwarder {
             zones: Vec::new(),
             next_zone: 1,
@@ -133,7 +133,7 @@ impl Forwarder {
             out: std::collections::VecDeque::new(),
             rng: Jitter::new(seed),
             next_probe: None,
-            drops,
+            limits,
         };
         f.set_zones(zones);
         f
@@ -184,7 +184,7 @@ impl Forwarder {
     /// resolver answers) unless it is not a query at all or over a bound: then dropped, counted.
     pub fn handle_query(&mut self, now: Instant, asker: Asker, msg: &[u8]) {
         let Ok(q) = dns::parse_query(msg) else {
-            self.drops.count(Drop::DnsMalformed);
+            self.limits.count(Limit::DnsNotAQuery);
             return;
         };
         let bucket = self.peers.entry(asker.peer).or_insert_with(|| Bucket {
@@ -192,7 +192,7 @@ impl Forwarder {
             in_flight: 0,
         });
         if !bucket.rate.take(now) {
-            self.drops.count(Drop::DnsRateLimited);
+            self.limits.count(Limit::DnsRate);
             return;
         }
         let Some(zi) = self
@@ -205,7 +205,13 @@ impl Forwarder {
             return;
         };
         if bucket.in_flight >= MAX_PER_PEER || self.flights.len() >= MAX_IN_FLIGHT {
-            self.drops.count(Drop::DnsTooManyInFlight);
+            self.limits.count(if bucket.in_flight >= MAX_PER_PEER {
+                Limit::DnsInFlightPeer
+            } else {
+                Limit::DnsInFlightGlobal
+            });
+            let bytes = error_response(msg, q.question_end, RCODE_SERVFAIL);
+            self.out.push_back(Output::Answer { asker, bytes });
             return;
         }
         bucket.in_flight += 1;
@@ -249,9 +255,9 @@ impl Forwarder {
         let wire_id = match self.pending.insert(server, &candidates, id) {
             Ok(w) => w,
             Err(e) => {
-                self.drops.count(match e {
-                    IdRefused::ResolverBusy => Drop::DnsTooManyInFlight,
-                    IdRefused::NoFreeId => Drop::DnsNoQueryId,
+                self.limits.count(match e {
+                    IdRefused::ResolverBusy => Limit::DnsResolverBusy,
+                    IdRefused::NoFreeId => Limit::DnsNoQueryId,
                 });
                 return self.give_up(id);
             }

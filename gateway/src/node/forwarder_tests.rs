@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::drops::{Drop, Drops};
+use super::drops::{Limit, Limits};
 use super::forwarder::{
     Asker, Forwarder, MAX_PER_PEER, Output, PEER_BURST, QUERY_TIMEOUT, ZoneSpec,
 };
@@ -46,7 +46,7 @@ fn answer(q: &[u8], rcode: u8, truncated: bool) -> Vec<u8> {
 struct Sim {
     now: Instant,
     f: Forwarder,
-    drops: Arc<Drops>,
+    limits: Arc<Limits>,
     /// Queries sent to resolvers, and answers relayed to peers.
     sent: Vec<(SocketAddr, Vec<u8>)>,
     tcp: Vec<(u64, SocketAddr, Vec<u8>)>,
@@ -55,11 +55,11 @@ struct Sim {
 
 impl Sim {
     fn new(zones: Vec<ZoneSpec>) -> Sim {
-        let drops = Arc::new(Drops::default());
+        let limits = Arc::new(Limits::default());
         Sim {
             now: Instant::now(),
-            f: Forwarder::new(zones, drops.clone(), 42),
-            drops,
+            f: Forwarder::new(zones, limits.clone(), 42),
+            limits,
             sent: Vec::new(),
             tcp: Vec::new(),
             answers: Vec::new(),
@@ -252,9 +252,9 @@ fn one_peers_flood_is_bounded_and_others_still_get_answers() {
         s.sent.clear();
         s.answers.clear();
     }
-    let refused = s.drops.get(Drop::DnsRateLimited) + s.drops.get(Drop::DnsTooManyInFlight);
+    let refused = s.limits.get(Limit::DnsRate) + s.limits.get(Limit::DnsInFlightPeer);
     assert!(refused > 390_000, "{refused}");
-    assert!(s.drops.get(Drop::DnsRateLimited) >= 400_000 - 4 * 50_000 - u64::from(PEER_BURST));
+    assert!(s.limits.get(Limit::DnsRate) >= 400_000 - 4 * 50_000 - u64::from(PEER_BURST));
     // Peer 2 is not starved.
     s.ask(2, 77, "db.hoge-vpc.com");
     s.resolver_answers(PRIMARY, 0, false);
@@ -301,5 +301,5 @@ fn bytes_that_are_no_query_are_dropped_and_counted() {
     }
     s.drain();
     assert!(s.answers.is_empty() && s.sent.is_empty());
-    assert_eq!(s.drops.get(Drop::DnsMalformed), 4);
+    assert_eq!(s.limits.get(Limit::DnsNotAQuery), 4);
 }
