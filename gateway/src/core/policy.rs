@@ -292,12 +292,20 @@ impl Policy {
 /// reload, so a packet's decision matches no glob and allocates nothing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityRules {
-    rules: Vec<Rule>,
+    allow: Vec<Rule>,
+    inbound: Vec<Rule>,
 }
 
 impl IdentityRules {
-    pub fn allows(&self, m: &PacketMeta) -> bool {
-        self.rules.iter().any(|r| r.matches(m))
+    /// [`Policy::decide`] for this identity; never `DenyUnknownIdentity` (it is known).
+    pub fn decide(&self, m: &PacketMeta) -> Decision {
+        if self.allow.iter().any(|r| r.matches(m)) {
+            Decision::Allow
+        } else if self.inbound.iter().any(|r| r.answers(m)) {
+            Decision::AllowReply
+        } else {
+            Decision::DenyNoRule
+        }
     }
 }
 
@@ -307,18 +315,19 @@ impl Policy {
     }
 
     /// The rules of every entry naming `identity`; `None` when no entry does.
-    pub fn rules_for(&self, identity: &str) -> Option<IdentityRules> {
+    pub fn resolve(&self, identity: &str) -> Option<IdentityRules> {
         let mut known = false;
-        let mut rules = Vec::new();
+        let mut rules = IdentityRules::default();
         for e in self
             .entries
             .iter()
             .filter(|e| glob_match(&e.identity, identity))
         {
             known = true;
-            rules.extend_from_slice(&e.rules);
+            rules.allow.extend_from_slice(&e.rules);
+            rules.inbound.extend_from_slice(&e.inbound);
         }
-        known.then_some(IdentityRules { rules })
+        known.then_some(rules)
     }
 }
 

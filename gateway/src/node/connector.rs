@@ -316,7 +316,7 @@ impl Connector {
         let identity = s.info.identity.clone();
         s.phase = Phase::Up;
         s.since = now;
-        let rules = self.cfg.policy.rules_for(&identity);
+        let rules = self.cfg.policy.resolve(&identity);
         let mut sources = PrefixTable::default();
         sources.insert(IpNet::from(IpAddr::V4(lease.v4)), ());
         sources.insert(IpNet::from(IpAddr::V6(lease.v6)), ());
@@ -418,7 +418,7 @@ impl Connector {
                     identity: old.identity.clone(),
                     far_end: old.far_end,
                     sources: old.sources.clone(),
-                    rules: self.cfg.policy.rules_for(&identity),
+                    rules: self.cfg.policy.resolve(&identity),
                     max_packet: old.max_packet.load(Ordering::Relaxed).into(),
                     counters: old.counters.clone(),
                 }));

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use super::LinkId;
 use super::drops::{Drop, Drops};
 use super::table::PrefixTable;
-use crate::core::policy::IdentityRules;
+use crate::core::policy::{Decision, IdentityRules};
 use crate::core::{dns, icmp, mss, packet};
 
 /// A peer's traffic counters; they live as long as its session, across snapshots.
@@ -219,11 +219,14 @@ impl Datapath {
         if peer.sources.lookup(meta.src).is_none() {
             return Err(self.count(Drop::SpoofedSource));
         }
-        if !rules.allows(&meta) {
-            peer.counters.policy_drops.fetch_add(1, Ordering::Relaxed);
-            return Err(self.count(Drop::Policy));
+        match rules.decide(&meta) {
+            // An answer to an `inbound` connection: the forward filter checks it is one.
+            Decision::Allow | Decision::AllowReply => Ok(()),
+            Decision::DenyNoRule | Decision::DenyUnknownIdentity => {
+                peer.counters.policy_drops.fetch_add(1, Ordering::Relaxed);
+                Err(self.count(Drop::Policy))
+            }
         }
-        Ok(())
     }
 
     fn count(&self, d: Drop) -> Drop {

@@ -40,10 +40,16 @@ impl Pki {
             let _ = std::fs::remove_dir_all(&dir);
             crate::pki::init(&dir).expect("ca");
             crate::pki::init(&foreign).expect("foreign ca");
-            for name in [CONNECTOR, "ops-alice", "ops-bob", "mallory", "site-tokyo"] {
-                crate::pki::issue(&dir, name).expect("issue");
+            let client = crate::pki::IssueOptions::default();
+            let connector = crate::pki::IssueOptions {
+                profile: crate::pki::Profile::Connector,
+                ..Default::default()
+            };
+            crate::pki::issue(&dir, CONNECTOR, &connector).expect("issue");
+            for name in ["ops-alice", "ops-bob", "mallory", "site-tokyo"] {
+                crate::pki::issue(&dir, name, &client).expect("issue");
             }
-            crate::pki::issue(&foreign, "ops-alice").expect("issue foreign");
+            crate::pki::issue(&foreign, "ops-alice", &client).expect("issue foreign");
             Pki { dir, foreign }
         })
     }
@@ -52,7 +58,12 @@ impl Pki {
         let dir: &Path = if foreign { &self.foreign } else { &self.dir };
         let (ca, _) = crate::pki::ca_paths(dir);
         let (cert, key) = crate::pki::node_paths(dir, name);
-        TlsPaths { ca, cert, key }
+        TlsPaths {
+            ca,
+            cert,
+            key,
+            crl: None,
+        }
     }
 }
 
@@ -108,6 +119,7 @@ pub fn connector_config(spec: PolicySpec) -> ConnectorConfig {
                     .iter()
                     .map(|r| Rule::parse(r).expect("rule"))
                     .collect(),
+                inbound: Vec::new(),
             })
             .collect(),
     ));
