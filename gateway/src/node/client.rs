@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::datapath::{Counters, Datapath, PeerPath};
+use super::dial;
 use super::drops::Drops;
 use super::leases::{nth_v4, nth_v6};
 use super::table::PrefixTable;
@@ -129,10 +130,11 @@ enum State {
     },
     Dialing {
         attempt: u64,
-        kind: LinkKind,
+        /// Which step of the dial plan.
+        step: usize,
         deadline: Instant,
-        /// Why QUIC was given up, when this is the TCP fallback.
-        why: String,
+        /// The errors of the steps before.
+        errors: Vec<String>,
     },
     Hello {
         link: LinkId,
@@ -203,47 +205,31 @@ impl Client {
             .unwrap_or_default()
     }
 
-    fn dial(&mut self, now: Instant, kind: LinkKind, why: String) -> u64 {
+    /// Dials step `step` of the plan for the current target.
+    fn dial(&mut self, now: Instant, step: usize, errors: Vec<String>) {
+        let plan = dial::plan(self.cfg.transport, self.cfg.quic_timeout);
+        let Some(s) = plan.get(step).copied() else {
+            let reason = dial::failure(self.cfg.transport, &errors);
+            return self.fail(now, reason);
+        };
         let attempt = self.next_attempt;
         self.next_attempt += 1;
-        let timeout = match (self.cfg.transport, kind) {
-            (Transport::Auto, LinkKind::Quic) => self.cfg.quic_timeout,
-            _ => HANDSHAKE_TIMEOUT,
-        };
         self.events.push_back(ClientEvent::Dial {
             attempt,
             target: self.target_name(),
-            kind,
-            timeout,
+            kind: s.kind,
+            timeout: s.timeout,
         });
-        if !matches!(self.state, State::Up(_)) {
-            self.state = State::Dialing {
-                attempt,
-                kind,
-                deadline: now + timeout,
-                why,
-            };
-        }
-        attempt
-    }
-
-    /// The first dial of a round: QUIC unless the config pins TCP.
-    fn start_round(&mut self, now: Instant) {
-        match self.cfg.transport {
-            Transport::Tcp => {
-                self.dial(
-                    now,
-                    LinkKind::Tcp,
-                    "transport = \"tcp\" in the config".into(),
-                );
-            }
-            Transport::Quic | Transport::Auto => {
-                self.dial(now, LinkKind::Quic, String::new());
-            }
-        }
+        self.state = State::Dialing {
+            attempt,
+            step,
+            deadline: now + s.timeout,
+            errors,
+        };
     }
 
     pub fn handle_dial_failed(&mut self, now: Instant, attempt: u64, error: String) {
+        let error = crate::core::text::clean(&error, 200);
         if let State::Up(up) = &mut self.state {
             if let Probe::Dialing { attempt: a, .. } = up.probe
                 && a == attempt
@@ -254,8 +240,8 @@ impl Client {
         }
         let State::Dialing {
             attempt: a,
-            kind,
-            why,
+            step,
+            errors,
             ..
         } = &self.state
         else {
@@ -264,20 +250,9 @@ impl Client {
         if *a != attempt {
             return;
         }
-        let (kind, why) = (*kind, why.clone());
-        self.dial_failed(now, kind, why, error);
-    }
-
-    fn dial_failed(&mut self, now: Instant, kind: LinkKind, why: String, error: String) {
-        match (self.cfg.transport, kind) {
-            (Transport::Auto, LinkKind::Quic) => {
-                self.dial(now, LinkKind::Tcp, error);
-            }
-            (Transport::Auto, LinkKind::Tcp) => {
-                self.fail(now, format!("QUIC: {why}; TCP fallback: {error}"))
-            }
-            _ => self.fail(now, error),
-        }
+        let (step, mut errors) = (*step, errors.clone());
+        errors.push(error);
+        self.dial(now, step + 1, errors);
     }
 
     /// The session attempt failed or ended: backoff with jitter, then the next target.
@@ -308,15 +283,9 @@ impl Client {
         };
         match &mut self.state {
             State::Dialing {
-                attempt: a,
-                why,
-                kind,
-                ..
+                attempt: a, errors, ..
             } if *a == attempt => {
-                let reason = match kind {
-                    LinkKind::Quic => String::new(),
-                    LinkKind::Tcp => why.clone(),
-                };
+                let reason = dial::reason(self.cfg.transport, errors);
                 self.out.push_back(Transmit {
                     link,
                     msg: hello(&reason, &self.cfg.advertise),
@@ -585,22 +554,20 @@ impl Client {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         match &mut self.state {
-            State::Backoff { until } if now >= *until => self.start_round(now),
+            State::Backoff { until } if now >= *until => self.dial(now, 0, Vec::new()),
             State::Dialing {
                 attempt,
-                kind,
+                step,
                 deadline,
-                why,
+                errors,
             } if now >= *deadline => {
-                let (attempt, kind, why) = (*attempt, *kind, why.clone());
+                let (attempt, step, mut errors) = (*attempt, *step, errors.clone());
                 self.events.push_back(ClientEvent::CancelDial { attempt });
-                let error = match kind {
-                    LinkKind::Quic => format!("no QUIC handshake in {}", secs(self.timeout(kind))),
-                    LinkKind::Tcp => {
-                        format!("no TCP+TLS handshake in {}", secs(self.timeout(kind)))
-                    }
-                };
-                self.dial_failed(now, kind, why, error);
+                let plan = dial::plan(self.cfg.transport, self.cfg.quic_timeout);
+                if let Some(s) = plan.get(step) {
+                    errors.push(dial::timed_out(*s));
+                }
+                self.dial(now, step + 1, errors);
             }
             State::Hello { link, deadline, .. } if now >= *deadline => {
                 let link = *link;
@@ -659,13 +626,6 @@ impl Client {
                 }
             }
             _ => {}
-        }
-    }
-
-    fn timeout(&self, kind: LinkKind) -> Duration {
-        match (self.cfg.transport, kind) {
-            (Transport::Auto, LinkKind::Quic) => self.cfg.quic_timeout,
-            _ => HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -760,6 +720,7 @@ impl Client {
         let far_v6 = nth_v6(v6.trunc(), 1).unwrap_or(Ipv6Addr::UNSPECIFIED);
         Arc::new(PeerPath {
             link,
+            sink: info.sink.clone(),
             identity: name.into(),
             far_end: (far_v4, far_v6),
             sources: PrefixTable::default(),

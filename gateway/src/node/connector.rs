@@ -325,6 +325,7 @@ impl Connector {
         }
         let peer = Arc::new(PeerPath {
             link,
+            sink: s.info.sink.clone(),
             identity: identity.as_str().into(),
             far_end: (lease.v4, lease.v6),
             sources,
@@ -415,6 +416,7 @@ impl Connector {
             {
                 s.peer = Some(Arc::new(PeerPath {
                     link,
+                    sink: old.sink.clone(),
                     identity: old.identity.clone(),
                     far_end: old.far_end,
                     sources: old.sources.clone(),

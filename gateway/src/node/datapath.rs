@@ -38,10 +38,58 @@ impl Counters {
     }
 }
 
+/// Why a link did not take a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// Larger than one packet on this link: answered with ICMP "too big".
+    TooBig,
+    /// Queue full or link closed.
+    Dropped,
+}
+
+/// Where a peer's packets go: the driver's link. The node only carries it to the packet path,
+/// which hands it each packet; it never waits.
+pub trait PacketSink: Send + Sync {
+    fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError>;
+}
+
+/// A [`PacketSink`] as a plain value: cloned into every snapshot, equal when it is the same.
+#[derive(Clone)]
+pub struct Sink(pub Arc<dyn PacketSink>);
+
+impl Sink {
+    /// A sink that takes nothing (tests that look at decisions only).
+    pub fn none() -> Sink {
+        struct Nowhere;
+        impl PacketSink for Nowhere {
+            fn send_packet(&self, _: &[u8]) -> Result<(), SendError> {
+                Err(SendError::Dropped)
+            }
+        }
+        Sink(Arc::new(Nowhere))
+    }
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sink")
+    }
+}
+
+impl PartialEq for Sink {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Sink {}
+
 /// What the packet path needs of one peer. Shared by the node and every snapshot.
 #[derive(Debug)]
 pub struct PeerPath {
     pub link: LinkId,
+    /// The link's packet sender.
+    pub sink: Sink,
     pub identity: Arc<str>,
     /// Where ICMP too-big for packets towards this peer comes from: on a connector the
     /// client's overlay addresses (the far end of the tunnel, seen from the VPC), on a client

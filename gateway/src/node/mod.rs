@@ -15,6 +15,7 @@
 pub mod client;
 pub mod connector;
 pub mod datapath;
+pub mod dial;
 pub mod drops;
 pub mod forwarder;
 pub mod leases;
@@ -70,6 +71,8 @@ pub struct LinkInfo {
     pub identity: String,
     /// The largest IP packet one send carries now, if known.
     pub max_packet: Option<usize>,
+    /// Where the packet path sends this peer's packets.
+    pub sink: datapath::Sink,
 }
 
 /// A control message to send on a link.

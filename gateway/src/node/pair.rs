@@ -381,6 +381,7 @@ impl Pair {
                         remote: client_remote,
                         identity: client_identity,
                         max_packet: Some(mtu),
+                        sink: super::datapath::Sink::none(),
                     },
                 );
                 self.client.handle_link_up(
@@ -392,6 +393,7 @@ impl Pair {
                         remote,
                         identity: connector_identity,
                         max_packet: Some(mtu),
+                        sink: super::datapath::Sink::none(),
                     },
                 );
             }

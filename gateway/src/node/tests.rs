@@ -433,6 +433,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
         remote: "198.51.100.10:7844".parse().expect("addr"),
         identity: id.into(),
         max_packet: Some(1400),
+        sink: super::datapath::Sink::none(),
     };
     let hello = |nets: &[&str]| crate::core::control::Control::Hello {
         version: crate::core::control::PROTOCOL_VERSION,
@@ -483,6 +484,7 @@ fn a_silent_peer_is_closed_and_a_hello_that_never_comes_times_out() {
             remote: "198.51.100.10:7844".parse().expect("addr"),
             identity: "ops-alice".into(),
             max_packet: Some(1360),
+            sink: super::datapath::Sink::none(),
         },
     );
     assert_eq!(c.poll_timeout(), Some(now + super::HANDSHAKE_TIMEOUT));
