@@ -341,12 +341,10 @@ impl Pair {
                 }
             }
             Wire::Handshake { attempt, kind } => self.handshake(attempt, kind),
-            Wire::Down(link) => {
-                if self.links.remove(&link).is_some() {
-                    self.client
-                        .handle_link_down(now, link, "the link closed".into());
-                    self.connector.handle_link_down(now, link);
-                }
+            Wire::Down(link) if self.links.remove(&link).is_some() => {
+                self.client
+                    .handle_link_down(now, link, "the link closed".into());
+                self.connector.handle_link_down(now, link);
             }
             _ => {}
         }
@@ -558,10 +556,10 @@ impl Pair {
         if kind == Some(LinkKind::Quic) && self.udp_blocked {
             return;
         }
-        if self.loss > 0 && self.random() % u64::from(self.loss) == 0 {
+        if self.loss > 0 && self.random().is_multiple_of(u64::from(self.loss)) {
             return;
         }
-        let extra = if self.reorder && self.random() % 2 == 0 {
+        let extra = if self.reorder && self.random().is_multiple_of(2) {
             self.latency
         } else {
             Duration::ZERO
