@@ -29,7 +29,7 @@ struct Shared {
     /// Replaced by a successful reload.
     config: Mutex<Config>,
     last_reload: Mutex<Option<crate::api::ReloadStatus>>,
-    tunnel: Option<Arc<crate::tunnel::engine::Shared>>,
+    tunnel: Option<Arc<crate::tunnel::Shared>>,
     /// This node's certificate as read at start, and the verifiers (CRL) in force.
     certificate: Option<crate::pki::CertInfo>,
     trust: Option<Arc<crate::tunnel::tls::Trust>>,

@@ -77,10 +77,10 @@ pub enum ClientEvent {
         routes: Vec<IpNet>,
         zones: Vec<String>,
     },
-    /// The connector changed what it offers (its reload), on the same connection.
+    /// The connector changed what it offers (its reload), on the same connection: all its
+    /// routes and zones now.
     Offer {
-        added: Vec<IpNet>,
-        removed: Vec<IpNet>,
+        routes: Vec<IpNet>,
         zones: Vec<String>,
     },
     TunnelDown,
@@ -517,13 +517,9 @@ impl Client {
         if added.is_empty() && removed.is_empty() && zones == self.zones {
             return;
         }
-        up.routes = routes;
+        up.routes = routes.clone();
         self.zones = zones.clone();
-        self.events.push_back(ClientEvent::Offer {
-            added,
-            removed,
-            zones,
-        });
+        self.events.push_back(ClientEvent::Offer { routes, zones });
         let peer = up.peer.clone();
         self.publish(Some(peer));
     }
@@ -668,17 +664,17 @@ impl Client {
     }
 
     /// The connector, while the tunnel is up, as status lists it.
-    pub fn peers(&self) -> Vec<super::PeerView<'_>> {
+    pub fn peers(&self, now: Instant, unix_now: u64) -> Vec<super::PeerSnapshot> {
         match &self.state {
-            State::Up(up) => vec![super::PeerView {
+            State::Up(up) => vec![super::PeerSnapshot {
                 link: up.link,
-                info: &up.info,
-                reason: &up.reason,
+                info: up.info.clone(),
+                reason: up.reason.clone(),
                 addresses: (up.v4.addr(), up.v6.addr()),
-                advertised: &[],
+                advertised: Vec::new(),
                 rtt: up.rtt,
-                since: up.since,
-                path: &up.peer,
+                since: super::unix_at(now, unix_now, up.since),
+                path: up.peer.clone(),
             }],
             _ => Vec::new(),
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::datapath::{Counters, Datapath, PeerPath};
-use super::drops::Drops;
+use super::drops::{Drops, Limit, Limits};
 use super::leases::{Lease, Leases};
 use super::table::PrefixTable;
 use super::{HANDSHAKE_TIMEOUT, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit};
@@ -112,13 +112,14 @@ pub struct Connector {
     out: VecDeque<Transmit>,
     events: VecDeque<ConnectorEvent>,
     drops: Arc<Drops>,
+    limits: Arc<Limits>,
     datapath: Arc<Datapath>,
     version: u64,
     tun_mtu: u32,
 }
 
 impl Connector {
-    pub fn new(cfg: ConnectorConfig, drops: Arc<Drops>) -> Connector {
+    pub fn new(cfg: ConnectorConfig, drops: Arc<Drops>, limits: Arc<Limits>) -> Connector {
         Connector {
             leases: Leases::new(cfg.overlay_v4, cfg.overlay_v6, cfg.max_clients),
             cfg,
@@ -131,6 +132,7 @@ impl Connector {
             events: VecDeque::new(),
             datapath: Arc::new(Datapath::new(drops.clone())),
             drops,
+            limits,
             version: 0,
             tun_mtu: 0,
         }
@@ -198,6 +200,7 @@ impl Connector {
         }
         s.window.1 += 1;
         if s.window.1 > CONTROL_PER_SECOND {
+            self.limits.count(Limit::ControlRate);
             self.close(link, 4, "control messages too fast".into(), false);
             return;
         }
@@ -246,7 +249,10 @@ impl Connector {
         }
         let prefixes = match self.check_advertise(&identity, &advertise) {
             Ok(p) => p,
-            Err(reason) => return self.refuse(now, link, reason),
+            Err(reason) => {
+                self.limits.count(Limit::AdvertiseRefused);
+                return self.refuse(now, link, reason);
+            }
         };
         let Some(lease) = self.leases.lease(&identity) else {
             return self.refuse(now, link, "overlay address pool exhausted".into());
@@ -303,6 +309,7 @@ impl Connector {
         match result {
             Ok(()) => self.welcome(now, link, lease),
             Err(e) => {
+                self.limits.count(Limit::AdvertiseRefused);
                 self.registry.abort(link.0, &claim);
                 self.refuse(now, link, crate::core::text::clean(&e, 200))
             }
@@ -584,21 +591,21 @@ impl Connector {
     }
 
     /// The live sessions, as status lists them.
-    pub fn peers(&self) -> Vec<super::PeerView<'_>> {
+    pub fn peers(&self, now: Instant, unix_now: u64) -> Vec<super::PeerSnapshot> {
         let mut v: Vec<_> = self
             .current
             .values()
             .filter_map(|l| self.sessions.get(l).map(|s| (l, s)))
             .filter_map(|(l, s)| {
-                let path = s.peer.as_deref()?;
-                Some(super::PeerView {
+                let path = s.peer.clone()?;
+                Some(super::PeerSnapshot {
                     link: *l,
-                    info: &s.info,
-                    reason: &s.reason,
+                    info: s.info.clone(),
+                    reason: s.reason.clone(),
                     addresses: path.far_end,
-                    advertised: &s.prefixes,
+                    advertised: s.prefixes.clone(),
                     rtt: s.rtt,
-                    since: s.since,
+                    since: super::unix_at(now, unix_now, s.since),
                     path,
                 })
             })

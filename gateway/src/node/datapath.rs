@@ -51,6 +51,12 @@ pub enum SendError {
 /// which hands it each packet; it never waits.
 pub trait PacketSink: Send + Sync {
     fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError>;
+
+    /// The largest packet the link carries right now, when it can tell (QUIC's path MTU
+    /// discovery moves it between the node's readings).
+    fn max_packet(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A [`PacketSink`] as a plain value: cloned into every snapshot, equal when it is the same.
@@ -215,6 +221,15 @@ impl Datapath {
             // QUIC has not agreed on datagrams yet: the send fails and is counted there.
             return FromTun::Send(peer.clone());
         };
+        let mut max = max;
+        if pkt.len() > max {
+            // The path may have grown since the node last read it: ask the link before
+            // answering "too big" (rare: only packets above the size last read).
+            if let Some(live) = peer.sink.0.max_packet() {
+                peer.max_packet.store(live, Ordering::Relaxed);
+                max = live;
+            }
+        }
         if pkt.len() > max {
             return match self.too_big(peer, pkt, max, reply) {
                 Some(n) => FromTun::Reply(n),

@@ -74,6 +74,42 @@ reasons! {
     LearnedRouteRefused = 15 => "learned_route_refused", "A route from the connector this client would not install.";
     DescriptorsLow = 16 => "descriptors_low", "A connection refused to keep descriptors for status and the tunnel.";
     AccessStreams = 17 => "access_streams", "An access stream past the most open at once.";
+    FrameUnknownType = 18 => "frame_unknown_type", "A TCP-fallback frame of a type no version sends.";
+    FrameUnexpectedType = 19 => "frame_unexpected_type", "A frame type this side never receives.";
+    DnsQueueFull = 20 => "dns_queue_full", "A relayed query the forwarder's queue had no room for.";
+    }
+}
+
+reasons! {
+    /// Why a connection never authenticated (before any identity is known).
+    Failure {
+    TlsFailed = 0 => "tls_failed", "The TLS handshake failed (no or a foreign certificate, a revoked one, ...).";
+    TimedOut = 1 => "timed_out", "No TLS handshake in time.";
+    OverCapacity = 2 => "over_capacity", "As many handshakes pending as the connector allows.";
+    OverCapacityPerSource = 3 => "over_capacity_per_source", "As many handshakes pending from this source as one may have.";
+    NoName = 4 => "no_name", "A certificate without a name.";
+    BadName = 5 => "bad_name", "A certificate name that is no plain name.";
+    }
+}
+
+impl Limit {
+    /// The bound a TCP-fallback frame broke.
+    pub fn of_frame(e: crate::core::frame::FrameError) -> Limit {
+        use crate::core::frame::FrameError;
+        match e {
+            FrameError::UnknownType(_) => Limit::FrameUnknownType,
+            FrameError::TooLong(_) => Limit::FrameTooLong,
+            FrameError::Unexpected(_) => Limit::FrameUnexpectedType,
+        }
+    }
+}
+
+impl Failure {
+    pub fn of_slot(s: crate::core::limits::SlotRefused) -> Failure {
+        match s {
+            crate::core::limits::SlotRefused::Global => Failure::OverCapacity,
+            crate::core::limits::SlotRefused::Source => Failure::OverCapacityPerSource,
+        }
     }
 }
 
@@ -140,6 +176,11 @@ counters!(
     /// One counter per bound a peer ran into.
     Limits,
     Limit
+);
+counters!(
+    /// One counter per reason a connection never authenticated.
+    Failures,
+    Failure
 );
 
 #[cfg(test)]

@@ -180,12 +180,13 @@ impl Forwarder {
             .map(|(_, z)| z)
     }
 
-    /// A query relayed by a peer. Always answered (REFUSED outside the zones, SERVFAIL when no
-    /// resolver answers) unless it is not a query at all or over a bound: then dropped, counted.
-    pub fn handle_query(&mut self, now: Instant, asker: Asker, msg: &[u8]) {
+    /// A query relayed by a peer. Answered (REFUSED outside the zones, SERVFAIL when no
+    /// resolver answers or over an in-flight bound) unless it is not a query at all or over
+    /// the peer's rate: then dropped, counted, and `false` returned (no answer will come).
+    pub fn handle_query(&mut self, now: Instant, asker: Asker, msg: &[u8]) -> bool {
         let Ok(q) = dns::parse_query(msg) else {
             self.limits.count(Limit::DnsNotAQuery);
-            return;
+            return false;
         };
         let bucket = self.peers.entry(asker.peer).or_insert_with(|| Bucket {
             rate: TokenBucket::new(PEER_RATE, PEER_BURST, now),
@@ -193,7 +194,7 @@ impl Forwarder {
         });
         if !bucket.rate.take(now) {
             self.limits.count(Limit::DnsRate);
-            return;
+            return false;
         }
         let Some(zi) = self
             .zones
@@ -202,7 +203,7 @@ impl Forwarder {
         else {
             let bytes = error_response(msg, q.question_end, RCODE_REFUSED);
             self.out.push_back(Output::Answer { asker, bytes });
-            return;
+            return true;
         };
         if bucket.in_flight >= MAX_PER_PEER || self.flights.len() >= MAX_IN_FLIGHT {
             self.limits.count(if bucket.in_flight >= MAX_PER_PEER {
@@ -212,7 +213,7 @@ impl Forwarder {
             });
             let bytes = error_response(msg, q.question_end, RCODE_SERVFAIL);
             self.out.push_back(Output::Answer { asker, bytes });
-            return;
+            return true;
         }
         bucket.in_flight += 1;
         let (key, zone) = &mut self.zones[zi];
@@ -221,7 +222,7 @@ impl Forwarder {
             zone.stats.servfails += 1;
             self.release(asker);
             self.finish_error(asker, msg, q.question_end);
-            return;
+            return true;
         };
         let server = zone.spec.servers.get(attempt.current).copied();
         let id = self.next_flight;
@@ -242,6 +243,11 @@ impl Forwarder {
         };
         self.flights.insert(id, flight);
         self.send(now, id);
+        true
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Sends flight `id` to its current resolver under a fresh ID, or ends it.
@@ -327,10 +333,14 @@ impl Forwarder {
         let Some(truncated) = f.truncated.take() else {
             return;
         };
+        let asked = answer.is_some();
         let good = answer.filter(|a| {
             dns::response_rcode(a).is_some()
                 && dns::parse_name(a, 12).is_ok_and(|(n, _)| n.eq_ignore_ascii_case(&f.name))
         });
+        if asked && good.is_none() {
+            self.limits.count(Limit::DnsBadTcpAnswer);
+        }
         self.answered(now, ticket, good.unwrap_or(truncated));
     }
 

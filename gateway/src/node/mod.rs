@@ -143,38 +143,46 @@ impl Jitter {
     }
 }
 
-/// Seconds since the Unix epoch at `t`, given the wall clock's reading `unix_now` at `now`.
-pub fn unix_at(now: Instant, unix_now: u64, t: Instant) -> u64 {
-    unix_now.saturating_sub(now.saturating_duration_since(t).as_secs())
+/// Seconds since the Unix epoch at `t`, given the wall clock's reading `unix_at_base` at
+/// `base` (before or after `t`). A driver passes one fixed pair, so a time reads the same at
+/// every status.
+pub fn unix_at(base: Instant, unix_at_base: u64, t: Instant) -> u64 {
+    match t.checked_duration_since(base) {
+        Some(after) => unix_at_base.saturating_add(after.as_secs()),
+        None => unix_at_base.saturating_sub(base.saturating_duration_since(t).as_secs()),
+    }
 }
 
-/// The status line of one peer. `ping_ms` is the driver's to fill in.
-pub struct PeerView<'a> {
+/// One live peer as status shows it: what the node knows, and its path's live counters.
+#[derive(Debug, Clone)]
+pub struct PeerSnapshot {
     pub link: LinkId,
-    pub info: &'a LinkInfo,
-    pub reason: &'a str,
+    pub info: LinkInfo,
+    pub reason: String,
     pub addresses: (std::net::Ipv4Addr, std::net::Ipv6Addr),
     /// Connector: the client's accepted advertised prefixes.
-    pub advertised: &'a [ipnet::IpNet],
+    pub advertised: Vec<ipnet::IpNet>,
     pub rtt: Duration,
-    pub since: Instant,
-    pub path: &'a datapath::PeerPath,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    pub path: std::sync::Arc<datapath::PeerPath>,
 }
 
-impl PeerView<'_> {
-    pub fn status(&self, now: Instant, unix_now: u64) -> crate::api::PeerStatus {
+impl PeerSnapshot {
+    /// The status line of this peer; `ping_ms` is the driver's to fill in.
+    pub fn status(&self) -> crate::api::PeerStatus {
         use std::sync::atomic::Ordering::Relaxed;
         let c = &self.path.counters;
         crate::api::PeerStatus {
             identity: self.info.identity.clone(),
             remote: self.info.remote.to_string(),
             transport: self.info.kind.name().into(),
-            transport_reason: self.reason.to_string(),
+            transport_reason: self.reason.clone(),
             address_v4: self.addresses.0.to_string(),
             address_v6: self.addresses.1.to_string(),
             advertised: self.advertised.iter().map(|n| n.to_string()).collect(),
             rtt_ms: self.rtt.as_secs_f64() * 1000.0,
-            connected_since: unix_at(now, unix_now, self.since),
+            connected_since: self.since,
             connection_id: self.link.0,
             max_datagram: self.path.max_packet().unwrap_or(0) as u64,
             tx_packets: c.tx_packets.load(Relaxed),
@@ -183,6 +191,17 @@ impl PeerView<'_> {
             rx_bytes: c.rx_bytes.load(Relaxed),
             policy_drops: c.policy_drops.load(Relaxed),
             ping_ms: None,
+        }
+    }
+}
+
+impl Refusal {
+    pub fn to_api(&self, now: Instant, unix_now: u64) -> crate::api::Refusal {
+        crate::api::Refusal {
+            identity: self.identity.clone(),
+            remote: self.remote.to_string(),
+            reason: self.reason.clone(),
+            at: unix_at(now, unix_now, self.at),
         }
     }
 }

@@ -213,7 +213,11 @@ impl Pair {
         let now = Instant::now();
         let client_drops = Arc::new(Drops::default());
         let connector_drops = Arc::new(Drops::default());
-        let mut connector = Connector::new(cfg, connector_drops.clone());
+        let mut connector = Connector::new(
+            cfg,
+            connector_drops.clone(),
+            Arc::new(super::drops::Limits::default()),
+        );
         connector.set_local_nets(vec![
             "10.128.0.0/16".parse().expect("net"),
             "203.0.113.0/24".parse().expect("net"),
@@ -456,11 +460,8 @@ impl Pair {
             ClientEvent::TunnelUp { routes, .. } => {
                 self.client_routes = routes.into_iter().collect();
             }
-            ClientEvent::Offer { added, removed, .. } => {
-                self.client_routes.extend(added);
-                for r in removed {
-                    self.client_routes.remove(&r);
-                }
+            ClientEvent::Offer { routes, .. } => {
+                self.client_routes = routes.into_iter().collect();
             }
             ClientEvent::TunnelDown => {}
         }
@@ -581,16 +582,16 @@ impl Pair {
 
     pub fn client_peer(&self) -> Option<crate::api::PeerStatus> {
         self.client
-            .peers()
+            .peers(self.now, 1_000_000)
             .first()
-            .map(|p| p.status(self.now, 1_000_000))
+            .map(|p| p.status())
     }
 
     pub fn connector_peers(&self) -> Vec<crate::api::PeerStatus> {
         self.connector
-            .peers()
+            .peers(self.now, 1_000_000)
             .iter()
-            .map(|p| p.status(self.now, 1_000_000))
+            .map(|p| p.status())
             .collect()
     }
 

@@ -426,7 +426,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
         &["192.0.2.0/24", "100.64.0.0/10"],
     )]);
     let drops = std::sync::Arc::new(super::drops::Drops::default());
-    let mut c = super::Connector::new(pair::connector_config(policy), drops);
+    let mut c = super::Connector::new(pair::connector_config(policy), drops, Default::default());
     let now = std::time::Instant::now();
     let info = |id: &str| LinkInfo {
         kind: LinkKind::Quic,
@@ -448,7 +448,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
             c.handle_routes_added(now, link, &prefixes, Ok(()));
         }
     }
-    assert_eq!(c.peers().len(), 1);
+    assert_eq!(c.peers(now, 0).len(), 1);
     // Another site claims the same LAN, then the first site's overlay address.
     for (i, claim, why) in [
         (2, "192.0.2.128/25", "held by site-tokyo"),
@@ -459,7 +459,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
         let r = c.refusals().last().expect("refused");
         assert!(r.reason.contains(why), "{claim}: {}", r.reason);
     }
-    assert_eq!(c.peers().len(), 1);
+    assert_eq!(c.peers(now, 0).len(), 1);
     let dp = c.datapath();
     let to_lan = dp
         .peer_for("192.0.2.200".parse().expect("ip"))
@@ -474,7 +474,11 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
 fn a_silent_peer_is_closed_and_a_hello_that_never_comes_times_out() {
     use super::{LinkId, LinkInfo};
     let drops = std::sync::Arc::new(super::drops::Drops::default());
-    let mut c = super::Connector::new(pair::connector_config(ops_policy()), drops);
+    let mut c = super::Connector::new(
+        pair::connector_config(ops_policy()),
+        drops,
+        Default::default(),
+    );
     let now = std::time::Instant::now();
     c.handle_link_up(
         now,

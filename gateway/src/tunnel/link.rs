@@ -26,7 +26,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
 use super::reader::{Dispatch, ReadError, read_frames};
 use crate::core::frame::{self, FrameType, Limits};
-use crate::core::limits::Tally;
+pub use crate::node::datapath::SendError;
+use crate::node::datapath::{PacketSink, Sink};
+use crate::node::drops::{Limit, Limits as Counts};
 
 /// Largest IP packet the TCP fallback carries. Below the 1362 bytes a fresh QUIC connection's
 /// datagrams hold, so a TCP session whose MSS was clamped on the fallback still fits when the
@@ -68,7 +70,7 @@ impl Side {
             Side::Connector => Limits {
                 control: MAX_CLIENT_MESSAGE,
                 packet: TCP_MAX_PACKET,
-                dns_query: Some(4 + super::dns::MAX_QUERY),
+                dns_query: Some(4 + super::relay::MAX_QUERY),
                 dns_answer: None,
             },
         }
@@ -81,14 +83,6 @@ impl Side {
             Side::Connector => MAX_CLIENT_MESSAGE,
         }
     }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum SendError {
-    /// Larger than one packet on this link: answered with ICMP "too big".
-    TooBig,
-    /// Queue full or link closed.
-    Dropped,
 }
 
 #[derive(Clone)]
@@ -155,7 +149,7 @@ impl Link {
     /// TCP stream.
     pub async fn relay_dns(&self, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
         match self {
-            Link::Quic(c) => super::dns::relay(c, msg).await,
+            Link::Quic(c) => super::relay::ask(c, msg).await,
             Link::Tcp(t) => t.relay_dns(msg).await,
         }
     }
@@ -184,6 +178,23 @@ impl Link {
             Link::Quic(c) => super::tls::peer_chain(c),
             Link::Tcp(t) => (!t.peer_chain.is_empty()).then(|| t.peer_chain.clone()),
         }
+    }
+}
+
+impl PacketSink for Link {
+    fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError> {
+        Link::send_packet(self, pkt)
+    }
+
+    fn max_packet(&self) -> Option<usize> {
+        Link::max_packet(self)
+    }
+}
+
+impl Link {
+    /// This link as the node's packet sink.
+    pub fn sink(&self) -> Sink {
+        Sink(Arc::new(self.clone()))
     }
 }
 
@@ -283,10 +294,10 @@ impl Inbound {
     }
     /// Before the welcome: QUIC datagrams are read and dropped (counted) so none pile up;
     /// the TCP link reads nothing yet. Never returns.
-    pub async fn discard(&mut self, tally: &Tally) -> std::convert::Infallible {
+    pub async fn discard(&mut self, counts: &Counts) -> std::convert::Infallible {
         if let Inbound::Quic(c) = self {
             while c.read_datagram().await.is_ok() {
-                tally.bump("packet_before_welcome");
+                counts.count(Limit::PacketBeforeWelcome);
             }
         }
         std::future::pending().await
@@ -335,7 +346,7 @@ impl TcpLink {
         socket: OwnedFd,
         remote: SocketAddr,
         side: Side,
-        tally: Arc<Tally>,
+        tally: Arc<Counts>,
     ) -> Opened
     where
         S: AsyncRead + AsyncWrite + PeerCertificates + Send + 'static,
@@ -374,8 +385,8 @@ impl TcpLink {
             let result = read_frames(reader, side, gate_rx, to).await;
             if let Err(e) = result {
                 match &e {
-                    ReadError::Frame(f) => tally.bump(f.name()),
-                    ReadError::NotHello(_) => tally.bump("frame_not_hello"),
+                    ReadError::Frame(f) => tally.count(Limit::of_frame(*f)),
+                    ReadError::NotHello(_) => tally.count(Limit::FrameNotHello),
                     _ => {}
                 }
                 let _ = control_tx
@@ -460,7 +471,7 @@ impl TcpLink {
     }
 
     async fn relay_dns(&self, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
-        if msg.len() > super::dns::MAX_QUERY {
+        if msg.len() > super::relay::MAX_QUERY {
             bail!("a {}-byte query is above what a connector takes", msg.len());
         }
         let id = self.next_dns.fetch_add(1, Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! The tunnel: IP packets in QUIC DATAGRAM frames between a client and a connector, through a
-//! TUN device on each end.
+//! The tunnel's IO: IP packets in QUIC DATAGRAM frames between a client and a connector,
+//! through a TUN device on each end, around the sans-IO `node` that makes every decision.
 //!
 //! ```text
 //!  client host                                        connector (VPC gateway)
@@ -7,29 +7,40 @@
 //!  app ◀────────── TUN ◀─ datagram ◀══════════════ peer by dst ◀─ TUN ◀─ route (overlay) ◀─ VPC
 //! ```
 //!
-//! Control (hello, welcome or refusal) travels on one bidirectional stream per connection.
-//! Where UDP does not get through, the same messages, packets and DNS queries travel as frames
-//! on TLS 1.3 over TCP (`link`), and the client keeps probing QUIC to move back to it.
-//! Decisions (policy, packet parsing) are the sans-IO `core`; this module is the IO around it.
+//! `engine` composes a role: `connector` or `client` drives its node (one task owning it);
+//! `links` runs each link (control in and out, packets in); `datapath` reads the TUN; `dial`
+//! opens a client's links and `link` carries control, packets and DNS alike over QUIC or TLS
+//! over TCP (`reader`, `relay`); `dns` and `dns_serve` are the connector's forwarder, `stub`
+//! the client's relay; `access_server` the connector's side of `gatewayctl access` (`access`);
+//! `status` what `gatewayctl status` reads; `tls`, `nat`, `filter`, `nftdump`, `net`, `probe`,
+//! `peer_routes` the kernel and crypto around them.
 
 pub mod access;
+mod access_server;
 mod client;
+mod connector;
 pub mod control;
+mod datapath;
+mod dial;
 pub mod dns;
 mod dns_serve;
 pub mod engine;
 pub mod filter;
-mod keepalive;
 pub mod link;
+mod links;
 pub mod nat;
 pub mod net;
 pub mod nftdump;
 mod peer_routes;
 pub mod probe;
 mod reader;
+mod relay;
+pub mod status;
+mod stub;
 pub mod tls;
 
 pub use engine::{TunnelHandle, start};
+pub use status::Shared;
 
 /// Called on a client with the routes and DNS zones (lowercase wire names) the connector sent
 /// and the TUN's ifindex, so the eBPF programs can count them and steer traffic into the TUN.

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
 use super::link::{Side, TcpLink};
 use crate::core::frame::{self, FrameError, FrameType, Limits};
-use crate::core::limits::Tally;
+use crate::node::drops::{Limit, Limits as Counts};
 
 /// Where the reader hands what it decoded.
 pub(super) struct Dispatch<'a> {
@@ -18,7 +18,7 @@ pub(super) struct Dispatch<'a> {
     pub(super) packets: mpsc::Sender<Bytes>,
     pub(super) control: mpsc::Sender<Result<Control, ControlError>>,
     pub(super) dns: mpsc::Sender<(u32, Vec<u8>)>,
-    pub(super) tally: &'a Tally,
+    pub(super) tally: &'a Counts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +104,7 @@ pub(super) async fn read_frames<R: AsyncRead>(
                 FrameType::DnsQuery => {
                     let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
                     if to.dns.try_send((id, payload[4..].to_vec())).is_err() {
-                        to.tally.bump("dns_queue_full");
+                        to.tally.count(Limit::DnsQueueFull);
                     }
                 }
                 FrameType::DnsAnswer => {
@@ -139,14 +139,14 @@ mod tests {
     }
 
     /// Runs a connector's reader on `input` (then the stream stays open), its gate shut.
-    async fn connector_reads(input: Vec<u8>) -> (Result<(), ReadError>, Ends, Tally) {
+    async fn connector_reads(input: Vec<u8>) -> (Result<(), ReadError>, Ends, Counts) {
         let (mut peer, ours) = tokio::io::duplex(256 * 1024);
         peer.write_all(&input).await.expect("write");
         let (packets_tx, packets) = mpsc::channel(16);
         let (control_tx, control) = mpsc::channel(16);
         let (dns_tx, _dns) = mpsc::channel(16);
         let (_gate_tx, gate) = oneshot::channel::<()>();
-        let tally = Tally::default();
+        let tally = Counts::default();
         let weak = std::sync::Weak::new();
         let to = Dispatch {
             link: &weak,

@@ -1,0 +1,117 @@
+//! Opening the tunnel's links to a connector, one transport at a time as `node::dial` orders
+//! them: QUIC from the client's endpoint, or TLS over TCP from the same pinned source port, so
+//! a stateless ACL needs no ephemeral range.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use quinn::Endpoint;
+
+use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side, TcpLink};
+use crate::node::LinkKind;
+use crate::node::drops::Limits;
+
+pub struct Dialer {
+    /// `None` when the config says `transport = "tcp"`.
+    pub endpoint: Option<Endpoint>,
+    pub tcp: tokio_rustls::TlsConnector,
+    pub server_name: String,
+    /// Pinned source port, for QUIC (the endpoint's) and TCP alike (0: any).
+    pub source_port: u16,
+    pub fallback_port: Option<u16>,
+    pub limits: Arc<Limits>,
+}
+
+/// The first address `target` (`host:port`) resolves to.
+pub async fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(target)
+        .await
+        .with_context(|| format!("resolving {target}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{target} resolves to nothing"))
+}
+
+impl Dialer {
+    /// A link to `target` over `kind`, within `timeout`.
+    pub async fn open(
+        &self,
+        target: &str,
+        kind: LinkKind,
+        timeout: Duration,
+    ) -> anyhow::Result<Opened> {
+        let addr = resolve(target).await?;
+        let opened = tokio::time::timeout(timeout, async {
+            match kind {
+                LinkKind::Quic => self.quic(addr).await,
+                LinkKind::Tcp => self.tcp(addr).await,
+            }
+        })
+        .await;
+        opened.map_err(|_| {
+            anyhow!(
+                "{}",
+                crate::node::dial::timed_out(crate::node::dial::Step { kind, timeout })
+            )
+        })?
+    }
+
+    async fn quic(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
+        let conn = endpoint.connect(addr, &self.server_name)?.await?;
+        let (send, recv) = conn.open_bi().await?;
+        Ok(Opened {
+            link: Link::Quic(conn.clone()),
+            control_tx: ControlTx::Quic(send),
+            control_rx: ControlRx::quic(recv, Side::Client),
+            inbound: Inbound::Quic(conn),
+            dns_queries: None,
+        })
+    }
+
+    async fn tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
+        let addr = SocketAddr::new(addr.ip(), self.fallback_port.unwrap_or(addr.port()));
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if self.source_port != 0 {
+            // Reuse lets a reconnect bind the port while the last connection is in TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            let any: IpAddr = if addr.is_ipv4() {
+                Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            socket
+                .bind(SocketAddr::new(any, self.source_port))
+                .with_context(|| format!("binding TCP source port {}", self.source_port))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .with_context(|| format!("TCP connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let fd = stream.as_fd().try_clone_to_owned()?;
+        let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
+            .map_err(|e| anyhow!("server_name {:?}: {e}", self.server_name))?;
+        let tls = self
+            .tcp
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS over TCP to {addr}"))?;
+        Ok(TcpLink::start(
+            tls,
+            fd,
+            addr,
+            Side::Client,
+            self.limits.clone(),
+        ))
+    }
+}
