@@ -49,7 +49,11 @@ reasons! {
     TooBigNoDf = 13 => "too_big_no_df", "Larger than the peer's path and not answerable (no DF, or an ICMP error).";
     TunnelDown = 14 => "tunnel_down", "A client with no connector yet.";
     DnsRelayFailed = 15 => "dns_relay_failed", "A steered DNS query whose relay failed.";
-    MalformedSourceRoute = 16 => "malformed_source_route", "IPv4 source-route option or IPv6 routing header.";
+    MalformedSourceRoute = 16 => "malformed_source_route", "An IPv4 loose or strict source route: a peer must not pick the path.";
+    MalformedIpOptions = 17 => "malformed_ip_options", "Any other IPv4 option but padding.";
+    MalformedBadOptions = 18 => "malformed_bad_options", "IPv4 options whose lengths do not add up.";
+    MalformedRoutingHeader = 19 => "malformed_routing_header", "An IPv6 Routing header anywhere in the extension headers.";
+    MalformedExtensionChain = 20 => "malformed_extension_chain", "More IPv6 extension headers than are ever walked.";
     }
 }
 
@@ -122,6 +126,11 @@ impl Drop {
             Malformed::TruncatedHeader => Drop::MalformedTruncatedHeader,
             Malformed::BadHeaderLength => Drop::MalformedBadHeaderLength,
             Malformed::TruncatedTransport => Drop::MalformedTruncatedTransport,
+            Malformed::SourceRoute => Drop::MalformedSourceRoute,
+            Malformed::IpOptions => Drop::MalformedIpOptions,
+            Malformed::BadOptions => Drop::MalformedBadOptions,
+            Malformed::RoutingHeader => Drop::MalformedRoutingHeader,
+            Malformed::ExtensionChain => Drop::MalformedExtensionChain,
         }
     }
 }
@@ -197,6 +206,24 @@ mod tests {
         }
         let names: std::collections::BTreeSet<_> = Drop::ALL.iter().map(|d| d.name()).collect();
         assert_eq!(names.len(), Drop::ALL.len());
+    }
+
+    #[test]
+    fn a_malformed_packet_is_counted_under_its_parsers_name() {
+        for m in [
+            Malformed::Empty,
+            Malformed::BadVersion,
+            Malformed::TruncatedHeader,
+            Malformed::BadHeaderLength,
+            Malformed::TruncatedTransport,
+            Malformed::SourceRoute,
+            Malformed::IpOptions,
+            Malformed::BadOptions,
+            Malformed::RoutingHeader,
+            Malformed::ExtensionChain,
+        ] {
+            assert_eq!(Drop::malformed(m).name(), format!("malformed_{}", m.name()));
+        }
     }
 
     #[test]
