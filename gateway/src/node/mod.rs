@@ -26,6 +26,8 @@ mod forwarder_tests;
 #[cfg(test)]
 mod pair;
 #[cfg(test)]
+mod pair_tls;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

@@ -11,9 +11,9 @@ use std::sync::atomic::Ordering;
 use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
 
-use super::connector::Slot;
 use super::control::{self, Control, PROTOCOL_VERSION};
 use super::dns::Forwarder;
+use super::slots::{FD_HEADROOM, Slot};
 use super::status::Shared;
 use super::{access, net, tls};
 use crate::core::dns;
@@ -24,8 +24,6 @@ use crate::node::drops::Limit;
 
 /// `gatewayctl access` streams open at once: two descriptors each.
 const MAX_ACCESS_STREAMS: u64 = 256;
-/// Descriptors kept free below RLIMIT_NOFILE (as for new tunnel connections).
-const FD_HEADROOM: u64 = 128;
 /// Access streams name the forwarder's peer with this, apart from every link's id.
 const ACCESS_PEER: u64 = u64::MAX;
 

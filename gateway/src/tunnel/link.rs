@@ -9,7 +9,6 @@
 //! [`Side::limits`] from their header, before their payload is waited for. Queues are bounded
 //! in bytes both ways.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -23,17 +22,14 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
-use super::reader::{Dispatch, ReadError, read_frames};
-use crate::core::frame::{self, FrameType, Limits};
+use super::control::{self, Control, ControlError};
+use super::reader::{Dispatch, PendingDns, ReadError, read_frames};
+pub use super::reader::{Side, TCP_MAX_PACKET};
+use crate::core::frame::{self, FrameType};
 pub use crate::node::datapath::SendError;
 use crate::node::datapath::{PacketSink, Sink};
 use crate::node::drops::{Limit, Limits as Counts};
 
-/// Largest IP packet the TCP fallback carries. Below the 1362 bytes a fresh QUIC connection's
-/// datagrams hold, so a TCP session whose MSS was clamped on the fallback still fits when the
-/// tunnel moves back to QUIC, without waiting for path MTU discovery.
-pub const TCP_MAX_PACKET: usize = 1360;
 /// Bytes of frames queued towards the TCP socket: ~1,500 full packets, 4 ms at 3 Gbit/s and
 /// what a writer stalled by a slow peer may hold. Packets beyond it are dropped (and counted),
 /// as a full QUIC datagram queue would drop them; control and DNS wait for room.
@@ -47,43 +43,6 @@ const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 /// DNS queries read from a client and not yet admitted (at most MAX_QUERY bytes each); more
 /// are dropped and counted.
 const DNS_QUEUE: usize = 256;
-
-/// Which end of a link this is: it decides what may be read from the other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Connector,
-}
-
-impl Side {
-    /// The largest frame of each type this side accepts from its peer.
-    pub const fn limits(self) -> Limits {
-        match self {
-            // From the connector: welcomes and route updates, packets, answers.
-            Side::Client => Limits {
-                control: control::MAX_MESSAGE,
-                packet: TCP_MAX_PACKET,
-                dns_query: None,
-                dns_answer: Some(frame::MAX_PAYLOAD),
-            },
-            // From a client: small control messages, packets, queries; never answers.
-            Side::Connector => Limits {
-                control: MAX_CLIENT_MESSAGE,
-                packet: TCP_MAX_PACKET,
-                dns_query: Some(4 + super::relay::MAX_QUERY),
-                dns_answer: None,
-            },
-        }
-    }
-
-    /// The largest control message this side reads.
-    pub const fn control_max(self) -> usize {
-        match self {
-            Side::Client => control::MAX_MESSAGE,
-            Side::Connector => MAX_CLIENT_MESSAGE,
-        }
-    }
-}
 
 #[derive(Clone)]
 pub enum Link {
@@ -326,7 +285,7 @@ pub struct TcpLink {
     out: mpsc::Sender<(Vec<u8>, OwnedSemaphorePermit)>,
     /// OUT_QUEUE_BYTES permits, one per queued byte; closed with the link.
     budget: Arc<Semaphore>,
-    pub(super) pending_dns: Mutex<HashMap<u32, oneshot::Sender<Vec<u8>>>>,
+    pending_dns: PendingDns,
     next_dns: AtomicU32,
     closed: AtomicBool,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -360,13 +319,14 @@ impl TcpLink {
         let (dns_tx, dns_rx) = mpsc::channel(DNS_QUEUE);
         let (gate_tx, gate_rx) = oneshot::channel();
         let gate_rx = (side == Side::Connector).then_some(gate_rx);
+        let pending = PendingDns::default();
         let link = Arc::new(TcpLink {
             id: NEXT_TCP_ID.fetch_add(1, Ordering::Relaxed),
             remote,
             socket,
             out: out_tx,
             budget: Arc::new(Semaphore::new(OUT_QUEUE_BYTES)),
-            pending_dns: Mutex::new(HashMap::new()),
+            pending_dns: pending.clone(),
             next_dns: AtomicU32::new(1),
             closed: AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -376,7 +336,7 @@ impl TcpLink {
         let weak = Arc::downgrade(&link);
         let read = tokio::spawn(async move {
             let to = Dispatch {
-                link: &weak,
+                pending: pending.clone(),
                 packets: packets_tx,
                 control: control_tx.clone(),
                 dns: dns_tx,

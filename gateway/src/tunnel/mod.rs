@@ -15,6 +15,7 @@
 //! `status` what `gatewayctl status` reads; `tls`, `nat`, `filter`, `nftdump`, `net`, `probe`,
 //! `peer_routes` the kernel and crypto around them.
 
+mod accept;
 pub mod access;
 mod access_server;
 mod client;
@@ -35,6 +36,7 @@ mod peer_routes;
 pub mod probe;
 mod reader;
 mod relay;
+mod slots;
 pub mod status;
 mod stub;
 pub mod tls;

@@ -8,13 +8,57 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::control::{self, Control, ControlError, MAX_CLIENT_MESSAGE};
-use super::link::{Side, TcpLink};
 use crate::core::frame::{self, FrameError, FrameType, Limits};
 use crate::node::drops::{Limit, Limits as Counts};
 
+/// DNS answers a client is waiting for, by request id; shared with its link.
+pub(super) type PendingDns =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, oneshot::Sender<Vec<u8>>>>>;
+
+/// Largest IP packet the TCP fallback carries. Below the 1362 bytes a fresh QUIC connection's
+/// datagrams hold, so a TCP session whose MSS was clamped on the fallback still fits when the
+/// tunnel moves back to QUIC, without waiting for path MTU discovery.
+pub const TCP_MAX_PACKET: usize = 1360;
+/// Which end of a link this is: it decides what may be read from the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Connector,
+}
+
+impl Side {
+    /// The largest frame of each type this side accepts from its peer.
+    pub const fn limits(self) -> Limits {
+        match self {
+            // From the connector: welcomes and route updates, packets, answers.
+            Side::Client => Limits {
+                control: control::MAX_MESSAGE,
+                packet: TCP_MAX_PACKET,
+                dns_query: None,
+                dns_answer: Some(frame::MAX_PAYLOAD),
+            },
+            // From a client: small control messages, packets, queries; never answers.
+            Side::Connector => Limits {
+                control: MAX_CLIENT_MESSAGE,
+                packet: TCP_MAX_PACKET,
+                dns_query: Some(4 + super::relay::MAX_QUERY),
+                dns_answer: None,
+            },
+        }
+    }
+
+    /// The largest control message this side reads.
+    pub const fn control_max(self) -> usize {
+        match self {
+            Side::Client => control::MAX_MESSAGE,
+            Side::Connector => MAX_CLIENT_MESSAGE,
+        }
+    }
+}
+
 /// Where the reader hands what it decoded.
 pub(super) struct Dispatch<'a> {
-    pub(super) link: &'a std::sync::Weak<TcpLink>,
+    pub(super) pending: PendingDns,
     pub(super) packets: mpsc::Sender<Bytes>,
     pub(super) control: mpsc::Sender<Result<Control, ControlError>>,
     pub(super) dns: mpsc::Sender<(u32, Vec<u8>)>,
@@ -109,10 +153,7 @@ pub(super) async fn read_frames<R: AsyncRead>(
                 }
                 FrameType::DnsAnswer => {
                     let id = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
-                    let Some(link) = to.link.upgrade() else {
-                        return Ok(());
-                    };
-                    let waiter = link.pending_dns.lock().ok().and_then(|mut p| p.remove(&id));
+                    let waiter = to.pending.lock().ok().and_then(|mut p| p.remove(&id));
                     if let Some(tx) = waiter {
                         let _ = tx.send(payload[4..].to_vec());
                     }
@@ -147,9 +188,8 @@ mod tests {
         let (dns_tx, _dns) = mpsc::channel(16);
         let (_gate_tx, gate) = oneshot::channel::<()>();
         let tally = Counts::default();
-        let weak = std::sync::Weak::new();
         let to = Dispatch {
-            link: &weak,
+            pending: PendingDns::default(),
             packets: packets_tx,
             control: control_tx,
             dns: dns_tx,

@@ -11,7 +11,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -24,6 +23,9 @@ use super::{HANDSHAKE_TIMEOUT, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Tr
 use crate::core::advertise::{self, Grants, Registry, Taken};
 use crate::core::control::{Control, PROTOCOL_VERSION};
 use crate::core::policy::Policy;
+
+mod reload;
+mod view;
 
 /// A client that sends no control message for this long is gone: a TCP link to a vanished
 /// client would otherwise linger until TCP gives up, many minutes later.
@@ -174,7 +176,7 @@ impl Connector {
 
     /// Forgets `link`'s session; if it was its identity's live one, its routes and its place in
     /// the packet path go too. Routes still being added are taken out when they arrive.
-    fn end_session(&mut self, link: LinkId) {
+    pub(super) fn end_session(&mut self, link: LinkId) {
         let Some(s) = self.sessions.remove(&link) else {
             return;
         };
@@ -226,7 +228,7 @@ impl Connector {
         }
     }
 
-    fn hello(
+    pub(super) fn hello(
         &mut self,
         now: Instant,
         link: LinkId,
@@ -316,7 +318,7 @@ impl Connector {
         }
     }
 
-    fn welcome(&mut self, now: Instant, link: LinkId, lease: Lease) {
+    pub(super) fn welcome(&mut self, now: Instant, link: LinkId, lease: Lease) {
         let Some(s) = self.sessions.get_mut(&link) else {
             return;
         };
@@ -373,7 +375,7 @@ impl Connector {
     }
 
     /// Tells the client why, records it for status, and closes the link once that has left.
-    fn refuse(&mut self, now: Instant, link: LinkId, reason: String) {
+    pub(super) fn refuse(&mut self, now: Instant, link: LinkId, reason: String) {
         let Some(s) = self.sessions.get(&link) else {
             return;
         };
@@ -396,61 +398,7 @@ impl Connector {
         });
     }
 
-    /// A new config: live sessions keep their links and get the new offer; a session the new
-    /// policy no longer admits (its identity, or a prefix it advertises) is closed with why.
-    pub fn reload(&mut self, now: Instant, cfg: ConnectorConfig) {
-        let offer_changed = cfg.routes != self.cfg.routes || cfg.zones != self.cfg.zones;
-        self.cfg = cfg;
-        let live: Vec<LinkId> = self.current.values().copied().collect();
-        for link in live {
-            let Some(s) = self.sessions.get(&link) else {
-                continue;
-            };
-            let identity = s.info.identity.clone();
-            if !self.cfg.policy.knows(&identity) {
-                let reason = format!("no [[policy]] entry matches identity {identity:?} any more");
-                self.refuse(now, link, reason);
-                continue;
-            }
-            if let Err(r) =
-                advertise::still_granted(&identity, &s.prefixes, &self.cfg.grants, &self.cfg.routes)
-            {
-                self.refuse(now, link, format!("after reload: {r}"));
-                continue;
-            }
-            if let Some(s) = self.sessions.get_mut(&link)
-                && let Some(old) = &s.peer
-            {
-                s.peer = Some(Arc::new(PeerPath {
-                    link,
-                    sink: old.sink.clone(),
-                    identity: old.identity.clone(),
-                    far_end: old.far_end,
-                    sources: old.sources.clone(),
-                    rules: self.cfg.policy.resolve(&identity),
-                    max_packet: old.max_packet.load(Ordering::Relaxed).into(),
-                    counters: old.counters.clone(),
-                }));
-            }
-            if offer_changed {
-                self.out.push_back(Transmit {
-                    link,
-                    msg: Control::Routes {
-                        routes: self.cfg.routes.clone(),
-                        zones: self.cfg.zones.clone(),
-                    },
-                });
-            }
-        }
-        self.publish();
-    }
-
-    /// Closes a live session for a reason decided outside the node (a revoked certificate).
-    pub fn close_link(&mut self, now: Instant, link: LinkId, reason: String) {
-        self.refuse(now, link, reason);
-    }
-
-    fn close(&mut self, link: LinkId, code: u32, reason: String, linger: bool) {
+    pub(super) fn close(&mut self, link: LinkId, code: u32, reason: String, linger: bool) {
         self.end_session(link);
         self.events.push_back(ConnectorEvent::CloseLink {
             link,
@@ -461,7 +409,11 @@ impl Connector {
     }
 
     /// The prefixes of `advertise` this identity may have routed to it, or why not.
-    fn check_advertise(&self, identity: &str, advertise: &[IpNet]) -> Result<Vec<IpNet>, String> {
+    pub(super) fn check_advertise(
+        &self,
+        identity: &str,
+        advertise: &[IpNet],
+    ) -> Result<Vec<IpNet>, String> {
         let taken = Taken {
             overlay: vec![
                 IpNet::V4(self.cfg.overlay_v4),
@@ -478,65 +430,6 @@ impl Connector {
             &self.registry,
         )
         .map_err(|r| r.to_string())
-    }
-
-    /// Builds the snapshot the packet path reads, and follows the largest path with the MTU.
-    fn publish(&mut self) {
-        let mut peers = Vec::new();
-        let mut routes = Vec::new();
-        for link in self.current.values() {
-            let Some(p) = self.sessions.get(link).and_then(|s| s.peer.clone()) else {
-                continue;
-            };
-            let i = peers.len();
-            routes.push((IpNet::from(IpAddr::V4(p.far_end.0)), i));
-            routes.push((IpNet::from(IpAddr::V6(p.far_end.1)), i));
-            if let Some(s) = self.sessions.get(link) {
-                routes.extend(s.prefixes.iter().map(|n| (*n, i)));
-            }
-            peers.push(p);
-        }
-        self.datapath = Arc::new(Datapath::build(
-            self.drops.clone(),
-            peers,
-            routes,
-            Vec::new(),
-            false,
-        ));
-        self.version += 1;
-        self.follow_mtu();
-    }
-
-    /// The path of `link` changed (QUIC MTU discovery, RTT).
-    pub fn handle_path(&mut self, link: LinkId, max_packet: Option<usize>, rtt: Duration) {
-        let Some(s) = self.sessions.get_mut(&link) else {
-            return;
-        };
-        s.rtt = rtt;
-        s.info.max_packet = max_packet;
-        if let Some(p) = &s.peer {
-            p.max_packet
-                .store(max_packet.unwrap_or(0), Ordering::Relaxed);
-        }
-        self.follow_mtu();
-    }
-
-    /// The TUN carries the largest packet any peer's path does; a peer with a smaller path is
-    /// answered "too big" for itself alone.
-    fn follow_mtu(&mut self) {
-        let largest = self
-            .datapath
-            .peers()
-            .iter()
-            .filter_map(|p| p.max_packet())
-            .max()
-            .and_then(|m| u32::try_from(m).ok());
-        if let Some(mtu) = largest
-            && mtu != self.tun_mtu
-        {
-            self.tun_mtu = mtu;
-            self.events.push_back(ConnectorEvent::SetTunMtu(mtu));
-        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -579,47 +472,5 @@ impl Connector {
 
     pub fn poll_event(&mut self) -> Option<ConnectorEvent> {
         self.events.pop_front()
-    }
-
-    pub fn datapath(&self) -> Arc<Datapath> {
-        self.datapath.clone()
-    }
-
-    /// Moves whenever [`datapath`](Self::datapath) is a new snapshot.
-    pub fn datapath_version(&self) -> u64 {
-        self.version
-    }
-
-    /// The live sessions, as status lists them.
-    pub fn peers(&self, now: Instant, unix_now: u64) -> Vec<super::PeerSnapshot> {
-        let mut v: Vec<_> = self
-            .current
-            .values()
-            .filter_map(|l| self.sessions.get(l).map(|s| (l, s)))
-            .filter_map(|(l, s)| {
-                let path = s.peer.clone()?;
-                Some(super::PeerSnapshot {
-                    link: *l,
-                    info: s.info.clone(),
-                    reason: s.reason.clone(),
-                    addresses: path.far_end,
-                    advertised: s.prefixes.clone(),
-                    rtt: s.rtt,
-                    since: super::unix_at(now, unix_now, s.since),
-                    path,
-                })
-            })
-            .collect();
-        v.sort_by_key(|p| p.link);
-        v
-    }
-
-    pub fn refusals(&self) -> impl Iterator<Item = &Refusal> {
-        self.refusals.iter()
-    }
-
-    /// Records a refusal decided outside the node (a TLS handshake the driver saw fail).
-    pub fn record_refusal(&mut self, r: Refusal) {
-        self.refusals.push(r);
     }
 }

@@ -10,23 +10,21 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::datapath::{Counters, Datapath, PeerPath};
+use super::datapath::{Datapath, PeerPath};
 use super::dial;
 use super::drops::Drops;
-use super::leases::{nth_v4, nth_v6};
-use super::table::PrefixTable;
-use super::{
-    HANDSHAKE_TIMEOUT, Jitter, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit, secs,
-};
+use super::{HANDSHAKE_TIMEOUT, Jitter, LinkId, LinkInfo, LinkKind, Refusals, Transmit, secs};
 use crate::config::Transport;
 use crate::core::control::{Control, PROTOCOL_VERSION};
+
+mod answers;
+mod view;
 
 /// Control keepalives prove the connector's engine (not only its QUIC stack) answers.
 pub const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
@@ -317,213 +315,6 @@ impl Client {
         }
     }
 
-    pub fn handle_control(&mut self, now: Instant, link: LinkId, msg: Control) {
-        match &mut self.state {
-            State::Hello { link: l, .. } if *l == link => self.answer_to_hello(now, msg),
-            State::Up(up) if up.link == link => match msg {
-                Control::Keepalive { seq } => up.answered = up.answered.max(seq),
-                Control::Routes { routes, zones } => self.offer(routes, zones),
-                _ => {}
-            },
-            State::Up(up) if matches!(up.probe, Probe::Hello { link: l, .. } if l == link) => {
-                self.answer_to_probe(now, msg)
-            }
-            _ => {}
-        }
-    }
-
-    fn answer_to_hello(&mut self, now: Instant, msg: Control) {
-        let State::Hello {
-            link, info, reason, ..
-        } = &self.state
-        else {
-            return;
-        };
-        let (link, info, reason) = (*link, info.clone(), reason.clone());
-        match msg {
-            Control::Welcome {
-                address_v4,
-                address_v6,
-                prefix_v4,
-                prefix_v6,
-                routes,
-                zones,
-                ..
-            } => {
-                let (Ok(v4), Ok(v6)) = (
-                    Ipv4Net::new(address_v4, prefix_v4),
-                    Ipv6Net::new(address_v6, prefix_v6),
-                ) else {
-                    self.close(link, "the welcome's overlay prefix is not valid");
-                    return self.fail(now, "the connector sent an invalid overlay prefix".into());
-                };
-                self.failures = 0;
-                let routes = self.accept_routes(routes, info.remote.ip());
-                self.zones = zones.clone();
-                self.events.push_back(ClientEvent::TunnelUp {
-                    v4,
-                    v6,
-                    routes: routes.clone(),
-                    zones,
-                });
-                self.status_line = match info.kind {
-                    LinkKind::Quic => format!("connected to {} over QUIC", info.remote),
-                    LinkKind::Tcp => format!("connected to {} over TCP: {reason}", info.remote),
-                };
-                let probe = match (self.cfg.transport, info.kind) {
-                    (Transport::Auto, LinkKind::Tcp) => Probe::Waiting {
-                        at: now + QUIC_PROBE_EVERY + self.jitter.upto(QUIC_PROBE_EVERY / 5),
-                    },
-                    _ => Probe::Off,
-                };
-                let peer = Self::peer_path(&self.cfg.server_name, link, &info, v4, v6, None);
-                self.state = State::Up(Box::new(Up {
-                    link,
-                    info,
-                    first_reason: reason.clone(),
-                    reason,
-                    v4,
-                    v6,
-                    routes,
-                    next_keepalive: now + CONTROL_KEEPALIVE,
-                    seq: 0,
-                    answered: 0,
-                    probe,
-                    peer: peer.clone(),
-                    since: now,
-                    rtt: Duration::ZERO,
-                }));
-                self.publish(Some(peer));
-            }
-            Control::Refused { reason } => {
-                let reason = crate::core::text::clean(&reason, 200);
-                self.refusals.push(Refusal {
-                    identity: Some(self.cfg.server_name.clone()),
-                    remote: info.remote,
-                    reason: reason.clone(),
-                    at: now,
-                });
-                self.close(link, "refused");
-                self.fail(now, format!("refused by the connector: {reason}"));
-            }
-            other => {
-                self.close(link, "unexpected answer to hello");
-                let what = crate::core::text::clean(&format!("{other:?}"), 80);
-                self.fail(now, format!("unexpected answer to hello: {what}"));
-            }
-        }
-    }
-
-    /// A welcome on the QUIC probe's link: the tunnel moves there, keeping its addresses.
-    fn answer_to_probe(&mut self, now: Instant, msg: Control) {
-        let State::Up(up) = &mut self.state else {
-            return;
-        };
-        let Probe::Hello { link, info, .. } = &up.probe else {
-            return;
-        };
-        let (link, info) = (*link, info.clone());
-        match msg {
-            Control::Welcome {
-                address_v4,
-                address_v6,
-                routes,
-                zones,
-                ..
-            } if address_v4 == up.v4.addr() && address_v6 == up.v6.addr() => {
-                let old = up.link;
-                let peer = Self::peer_path(
-                    &self.cfg.server_name,
-                    link,
-                    &info,
-                    up.v4,
-                    up.v6,
-                    Some(&up.peer.counters),
-                );
-                up.link = link;
-                up.info = info.clone();
-                up.reason = String::new();
-                up.first_reason = String::new();
-                up.probe = Probe::Off;
-                up.peer = peer.clone();
-                up.next_keepalive = now + CONTROL_KEEPALIVE;
-                up.seq = 0;
-                up.answered = 0;
-                self.status_line = format!("connected to {} over QUIC", info.remote);
-                self.events.push_back(ClientEvent::CloseLink {
-                    link: old,
-                    code: 0,
-                    reason: "moved to another transport".into(),
-                });
-                self.offer(routes, zones);
-                self.publish(Some(peer));
-            }
-            Control::Welcome { .. } => {
-                // Other addresses would break open sessions: stay on TCP, try again later.
-                self.close(link, "the QUIC session got other overlay addresses");
-                self.probe_failed(now, "the connector gave other overlay addresses".into());
-            }
-            Control::Refused { reason } => {
-                self.close(link, "refused");
-                let reason = crate::core::text::clean(&reason, 200);
-                self.probe_failed(now, format!("refused over QUIC: {reason}"));
-            }
-            _ => {}
-        }
-    }
-
-    fn probe_failed(&mut self, now: Instant, error: String) {
-        let State::Up(up) = &mut self.state else {
-            return;
-        };
-        up.reason = format!(
-            "{}; QUIC retried every {}, last: {}",
-            up.first_reason,
-            secs(QUIC_PROBE_EVERY),
-            crate::core::text::clean(&error, 200)
-        );
-        up.probe = Probe::Waiting {
-            at: now + QUIC_PROBE_EVERY + self.jitter.upto(QUIC_PROBE_EVERY / 5),
-        };
-    }
-
-    /// The routes the connector offers, minus those that would take over the host's own
-    /// networks, its default route or the tunnel's own path; those are listed in status.
-    fn accept_routes(&mut self, routes: Vec<IpNet>, connector: IpAddr) -> Vec<IpNet> {
-        let (ok, skipped) = crate::core::advertise::learned(&routes, &self.local_nets, connector);
-        self.rejected = skipped.into_iter().map(|s| (s.route, s.why)).collect();
-        ok
-    }
-
-    fn offer(&mut self, routes: Vec<IpNet>, zones: Vec<String>) {
-        let State::Up(up) = &self.state else {
-            return;
-        };
-        let routes = self.accept_routes(routes, up.info.remote.ip());
-        let State::Up(up) = &mut self.state else {
-            return;
-        };
-        let added: Vec<IpNet> = routes
-            .iter()
-            .filter(|r| !up.routes.contains(r))
-            .copied()
-            .collect();
-        let removed: Vec<IpNet> = up
-            .routes
-            .iter()
-            .filter(|r| !routes.contains(r))
-            .copied()
-            .collect();
-        if added.is_empty() && removed.is_empty() && zones == self.zones {
-            return;
-        }
-        up.routes = routes.clone();
-        self.zones = zones.clone();
-        self.events.push_back(ClientEvent::Offer { routes, zones });
-        let peer = up.peer.clone();
-        self.publish(Some(peer));
-    }
-
     pub fn handle_link_down(&mut self, now: Instant, link: LinkId, reason: String) {
         match &mut self.state {
             State::Hello { link: l, .. } if *l == link => self.fail(now, reason),
@@ -648,100 +439,5 @@ impl Client {
 
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
-    }
-
-    pub fn datapath(&self) -> Arc<Datapath> {
-        self.datapath.clone()
-    }
-
-    pub fn datapath_version(&self) -> u64 {
-        self.version
-    }
-
-    /// One line for status: connecting, connected (how), or why it is reconnecting.
-    pub fn status_line(&self) -> &str {
-        &self.status_line
-    }
-
-    /// The connector, while the tunnel is up, as status lists it.
-    pub fn peers(&self, now: Instant, unix_now: u64) -> Vec<super::PeerSnapshot> {
-        match &self.state {
-            State::Up(up) => vec![super::PeerSnapshot {
-                link: up.link,
-                info: up.info.clone(),
-                reason: up.reason.clone(),
-                addresses: (up.v4.addr(), up.v6.addr()),
-                advertised: Vec::new(),
-                rtt: up.rtt,
-                since: super::unix_at(now, unix_now, up.since),
-                path: up.peer.clone(),
-            }],
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn refusals(&self) -> impl Iterator<Item = &Refusal> {
-        self.refusals.iter()
-    }
-
-    /// Offered routes not installed, with why.
-    pub fn rejected_routes(&self) -> &[(IpNet, String)] {
-        &self.rejected
-    }
-
-    /// The learned zones (dotted).
-    pub fn zones(&self) -> &[String] {
-        &self.zones
-    }
-
-    fn close(&mut self, link: LinkId, reason: &str) {
-        self.events.push_back(ClientEvent::CloseLink {
-            link,
-            code: 0,
-            reason: reason.into(),
-        });
-    }
-
-    fn peer_path(
-        name: &str,
-        link: LinkId,
-        info: &LinkInfo,
-        v4: Ipv4Net,
-        v6: Ipv6Net,
-        counters: Option<&Arc<Counters>>,
-    ) -> Arc<PeerPath> {
-        // The connector is host 1 of the overlay: ICMP too-big comes from there, as a router
-        // on the path would send it (an address of this node would be dropped as a martian).
-        let far_v4 = nth_v4(v4.trunc(), 1).unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let far_v6 = nth_v6(v6.trunc(), 1).unwrap_or(Ipv6Addr::UNSPECIFIED);
-        Arc::new(PeerPath {
-            link,
-            sink: info.sink.clone(),
-            identity: name.into(),
-            far_end: (far_v4, far_v6),
-            sources: PrefixTable::default(),
-            rules: None,
-            max_packet: info.max_packet.unwrap_or(0).into(),
-            counters: counters.cloned().unwrap_or_default(),
-        })
-    }
-
-    /// Everything routed into a client's TUN goes to its connector, while there is one.
-    fn publish(&mut self, peer: Option<Arc<PeerPath>>) {
-        let everything = [
-            (IpNet::from(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0),
-            (IpNet::from(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), 0),
-        ]
-        .map(|(n, i)| (IpNet::new(n.addr(), 0).unwrap_or(n), i));
-        let zones = self
-            .zones
-            .iter()
-            .filter_map(|z| crate::core::dns::wire_name(z).ok())
-            .collect();
-        self.datapath = Arc::new(match peer {
-            Some(p) => Datapath::build(self.drops.clone(), vec![p], everything, zones, true),
-            None => Datapath::build(self.drops.clone(), Vec::new(), [], Vec::new(), true),
-        });
-        self.version += 1;
     }
 }

@@ -1,0 +1,133 @@
+//! Starting a client: forwarding and the site gateway's filter where it has a LAN, its QUIC
+//! endpoint on the pinned source port, its TUN, the DNS stub, and the tasks: its node's (which
+//! dials), the TUN loop, path readings and pings.
+
+use super::*;
+
+pub(super) async fn start(
+    cfg: &Tunnel,
+    connect: Vec<String>,
+    server_name: String,
+    source_port: u16,
+    on_routes: crate::tunnel::RoutesHook,
+) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
+    let mut sysctls = Vec::new();
+    let mut client_filter = None;
+    let result = async {
+        if !cfg.lan.is_empty() || !cfg.advertise.is_empty() {
+            // A site gateway forwards its LAN's replies from the TUN to the LAN.
+            net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
+            net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
+        }
+        client_filter = nat::apply_site_gateway(cfg, &sysctls)?;
+        let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
+        let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(Arc::new(transport(Side::Client)));
+        let endpoint = if cfg.transport.uses_quic() {
+            let bind = SocketAddr::from((Ipv4Addr::UNSPECIFIED, source_port));
+            let mut endpoint = Endpoint::client(bind)
+                .with_context(|| format!("binding UDP source port {bind}"))?;
+            endpoint.set_default_client_config(client);
+            Some(endpoint)
+        } else {
+            None
+        };
+        let (tun, index, handle) = create_tun(&cfg.tun).await?;
+        let stub = match cfg.dns_stub {
+            Some(addr) => Some(
+                tokio::net::UdpSocket::bind(addr)
+                    .await
+                    .map_err(|e| anyhow!("binding the DNS stub to {addr}: {e}"))?,
+            ),
+            None => None,
+        };
+        anyhow::Ok((tun, index, handle, endpoint, tcp_tls, stub))
+    }
+    .await;
+    let (tun, index, handle, endpoint, tcp_tls, stub) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            undo(cfg.client_table.as_ref(), &mut sysctls);
+            return Err(e);
+        }
+    };
+    let shared = Shared::new(StatusRole::Client, &cfg.tun, "connecting");
+    if let Ok(mut f) = shared.firewall.lock() {
+        *f = client_filter;
+    }
+    let datapath = Arc::new(ArcSwap::from_pointee(Datapath::new(shared.drops.clone())));
+    let (current_tx, current_rx) = watch::channel(None);
+    let relays = Relays::new(current_rx, shared.limits.clone(), shared.drops.clone());
+    let mut tasks = JoinSet::new();
+    if let Some(socket) = stub {
+        tracing::info!(stub = ?cfg.dns_stub, "DNS stub listening for the connector's zones");
+        tasks.spawn(stub::serve_stub(Arc::new(socket), relays.clone()));
+    }
+    let node = node::Client::new(
+        ClientConfig {
+            targets: connect,
+            server_name: server_name.clone(),
+            transport: cfg.transport,
+            quic_timeout: cfg.quic_timeout,
+            advertise: cfg.advertise.clone(),
+        },
+        shared.drops.clone(),
+        Instant::now(),
+        rand::random(),
+    );
+    let dialer = Arc::new(Dialer {
+        endpoint: endpoint.clone(),
+        tcp: tokio_rustls::TlsConnector::from(tcp_tls),
+        server_name,
+        source_port,
+        fallback_port: cfg.fallback_port,
+        limits: shared.limits.clone(),
+    });
+    let (inbox, inputs) = mpsc::channel(INBOX);
+    let (events_tx, events) = mpsc::channel(INBOX);
+    let (paths_tx, paths) = mpsc::channel(INBOX);
+    let task = client::Task {
+        node,
+        shared: shared.clone(),
+        datapath: datapath.clone(),
+        dialer,
+        learned: Learned::new(handle, index),
+        tun_index: index,
+        on_routes,
+        relays: relays.clone(),
+        current: current_tx,
+        inbox,
+        events: events_tx,
+        packets: Packets {
+            datapath: datapath.clone(),
+            tun: tun.clone(),
+            limits: shared.limits.clone(),
+        },
+        outs: Default::default(),
+        dials: Default::default(),
+        up: None,
+        version: 0,
+        epoch: (Instant::now(), status::now_unix()),
+        mtu: 0,
+    };
+    tasks.spawn(task.run(inputs, events, paths));
+    tasks.spawn(datapath::from_tun(
+        shared.clone(),
+        tun,
+        datapath,
+        Some(relays),
+    ));
+    tasks.spawn(datapath::follow_paths(shared.clone(), paths_tx));
+    tasks.spawn(status::ping_peers(shared.clone()));
+    Ok(TunnelHandle {
+        shared,
+        tasks,
+        endpoint,
+        sysctls,
+        nat_table: cfg.client_table.clone(),
+        trust,
+        connector: None,
+    })
+}

@@ -1,0 +1,210 @@
+//! Starting a connector: forwarding on, its TUN and overlay addresses, the QUIC endpoint and
+//! TLS-over-TCP listener, source NAT and the forward filter, the DNS forwarder, and the tasks:
+//! its node's, the accept loops, the TUN loop, path readings and pings.
+
+use super::*;
+
+pub(super) async fn start(
+    cfg: &Tunnel,
+    listen: SocketAddr,
+    routes: Vec<IpNet>,
+) -> anyhow::Result<TunnelHandle> {
+    let trust = tls::Trust::load(&cfg.tls)?;
+    let mut sysctls = Vec::new();
+    let table = cfg.egress.as_ref().map(|e| e.table.clone());
+    let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
+    let result = async {
+        net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
+        net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
+        let crypto = trust.quic_server(&cfg.tls)?;
+        let tcp_tls = trust.server_config(&cfg.tls)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport(Side::Connector)));
+        // Connection attempts quinn queues before the accept loop gives each a slot or a
+        // refusal: beyond these quinn refuses by itself; each holds at most 64 KiB of early
+        // packets, all together 8 MiB.
+        server.max_incoming(2 * slots::MAX_PENDING);
+        server.incoming_buffer_size(64 << 10);
+        server.incoming_buffer_size_total(8 << 20);
+        let (tun, index, handle) = create_tun(&cfg.tun).await?;
+        let own_v4 = node::leases::nth_v4(cfg.overlay_v4, 1).context("overlay too small")?;
+        let own_v6 = node::leases::nth_v6(cfg.overlay_v6, 1).context("overlay too small")?;
+        net::add_address(&handle, index, own_v4.into(), cfg.overlay_v4.prefix_len()).await?;
+        net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
+        let endpoint = match cfg.transport.uses_quic() {
+            true => Some(
+                Endpoint::server(server, listen)
+                    .with_context(|| format!("listening on UDP {listen}"))?,
+            ),
+            false => None,
+        };
+        let tcp = match cfg.transport.uses_tcp() {
+            true => Some((
+                tokio::net::TcpListener::bind(tcp_listen)
+                    .await
+                    .with_context(|| format!("listening on TCP {tcp_listen}"))?,
+                tokio_rustls::TlsAcceptor::from(tcp_tls),
+            )),
+            false => None,
+        };
+        if let Some(e) = &cfg.egress {
+            // The kernel's own ephemeral ports must not collide with the NAT range.
+            let current = net::sysctl_get(RESERVED_PORTS)?;
+            let reserved = reserve_range(&current, e.ports);
+            net::sysctl_change(RESERVED_PORTS, &reserved, &mut sysctls)?;
+            nat::apply(&nat::NatSpec {
+                table: e.table.clone(),
+                tun: cfg.tun.clone(),
+                egress: e.interface.clone(),
+                ports: e.ports,
+                udp_port: cfg.transport.uses_quic().then_some(listen.port()),
+                tcp_port: cfg.transport.uses_tcp().then_some(tcp_listen.port()),
+            })?;
+            tracing::info!(table = %e.table, interface = %e.interface, ports = ?e.ports, "source NAT into the VPC");
+        }
+        anyhow::Ok((tun, index, handle, endpoint, tcp))
+    }
+    .await;
+    let (tun, index, handle, endpoint, tcp) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            undo(table.as_ref(), &mut sysctls);
+            return Err(e);
+        }
+    };
+    let listening = match (&endpoint, &tcp) {
+        (Some(_), Some(_)) => {
+            format!("listening on {listen} (QUIC) and {tcp_listen} (TCP fallback)")
+        }
+        (Some(_), None) => format!("listening on {listen} (QUIC only)"),
+        (None, Some(_)) => format!("listening on {tcp_listen} (TCP only)"),
+        (None, None) => "listening on nothing".into(),
+    };
+    let shared = Shared::new(StatusRole::Connector, &cfg.tun, &listening);
+    let mut tasks = JoinSet::new();
+    let forwarder = if cfg.zones.is_empty() {
+        None
+    } else {
+        let ports = cfg.egress.as_ref().map(|e| e.ports);
+        match dns::Forwarder::start(&cfg.zones, ports, &mut tasks, shared.limits.clone()).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tasks.shutdown().await;
+                undo(table.as_ref(), &mut sysctls);
+                return Err(e);
+            }
+        }
+    };
+    if let Ok(mut f) = shared.forwarder.lock() {
+        f.clone_from(&forwarder);
+    }
+    if let Ok(mut p) = shared.egress_ports.lock() {
+        *p = cfg.egress.as_ref().map(|e| e.ports);
+    }
+    if let (Some(e), Ok(mut f)) = (&cfg.egress, shared.firewall.lock()) {
+        *f = Some((e.table.clone(), firewall_holds(cfg, e, listen, tcp_listen)));
+    }
+    let policy = Arc::new(policy_of(&cfg.policy));
+    let zones = cfg.zones.iter().map(|z| z.domain.clone()).collect();
+    let node = node::Connector::new(
+        connector_config(cfg, routes, zones, policy.clone()),
+        shared.drops.clone(),
+        shared.limits.clone(),
+    );
+    let policy = Arc::new(ArcSwap::new(policy));
+    let datapath = Arc::new(ArcSwap::from_pointee(Datapath::new(shared.drops.clone())));
+    let (inbox, inputs) = mpsc::channel(INBOX);
+    let (events_tx, events) = mpsc::channel(INBOX);
+    let (paths_tx, paths) = mpsc::channel(INBOX);
+    let packets = Packets {
+        datapath: datapath.clone(),
+        tun: tun.clone(),
+        limits: shared.limits.clone(),
+    };
+    let nofile = slots::nofile_limit();
+    let access = Arc::new(AccessServer {
+        shared: shared.clone(),
+        policy: policy.clone(),
+        forwarder: forwarder.clone(),
+        egress_ports: cfg.egress.as_ref().map(|e| e.ports),
+        trust: trust.clone(),
+        nofile,
+    });
+    let accept = Arc::new(Accept {
+        shared: shared.clone(),
+        slots: Slots::new(shared.clone(), nofile),
+        inbox: inbox.clone(),
+        events: events_tx,
+        packets,
+        forwarder: forwarder.clone(),
+        access,
+    });
+    let task = connector::Task {
+        node,
+        shared: shared.clone(),
+        datapath: datapath.clone(),
+        netlink: handle,
+        tun_index: index,
+        filter: cfg
+            .egress
+            .as_ref()
+            .map(|e| nat::SessionFilter::new(&e.table)),
+        policy: policy.clone(),
+        inbox: inbox.clone(),
+        outs: Default::default(),
+        slots: Default::default(),
+        up: Default::default(),
+        version: 0,
+        epoch: (Instant::now(), status::now_unix()),
+    };
+    tasks.spawn(task.run(inputs, events, paths));
+    tasks.spawn(datapath::from_tun(shared.clone(), tun, datapath, None));
+    tasks.spawn(datapath::follow_paths(shared.clone(), paths_tx));
+    tasks.spawn(status::ping_peers(shared.clone()));
+    if let Some(ep) = endpoint.clone() {
+        tasks.spawn(accept.clone().quic(ep));
+    }
+    if let Some((listener, acceptor)) = tcp {
+        tasks.spawn(accept.tcp(listener, acceptor));
+    }
+    Ok(TunnelHandle {
+        shared,
+        tasks,
+        endpoint,
+        sysctls,
+        nat_table: table,
+        trust,
+        connector: Some(ConnectorParts {
+            inbox,
+            policy,
+            forwarder,
+        }),
+    })
+}
+
+/// What the connector's nftables table was made to hold, for status.
+fn firewall_holds(
+    cfg: &Tunnel,
+    e: &crate::config::Egress,
+    listen: SocketAddr,
+    tcp_listen: SocketAddr,
+) -> String {
+    let mut accepts = Vec::new();
+    if cfg.transport.uses_quic() {
+        accepts.push(format!("udp/{}", listen.port()));
+    }
+    if cfg.transport.uses_tcp() {
+        accepts.push(format!("tcp/{}", tcp_listen.port()));
+    }
+    format!(
+        "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}; {}",
+        cfg.tun,
+        e.interface,
+        e.ports.0,
+        e.ports.1,
+        accepts.join(", "),
+        e.ports.0,
+        e.ports.1,
+        crate::tunnel::filter::describe_connector(&cfg.tun, &e.interface)
+    )
+}

@@ -1,0 +1,313 @@
+//! The tunnel's composition root: what each role needs set up (TUN, sysctls, the nftables
+//! table, listeners or the client's endpoint, the DNS forwarder), the tasks that drive its node,
+//! and the handle the daemon holds to reload, revoke and stop it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use quinn::{Endpoint, TransportConfig, VarInt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tun_rs::AsyncDevice;
+
+use super::accept::Accept;
+use super::access_server::AccessServer;
+use super::connector;
+use super::dial::Dialer;
+use super::link::Side;
+use super::links::Packets;
+use super::peer_routes::Learned;
+use super::slots::{self, Slots};
+use super::status::{Role as StatusRole, Shared};
+use super::stub::{self, Relays};
+use super::{client, control, datapath, dns, nat, net, status, tls};
+use crate::config::{PolicyEntry, Role, Tunnel};
+use crate::core::advertise::Grants;
+use crate::core::policy::Policy;
+use crate::node::datapath::Datapath;
+use crate::node::{self, ClientConfig, ConnectorConfig};
+
+mod as_client;
+mod as_connector;
+
+/// UDP payload size QUIC starts with: its datagrams then hold 1362-byte packets, above IPv6's
+/// 1280 minimum, so the TUN can carry IPv6 from the first packet. MTU discovery raises it.
+const INITIAL_MTU: u16 = 1400;
+/// Ceiling for MTU discovery on a 1500-byte path (1500 - 20 IPv4 - 8 UDP).
+const MTU_CEILING: u16 = 1472;
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A connector that vanished is noticed within this, and the client starts reconnecting.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
+/// QUIC streams a client may have open at once: its control stream and its DNS queries.
+const CLIENT_STREAMS: u32 = 1 + node::forwarder::MAX_PER_PEER;
+/// Unread bytes per QUIC stream from a client. A tunnel stream needs only a control message
+/// or a query (16 KiB would do), but `gatewayctl access` streams carry bulk uploads on the same
+/// endpoint (the ALPN is known only after the handshake): 256 KiB per round trip keeps scp
+/// through `access` at several MB/s across a continent.
+const CLIENT_STREAM_WINDOW: u32 = 256 << 10;
+/// Unread bytes over all of a client's streams: what one connection can make the connector
+/// buffer, whatever it opens.
+const CLIENT_CONNECTION_WINDOW: u32 = 1 << 20;
+/// What a client accepts per stream from its connector (a welcome or a large DNS answer) and
+/// over all streams.
+const CONNECTOR_STREAM_WINDOW: u32 = 2 * control::MAX_MESSAGE as u32;
+const CONNECTOR_CONNECTION_WINDOW: u32 = 4 << 20;
+/// Datagrams received and not yet read, per connection: 4 MiB is ~11 ms at 3 Gbit/s, enough to
+/// ride out a busy runtime tick on two cores; only welcomed connections keep any.
+const DATAGRAM_RECEIVE_BUFFER: usize = 4 << 20;
+/// Clients a connector leases addresses to.
+const MAX_CLIENTS: usize = 65_536;
+/// Inputs, link events and path readings waiting for a node's task.
+const INBOX: usize = 1024;
+
+/// A running tunnel. Dropping it stops every task; the TUN device, and with it every route
+/// through it, disappears when the last task holding it ends.
+pub struct TunnelHandle {
+    pub shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    /// `None` when the config says `transport = "tcp"`.
+    endpoint: Option<Endpoint>,
+    sysctls: Vec<(String, String)>,
+    nat_table: Option<String>,
+    /// The verifiers every handshake asks; a reload swaps them (a new CRL).
+    trust: Arc<tls::Trust>,
+    connector: Option<ConnectorParts>,
+}
+
+struct ConnectorParts {
+    inbox: mpsc::Sender<connector::Input>,
+    policy: Arc<ArcSwap<Policy>>,
+    forwarder: Option<Arc<dns::Forwarder>>,
+}
+
+impl TunnelHandle {
+    pub fn trust(&self) -> &Arc<tls::Trust> {
+        &self.trust
+    }
+
+    /// Reads `[tls]` again (the CRL) without applying it, so a bad file changes nothing.
+    pub fn prepare_trust(&self, cfg: &Tunnel) -> anyhow::Result<tls::Verifiers> {
+        Ok(tls::Verifiers::build(&cfg.tls)?)
+    }
+
+    /// New handshakes are verified with `v` from now on, and every live link whose peer
+    /// certificate `v` refuses (revoked since) is closed at once and listed as a refusal.
+    /// Returns the identities closed.
+    pub fn apply_trust(&self, cfg: &Tunnel, v: tls::Verifiers) -> Vec<String> {
+        self.trust.install(v);
+        let server_name = match &cfg.role {
+            Role::Client { server_name, .. } => Some(server_name.as_str()),
+            Role::Connector { .. } => None,
+        };
+        let mut closed = Vec::new();
+        for (_, identity, link) in self.shared.link_records() {
+            let verdict = match (link.peer_chain(), server_name) {
+                (None, _) => Err("no certificate kept to check against the new CRL".into()),
+                (Some(chain), Some(name)) => self.trust.check_server(&chain, name),
+                (Some(chain), None) => self.trust.check_client(&chain),
+            };
+            if let Err(reason) = verdict {
+                link.close(4, &reason);
+                self.shared
+                    .refuse(Some(identity.clone()), link.remote(), reason);
+                closed.push(identity);
+            }
+        }
+        closed
+    }
+
+    /// Sysctls the tunnel changed, with their old values, for the crash record.
+    pub fn changed_sysctls(&self) -> &[(String, String)] {
+        &self.sysctls
+    }
+
+    /// Whether [`reload`](Self::reload) can apply `cfg`: adding the first zone or removing the
+    /// last needs a restart (the forwarder's sockets). Asked before anything changes.
+    pub fn check_reload(&self, cfg: &Tunnel) -> anyhow::Result<()> {
+        if let Some(c) = &self.connector
+            && c.forwarder.is_some() == cfg.zones.is_empty()
+        {
+            bail!("adding the first [[dns.zone]] or removing the last needs a restart");
+        }
+        Ok(())
+    }
+
+    /// Reload on a connector: new routes, policy and zones, live. Connected clients keep their
+    /// connections and get the new routes and zones pushed, except a client the new policy no
+    /// longer admits (its identity, or a prefix it advertises): its session is closed with the
+    /// reason. A client's routes and zones come from its connector: nothing to apply there.
+    pub fn reload(&self, cfg: &Tunnel, routes: Vec<IpNet>) {
+        let Some(c) = &self.connector else {
+            return;
+        };
+        if let Some(f) = &c.forwarder {
+            f.set_zones(&cfg.zones);
+        }
+        let policy = Arc::new(policy_of(&cfg.policy));
+        c.policy.store(policy.clone());
+        let zones = cfg.zones.iter().map(|z| z.domain.clone()).collect();
+        let next = connector_config(cfg, routes, zones, policy);
+        if c.inbox.try_send(connector::Input::Reload(next)).is_err() {
+            tracing::error!("the connector's node is not taking inputs; reload not applied");
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(e) = &self.endpoint {
+            e.close(VarInt::from_u32(0), b"gatewayd stopping");
+        }
+        for (_, _, link) in self.shared.link_records() {
+            link.close(0, "gatewayd stopping");
+        }
+        self.tasks.shutdown().await;
+        if let Some(table) = &self.nat_table
+            && let Err(e) = nat::remove(table)
+        {
+            tracing::error!(error = %e, "removing the nftables table failed");
+        }
+        net::restore(&mut self.sysctls);
+    }
+}
+
+fn policy_of(entries: &[PolicyEntry]) -> Policy {
+    Policy::with_inbound(
+        &entries
+            .iter()
+            .map(|p| (p.identity.clone(), p.allow.clone(), p.inbound.clone()))
+            .collect::<Vec<_>>(),
+    )
+}
+
+fn grants_of(entries: &[PolicyEntry]) -> Grants {
+    Grants::new(
+        entries
+            .iter()
+            .map(|p| (p.identity.clone(), p.advertise.clone())),
+    )
+}
+
+fn connector_config(
+    cfg: &Tunnel,
+    routes: Vec<IpNet>,
+    zones: Vec<String>,
+    policy: Arc<Policy>,
+) -> ConnectorConfig {
+    ConnectorConfig {
+        overlay_v4: cfg.overlay_v4,
+        overlay_v6: cfg.overlay_v6,
+        routes,
+        zones,
+        policy,
+        grants: grants_of(&cfg.policy),
+        max_clients: MAX_CLIENTS,
+    }
+}
+
+/// QUIC settings for `side`: what the protocol needs from the other end and no more. A client
+/// opens one control stream and one stream per DNS query, never a unidirectional one; a
+/// connector opens no streams at all.
+fn transport(side: Side) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.initial_mtu(INITIAL_MTU);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(MTU_CEILING);
+    t.mtu_discovery_config(Some(mtud));
+    t.keep_alive_interval(Some(KEEPALIVE));
+    t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
+    t.datagram_send_buffer_size(4 << 20);
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    let (streams, stream_window, window) = match side {
+        Side::Connector => (
+            CLIENT_STREAMS,
+            CLIENT_STREAM_WINDOW,
+            CLIENT_CONNECTION_WINDOW,
+        ),
+        Side::Client => (0, CONNECTOR_STREAM_WINDOW, CONNECTOR_CONNECTION_WINDOW),
+    };
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
+    t.stream_receive_window(VarInt::from_u32(stream_window));
+    t.receive_window(VarInt::from_u32(window));
+    t
+}
+
+async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
+    let dev = tun_rs::DeviceBuilder::new()
+        .name(name)
+        .build_async()
+        .with_context(|| format!("creating TUN device {name}"))?;
+    let handle = net::connect()?;
+    let index = net::link_index(&handle, name).await?;
+    // No router solicitations or MLD reports into the tunnel (NOTES-datapath.md).
+    if let Err(e) = net::sysctl_set(&format!("net.ipv6.conf.{name}.addr_gen_mode"), "1") {
+        tracing::warn!(error = %e, "could not disable IPv6 address generation on the TUN");
+    }
+    net::set_up(&handle, index, u32::from(INITIAL_MTU)).await?;
+    Ok((Arc::new(dev), index, handle))
+}
+
+/// Starts the tunnel for this node's role. `routes` are the prefixes a connector offers.
+pub async fn start(
+    cfg: &Tunnel,
+    routes: Vec<IpNet>,
+    on_routes: super::RoutesHook,
+) -> anyhow::Result<TunnelHandle> {
+    match &cfg.role {
+        Role::Connector { listen } => as_connector::start(cfg, *listen, routes).await,
+        Role::Client {
+            connect,
+            server_name,
+            source_port,
+        } => {
+            as_client::start(
+                cfg,
+                connect.clone(),
+                server_name.clone(),
+                *source_port,
+                on_routes,
+            )
+            .await
+        }
+    }
+}
+
+/// Undoes what a start did before it failed.
+fn undo(table: Option<&String>, sysctls: &mut Vec<(String, String)>) {
+    if let Some(t) = table {
+        let _ = nat::remove(t);
+    }
+    net::restore(sysctls);
+}
+
+/// `ip_local_reserved_ports` with `lo-hi` added (kept as is when already listed).
+fn reserve_range(current: &str, (lo, hi): (u16, u16)) -> String {
+    let range = format!("{lo}-{hi}");
+    let current = current.trim();
+    if current.split(',').any(|r| r.trim() == range) {
+        current.to_string()
+    } else if current.is_empty() {
+        range
+    } else {
+        format!("{current},{range}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserving_the_range_keeps_what_was_reserved() {
+        assert_eq!(reserve_range("", (40000, 40999)), "40000-40999");
+        assert_eq!(
+            reserve_range("8080,9000-9100\n", (40000, 40999)),
+            "8080,9000-9100,40000-40999"
+        );
+        assert_eq!(reserve_range("40000-40999", (40000, 40999)), "40000-40999");
+    }
+}
