@@ -133,23 +133,15 @@ impl Task {
         }
     }
 
+    /// The node's outputs: the datapath and which link is up first (so routes and answers
+    /// find the link), then control messages and effects.
     async fn carry_out(&mut self) {
         let changed = self.node.datapath_version() != self.version;
-        if changed {
-            self.version = self.node.datapath_version();
-            self.datapath.store(self.node.datapath());
-        }
-        while let Some(t) = self.node.poll_transmit() {
-            if let Some(out) = self.outs.get(&t.link) {
-                let _ = out.try_send(Outgoing::Control(t.msg));
-            }
-        }
-        while let Some(e) = self.node.poll_event() {
-            self.event(e).await;
-        }
         let dp = self.node.datapath();
         let peer = dp.peers().first().cloned();
         if changed {
+            self.version = self.node.datapath_version();
+            self.datapath.store(dp.clone());
             let link = peer.as_ref().map(|p| p.link);
             if link != self.up {
                 self.up = link;
@@ -165,6 +157,14 @@ impl Task {
                 }
                 self.current.send_replace(current);
             }
+        }
+        while let Some(t) = self.node.poll_transmit() {
+            if let Some(out) = self.outs.get(&t.link) {
+                let _ = out.try_send(Outgoing::Control(t.msg));
+            }
+        }
+        while let Some(e) = self.node.poll_event() {
+            self.event(e).await;
         }
         // The TUN carries what one send to the connector carries.
         if let Some(max) = peer.and_then(|p| p.max_packet())
@@ -253,31 +253,18 @@ impl Task {
         }
     }
 
-    /// Routes into the TUN (those that may be installed), the classifier, the DNS relay.
+    /// Routes into the TUN (those that may be installed), the classifier, the DNS relay. A
+    /// route not installed is counted and listed with the refusals, saying why.
     async fn apply(&mut self, routes: &[IpNet], zones: &[String]) {
-        let connector = self
-            .up
-            .and_then(|l| {
-                self.shared
-                    .links
-                    .lock()
-                    .ok()?
-                    .get(&l)
-                    .map(|r| r.link.remote().ip())
-            })
-            .or_else(|| {
-                self.shared
-                    .link_records()
-                    .first()
-                    .map(|(_, _, l)| l.remote().ip())
-            });
-        let installed = match connector {
-            Some(ip) => match self.learned.sync(routes, ip).await {
+        let connector = self.up.and_then(|l| {
+            let links = self.shared.links.lock().ok()?;
+            links.get(&l).map(|r| (r.identity.clone(), r.link.remote()))
+        });
+        let mut refused: Vec<(IpNet, String)> = self.node.rejected_routes().to_vec();
+        let installed = match &connector {
+            Some((_, remote)) => match self.learned.sync(routes, remote.ip()).await {
                 Ok((installed, skipped)) => {
-                    for s in skipped {
-                        self.shared.limits.count(Limit::LearnedRouteRefused);
-                        tracing::warn!(route = %s.route, why = %s.why, "a route from the connector was not installed");
-                    }
+                    refused.extend(skipped.into_iter().map(|s| (s.route, s.why)));
                     installed
                 }
                 Err(e) => {
@@ -287,9 +274,12 @@ impl Task {
             },
             None => Vec::new(),
         };
-        for (r, why) in self.node.rejected_routes() {
-            self.shared.limits.count(Limit::LearnedRouteRefused);
-            tracing::warn!(route = %r, %why, "a route from the connector was refused");
+        if let Some((identity, remote)) = connector {
+            for (route, why) in refused {
+                self.shared.limits.count(Limit::LearnedRouteRefused);
+                let reason = format!("learned route {route} refused: {why}");
+                self.shared.refuse(Some(identity.clone()), remote, reason);
+            }
         }
         let wires: Vec<Vec<u8>> = zones
             .iter()
