@@ -28,6 +28,8 @@ mod pair;
 #[cfg(test)]
 mod pair_tls;
 #[cfg(test)]
+mod policy_tests;
+#[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;

@@ -66,10 +66,11 @@ impl Link {
         }
     }
 
+    /// The peer's address, IPv4 as IPv4 (a dual-stack socket sees it IPv4-mapped).
     pub fn remote(&self) -> SocketAddr {
         match self {
-            Link::Quic(c) => c.remote_address(),
-            Link::Tcp(t) => t.remote,
+            Link::Quic(c) => super::net::canonical(c.remote_address()),
+            Link::Tcp(t) => super::net::canonical(t.remote),
         }
     }
 

@@ -264,8 +264,8 @@ pub async fn tcp_connect_from_range(
 
 /// A UDP socket on `port` that reaches IPv4 and IPv6 peers alike (an IPv6 socket that also
 /// takes IPv4, whose peers read back as IPv4 through [`canonical`]); an IPv4 one where the host
-/// has no IPv6.
-pub async fn udp_dual_stack(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+/// has no IPv6. Non-blocking, for tokio or quinn.
+pub fn udp_dual_stack_std(port: u16) -> std::io::Result<std::net::UdpSocket> {
     let v6 = || -> std::io::Result<std::net::UdpSocket> {
         let s = socket2::Socket::new(
             socket2::Domain::IPV6,
@@ -278,12 +278,21 @@ pub async fn udp_dual_stack(port: u16) -> std::io::Result<tokio::net::UdpSocket>
         Ok(s.into())
     };
     match v6() {
-        Ok(s) => tokio::net::UdpSocket::from_std(s),
+        Ok(s) => Ok(s),
         Err(_) => {
-            tokio::net::UdpSocket::bind(SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)))
-                .await
+            let s = std::net::UdpSocket::bind(SocketAddr::from((
+                std::net::Ipv4Addr::UNSPECIFIED,
+                port,
+            )))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
         }
     }
+}
+
+/// [`udp_dual_stack_std`] for tokio.
+pub async fn udp_dual_stack(port: u16) -> std::io::Result<tokio::net::UdpSocket> {
+    tokio::net::UdpSocket::from_std(udp_dual_stack_std(port)?)
 }
 
 /// `a` with an IPv4-mapped IPv6 address written as the IPv4 address it is.

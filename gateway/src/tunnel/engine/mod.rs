@@ -2,7 +2,7 @@
 //! table, listeners or the client's endpoint, the DNS forwarder), the tasks that drive its node,
 //! and the handle the daemon holds to reload, revoke and stop it.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
