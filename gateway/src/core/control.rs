@@ -11,9 +11,20 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-/// Bumped when a message changes meaning; a peer with another version is refused with a
-/// message that says so.
+/// Bumped when a message changes meaning. Nodes one version apart work together (the newer
+/// one keeps what the older understands), so a fleet is upgraded one node at a time; a peer
+/// further apart is refused with a message that says so.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Whether a peer speaking `version` works with this one: the same, or one apart.
+pub fn compatible(version: u32) -> bool {
+    version >= 1 && version.abs_diff(PROTOCOL_VERSION) <= 1
+}
+
+/// This build's version, as a hello or welcome names it.
+pub fn software() -> Option<String> {
+    Some(env!("CARGO_PKG_VERSION").to_string())
+}
 /// No control message comes near this; more is a broken or hostile peer. What a client may
 /// receive (a welcome or routes update listing many routes and zones).
 pub const MAX_MESSAGE: usize = 64 * 1024;
@@ -30,6 +41,9 @@ pub enum Control {
     Hello {
         version: u32,
         node: String,
+        /// The client's release (newer clients say; a 0.1.0 client did not).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        software: Option<String>,
         /// Prefixes behind the client (its LANs), routed back to it by the connector.
         advertise: Vec<IpNet>,
         /// Why the client uses the transport it does, for the connector's status.
@@ -39,6 +53,9 @@ pub enum Control {
     Welcome {
         version: u32,
         node: String,
+        /// The connector's release.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        software: Option<String>,
         address_v4: Ipv4Addr,
         address_v6: Ipv6Addr,
         /// Prefix lengths of the overlay the addresses come from.
@@ -118,6 +135,7 @@ mod tests {
         let hello = Control::Hello {
             version: PROTOCOL_VERSION,
             node: "ops-alice".into(),
+            software: software(),
             advertise: vec!["192.0.2.0/24".parse().expect("net")],
             transport_reason: Some("no QUIC handshake in 1.5 s".into()),
         };

@@ -112,6 +112,15 @@ impl Refusals {
     }
 }
 
+/// A peer's release and protocol as status shows them: `0.2.0 (protocol 1)`, or `protocol 1`
+/// from a release that did not say (0.1.0).
+pub fn peer_version(version: u32, software: Option<&str>) -> String {
+    match software {
+        Some(s) => format!("{} (protocol {version})", crate::core::text::clean(s, 32)),
+        None => format!("protocol {version}"),
+    }
+}
+
 /// "1.5 s", "5 s": durations as status and refusals print them.
 pub fn secs(d: Duration) -> String {
     let s = d.as_secs_f64();
@@ -163,6 +172,8 @@ pub struct PeerSnapshot {
     pub link: LinkId,
     pub info: LinkInfo,
     pub reason: String,
+    /// Its release and protocol version, as it said.
+    pub version: String,
     pub addresses: (std::net::Ipv4Addr, std::net::Ipv6Addr),
     /// Connector: the client's accepted advertised prefixes.
     pub advertised: Vec<ipnet::IpNet>,

@@ -438,6 +438,7 @@ fn a_prefix_another_client_holds_cannot_be_advertised() {
     let hello = |nets: &[&str]| crate::core::control::Control::Hello {
         version: crate::core::control::PROTOCOL_VERSION,
         node: String::new(),
+        software: None,
         advertise: nets.iter().map(|n| n.parse().expect("net")).collect(),
         transport_reason: None,
     };
@@ -501,4 +502,94 @@ fn a_silent_peer_is_closed_and_a_hello_that_never_comes_times_out() {
         })
     ));
     assert_eq!(c.poll_timeout(), None);
+}
+
+/// A hello exactly as gateway 0.1.0 sent it (its control encoding, recorded).
+const HELLO_0_1_0: &str = r#"{"type":"hello","version":1,"node":"lab-gw","advertise":[],"transport_reason":"no QUIC handshake in 1.5 s"}"#;
+
+#[test]
+fn a_hello_from_a_release_one_version_apart_is_welcomed_and_its_version_shown() {
+    use super::{LinkId, LinkInfo};
+    use crate::core::control::{Control, decode};
+    let drops = std::sync::Arc::new(super::drops::Drops::default());
+    let mut c = super::Connector::new(
+        pair::connector_config(ops_policy()),
+        drops,
+        Default::default(),
+    );
+    let now = std::time::Instant::now();
+    let info = || LinkInfo {
+        kind: LinkKind::Tcp,
+        remote: "198.51.100.10:7844".parse().expect("addr"),
+        identity: "ops-alice".into(),
+        max_packet: Some(1360),
+        sink: super::datapath::Sink::none(),
+    };
+    let newer = r#"{"type":"hello","version":2,"node":"lab-gw","software":"0.3.0","advertise":[],"a_field_from_the_future":[1,2]}"#;
+    let too_new = r#"{"type":"hello","version":3,"node":"lab-gw","advertise":[]}"#;
+    for (i, (hello, welcomed, shown)) in [
+        (HELLO_0_1_0, true, "protocol 1"),
+        (newer, true, "0.3.0 (protocol 2)"),
+        (too_new, false, ""),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let link = LinkId(i as u64 + 1);
+        c.handle_link_up(now, link, info());
+        c.handle_control(now, link, decode(hello.as_bytes()).expect("a hello"));
+        let answer = c.poll_transmit().expect("an answer");
+        assert_eq!(
+            matches!(answer.msg, Control::Welcome { .. }),
+            welcomed,
+            "{hello}: {answer:?}"
+        );
+        if welcomed {
+            let peers = c.peers(now, 0);
+            let p = peers.iter().find(|p| p.link == link).expect("the peer");
+            assert_eq!(p.version, shown);
+        } else {
+            let r = c.refusals().last().expect("refused");
+            assert!(r.reason.contains("protocol version 3"), "{}", r.reason);
+        }
+        while c.poll_event().is_some() {}
+    }
+}
+
+#[test]
+fn a_client_refuses_a_connector_two_versions_apart_and_says_why() {
+    use super::{LinkId, LinkInfo};
+    use crate::core::control::{Control, decode};
+    let mut p = Pair::new("ops-alice", Transport::Quic, ops_policy());
+    p.run_for(Duration::from_millis(1));
+    let attempt = p
+        .client_events
+        .iter()
+        .find_map(|e| match e {
+            ClientEvent::Dial { attempt, .. } => Some(*attempt),
+            _ => None,
+        })
+        .expect("a dial");
+    // Answer the dial by hand, with a welcome from protocol 3.
+    let now = p.now;
+    p.client.handle_link_up(
+        now,
+        attempt,
+        LinkId(99),
+        LinkInfo {
+            kind: LinkKind::Quic,
+            remote: "203.0.113.10:7844".parse().expect("addr"),
+            identity: pair::CONNECTOR.into(),
+            max_packet: Some(1400),
+            sink: super::datapath::Sink::none(),
+        },
+    );
+    let welcome = r#"{"type":"welcome","version":3,"node":"ops-alice","address_v4":"100.64.0.2","address_v6":"fd00:64::2","prefix_v4":24,"prefix_v6":64,"routes":[],"keepalive_secs":1}"#;
+    let msg: Control = decode(welcome.as_bytes()).expect("a welcome");
+    p.client.handle_control(now, LinkId(99), msg);
+    assert!(
+        p.client.status_line().contains("speaks protocol 3"),
+        "{}",
+        p.client.status_line()
+    );
 }

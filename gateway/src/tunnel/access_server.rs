@@ -58,7 +58,7 @@ impl AccessServer {
                 version,
                 host,
                 port,
-            })) if version == PROTOCOL_VERSION => (host, port),
+            })) if control::compatible(version) => (host, port),
             Ok(Ok(Control::Open { version, .. })) => {
                 let reason =
                     format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");

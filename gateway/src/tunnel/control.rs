@@ -3,7 +3,8 @@
 
 use crate::core::control::CodecError;
 pub use crate::core::control::{
-    Control, MAX_CLIENT_MESSAGE, MAX_MESSAGE, PROTOCOL_VERSION, decode, encode, encode_body,
+    Control, MAX_CLIENT_MESSAGE, MAX_MESSAGE, PROTOCOL_VERSION, compatible, decode, encode,
+    encode_body, software,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -110,6 +110,7 @@ pub fn hello(advertise: &[&str], transport_reason: Option<String>) -> Control {
     Control::Hello {
         version: PROTOCOL_VERSION,
         node: "ops-mallory".into(),
+        software: None,
         advertise: advertise
             .iter()
             .map(|a| a.parse().expect("prefix"))

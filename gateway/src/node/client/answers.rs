@@ -36,7 +36,17 @@ impl Client {
         };
         let (link, info, reason) = (*link, info.clone(), reason.clone());
         match msg {
+            Control::Welcome { version, .. } if !crate::core::control::compatible(version) => {
+                self.close(link, "an incompatible protocol version");
+                let ours = crate::core::control::PROTOCOL_VERSION;
+                self.fail(
+                    now,
+                    format!("the connector speaks protocol {version}; this client speaks {ours}"),
+                );
+            }
             Control::Welcome {
+                version,
+                software,
                 address_v4,
                 address_v6,
                 prefix_v4,
@@ -77,6 +87,7 @@ impl Client {
                     info,
                     first_reason: reason.clone(),
                     reason,
+                    version: crate::node::peer_version(version, software.as_deref()),
                     v4,
                     v6,
                     routes,

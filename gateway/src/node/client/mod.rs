@@ -109,6 +109,8 @@ struct Up {
     reason: String,
     /// The first reason, kept while probe failures are appended to `reason`.
     first_reason: String,
+    /// The connector's release and protocol.
+    version: String,
     v4: Ipv4Net,
     v6: Ipv6Net,
     routes: Vec<IpNet>,
@@ -276,6 +278,7 @@ impl Client {
         let hello = |reason: &str, advertise: &[IpNet]| Control::Hello {
             version: PROTOCOL_VERSION,
             node: name.clone(),
+            software: crate::core::control::software(),
             advertise: advertise.to_vec(),
             transport_reason: (!reason.is_empty()).then(|| reason.to_string()),
         };

@@ -34,6 +34,7 @@ impl Client {
                 link: up.link,
                 info: up.info.clone(),
                 reason: up.reason.clone(),
+                version: up.version.clone(),
                 addresses: (up.v4.addr(), up.v6.addr()),
                 advertised: Vec::new(),
                 rtt: up.rtt,

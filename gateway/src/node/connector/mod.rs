@@ -21,7 +21,7 @@ use super::leases::{Lease, Leases};
 use super::table::PrefixTable;
 use super::{HANDSHAKE_TIMEOUT, LinkId, LinkInfo, LinkKind, Refusal, Refusals, Transmit};
 use crate::core::advertise::{self, Grants, Registry, Taken};
-use crate::core::control::{Control, PROTOCOL_VERSION};
+use crate::core::control::{self, Control, PROTOCOL_VERSION};
 use crate::core::policy::Policy;
 
 mod reload;
@@ -90,6 +90,8 @@ struct Session {
     phase: Phase,
     /// Why the client uses this transport, as it said (sanitised).
     reason: String,
+    /// Its release and protocol, as it said (sanitised).
+    version: String,
     /// Accepted advertised prefixes.
     prefixes: Vec<IpNet>,
     peer: Option<Arc<PeerPath>>,
@@ -159,6 +161,7 @@ impl Connector {
                     deadline: now + HANDSHAKE_TIMEOUT,
                 },
                 reason: String::new(),
+                version: String::new(),
                 prefixes: Vec::new(),
                 peer: None,
                 since: now,
@@ -211,11 +214,15 @@ impl Connector {
                 Phase::AwaitHello { .. },
                 Control::Hello {
                     version,
+                    software,
                     advertise,
                     transport_reason,
                     ..
                 },
-            ) => self.hello(now, link, version, advertise, transport_reason),
+            ) => {
+                let version = (version, software);
+                self.hello(now, link, version, advertise, transport_reason)
+            }
             (Phase::AwaitHello { .. }, _) => {
                 self.close(link, 1, "the first message was not a hello".into(), false)
             }
@@ -232,7 +239,7 @@ impl Connector {
         &mut self,
         now: Instant,
         link: LinkId,
-        version: u32,
+        (version, software): (u32, Option<String>),
         advertise: Vec<IpNet>,
         transport_reason: Option<String>,
     ) {
@@ -240,9 +247,11 @@ impl Connector {
             return;
         };
         let identity = s.info.identity.clone();
-        if version != PROTOCOL_VERSION {
-            let reason =
-                format!("protocol version {version}, this connector speaks {PROTOCOL_VERSION}");
+        if !control::compatible(version) {
+            let reason = format!(
+                "protocol version {version}; this connector speaks {PROTOCOL_VERSION} and works \
+                 with one version either side"
+            );
             return self.refuse(now, link, reason);
         }
         if !self.cfg.policy.knows(&identity) {
@@ -267,6 +276,7 @@ impl Connector {
         let claim = self.registry.claim(&identity, link.0, &prefixes);
         if let Some(s) = self.sessions.get_mut(&link) {
             s.reason = reason;
+            s.version = super::peer_version(version, software.as_deref());
             s.prefixes = prefixes;
             if claim.add.is_empty() {
                 self.welcome(now, link, lease);
@@ -348,6 +358,7 @@ impl Connector {
             msg: Control::Welcome {
                 version: PROTOCOL_VERSION,
                 node: identity.clone(),
+                software: control::software(),
                 address_v4: lease.v4,
                 address_v6: lease.v6,
                 prefix_v4: self.cfg.overlay_v4.prefix_len(),

@@ -93,6 +93,7 @@ impl Connector {
                     link: *l,
                     info: s.info.clone(),
                     reason: s.reason.clone(),
+                    version: s.version.clone(),
                     addresses: path.far_end,
                     advertised: s.prefixes.clone(),
                     rtt: s.rtt,
