@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
+use crate::core::cidr::{parse_cidr, parse_port_range};
+use crate::core::policy::Rule;
 use crate::routes::{Route, RouteTable};
 
 /// Where the daemon listens and `gatewayctl` connects when nothing else is said.
@@ -157,17 +159,36 @@ pub struct TlsPaths {
     pub crl: Option<PathBuf>,
 }
 
-/// One `[[policy]]` entry as written; parsed into rules by `core::policy`.
+/// One `[[policy]]` entry, its rules parsed once here so nothing downstream parses (or can
+/// fail on) a rule string again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyEntry {
     pub identity: String,
-    pub allow: Vec<String>,
+    pub allow: Vec<Rule>,
     /// Prefixes a client with this identity may advertise (its LANs); nothing else is routed
     /// to it.
     pub advertise: Vec<IpNet>,
     /// Connections VPC sources may open to this identity's addresses, same grammar as `allow`
     /// with the CIDR naming the VPC sources.
-    pub inbound: Vec<String>,
+    pub inbound: Vec<Rule>,
+}
+
+impl PolicyEntry {
+    /// The entry as `core::policy` decides with it.
+    pub fn policy_entry(&self) -> crate::core::policy::Entry {
+        crate::core::policy::Entry {
+            identity: self.identity.clone(),
+            rules: self.allow.clone(),
+            inbound: self.inbound.clone(),
+        }
+    }
+}
+
+/// The policy a connector enforces, from validated entries: cannot fail.
+pub fn policy_of(entries: &[PolicyEntry]) -> crate::core::policy::Policy {
+    crate::core::policy::Policy::from_entries(
+        entries.iter().map(PolicyEntry::policy_entry).collect(),
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -811,11 +832,7 @@ fn validate_tunnel(
                 &mut ok,
             );
         }
-        for (j, rule) in p.allow.iter().enumerate() {
-            if let Err(r) = crate::core::policy::Rule::parse(rule) {
-                bad(&format!("policy[{i}].allow[{j}]"), r, &mut ok);
-            }
-        }
+        let allow = parse_rules(&format!("policy[{i}].allow"), &p.allow, &mut bad, &mut ok);
         let mut advertise = Vec::new();
         for (j, c) in p.advertise.iter().enumerate() {
             match parse_cidr(c) {
@@ -828,16 +845,12 @@ fn validate_tunnel(
                 Err(r) => bad(&format!("policy[{i}].advertise[{j}]"), r, &mut ok),
             }
         }
-        for (j, rule) in p.inbound.iter().enumerate() {
-            if let Err(r) = crate::core::policy::Rule::parse(rule) {
-                bad(&format!("policy[{i}].inbound[{j}]"), r, &mut ok);
-            }
-        }
+        let inbound = parse_rules(&format!("policy[{i}].inbound"), &p.inbound, &mut bad, &mut ok);
         entries.push(PolicyEntry {
             identity: p.identity,
-            allow: p.allow,
+            allow,
             advertise,
-            inbound: p.inbound,
+            inbound,
         });
     }
     let egress = match egress {
@@ -989,6 +1002,24 @@ fn validate_tunnel(
     })
 }
 
+/// Each rule of `key` (`policy[0].allow`, say) parsed, every one that does not parse reported
+/// as `key[j]`.
+fn parse_rules(
+    key: &str,
+    written: &[String],
+    bad: &mut impl FnMut(&str, String, &mut bool),
+    ok: &mut bool,
+) -> Vec<Rule> {
+    let mut parsed = Vec::new();
+    for (j, rule) in written.iter().enumerate() {
+        match Rule::parse(rule) {
+            Ok(r) => parsed.push(r),
+            Err(reason) => bad(&format!("{key}[{j}]"), reason, ok),
+        }
+    }
+    parsed
+}
+
 /// What a reload (SIGHUP) applies to a running daemon without dropping its tunnel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReloadChanges {
@@ -1081,42 +1112,6 @@ fn check_table_name(table: &str) -> Result<(), String> {
         return Err(format!("{table:?}: use 1-64 letters, digits and '_'"));
     }
     Ok(())
-}
-
-/// `LOW-HIGH`, both in 1024-65535: pinned ports live above the privileged ones.
-pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s
-        .split_once('-')
-        .ok_or_else(|| format!("{s:?} is not LOW-HIGH, e.g. 40000-40999"))?;
-    let port = |p: &str| {
-        p.trim()
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p >= 1024)
-            .ok_or_else(|| format!("{p:?} is not a port in 1024-65535"))
-    };
-    let (lo, hi) = (port(lo)?, port(hi)?);
-    if lo > hi {
-        return Err(format!("{s:?} is backwards"));
-    }
-    Ok((lo, hi))
-}
-
-/// Parses a CIDR strictly: the address must be the network address, so a typo such as
-/// `10.128.0.1/16` is caught instead of silently widened or narrowed.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    let net: IpNet = s.trim().parse().map_err(|_| {
-        format!(
-            "{s:?} is not a CIDR (expected ADDRESS/PREFIX, e.g. 10.128.0.0/16 or fd00:128::/64)"
-        )
-    })?;
-    if net.trunc() != net {
-        return Err(format!(
-            "{s:?} has host bits set; the network is {}",
-            net.trunc()
-        ));
-    }
-    Ok(net)
 }
 
 fn check_node_name(name: &str) -> Result<(), String> {
@@ -1429,7 +1424,10 @@ name = "vpc-v6"
         ))
         .expect("valid");
         let t = c.tunnel.expect("tunnel");
-        assert_eq!(t.policy[0].inbound, vec!["10.128.0.0/16 tcp/9100"]);
+        assert_eq!(
+            t.policy[0].inbound,
+            vec![Rule::parse("10.128.0.0/16 tcp/9100").expect("rule")]
+        );
         assert!(t.policy[0].allow.is_empty());
         let issue = only_issue(&format!(
             "[node]\nname = \"gw\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}\

@@ -112,9 +112,9 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
             };
             let range = Some(egress.ports);
             for p in &t.policy {
-                for rule in p.allow.iter().filter_map(|r| Rule::parse(r).ok()) {
+                for rule in &p.allow {
                     let peer = rule.net.to_string();
-                    let why = format!("policy {}: {}", p.identity, describe(&rule));
+                    let why = format!("policy {}: {}", p.identity, describe(rule));
                     match rule.proto {
                         Proto::Tcp => pair(&mut rules, true, "tcp", range, &peer, rule.ports, why),
                         Proto::Udp => pair(&mut rules, true, "udp", range, &peer, rule.ports, why),
@@ -270,11 +270,7 @@ pub fn host_forward_filter(config: &Config) -> Option<String> {
             let policy: Vec<_> = t
                 .policy
                 .iter()
-                .map(|p| {
-                    let parse =
-                        |v: &[String]| v.iter().filter_map(|r| Rule::parse(r).ok()).collect();
-                    (p.identity.clone(), parse(&p.allow), parse(&p.inbound))
-                })
+                .map(|p| (p.identity.clone(), p.allow.clone(), p.inbound.clone()))
                 .collect();
             let overlay = [t.overlay_v4.into(), t.overlay_v6.into()];
             let mut body = filter::plan_connector(&t.tun, &e.interface, &overlay, &policy);

@@ -40,7 +40,7 @@ impl Rule {
         let cidr = words
             .next()
             .ok_or_else(|| "empty rule; expected \"CIDR [proto[/port[-port]]]\"".to_string())?;
-        let net = crate::config::parse_cidr(cidr)?;
+        let net = super::cidr::parse_cidr(cidr)?;
         let (proto, ports) = match words.next() {
             None => (Proto::Any, None),
             Some(spec) => {
@@ -215,28 +215,10 @@ pub enum Decision {
 }
 
 impl Policy {
-    /// From config entries; they were validated, so a rule that fails to parse here is skipped.
-    pub fn new(entries: &[(String, Vec<String>)]) -> Policy {
-        let entries: Vec<_> = entries
-            .iter()
-            .map(|(identity, allow)| (identity.clone(), allow.clone(), Vec::new()))
-            .collect();
-        Policy::with_inbound(&entries)
-    }
-
-    /// Like [`new`](Self::new), each entry with its `inbound` rules too.
-    pub fn with_inbound(entries: &[(String, Vec<String>, Vec<String>)]) -> Policy {
-        let parse = |rules: &[String]| rules.iter().filter_map(|r| Rule::parse(r).ok()).collect();
-        Policy {
-            entries: entries
-                .iter()
-                .map(|(identity, allow, inbound)| Entry {
-                    identity: identity.clone(),
-                    rules: parse(allow),
-                    inbound: parse(inbound),
-                })
-                .collect(),
-        }
+    /// From entries whose rules the config parsed when it was validated: nothing here can
+    /// fail, and no rule string is read again while the tunnel runs.
+    pub fn from_entries(entries: Vec<Entry>) -> Policy {
+        Policy { entries }
     }
 
     /// Every `allow` and every `inbound` rule that applies to `identity`, for the forward
@@ -310,10 +292,6 @@ impl IdentityRules {
 }
 
 impl Policy {
-    pub fn from_entries(entries: Vec<Entry>) -> Policy {
-        Policy { entries }
-    }
-
     /// The rules of every entry naming `identity`; `None` when no entry does.
     pub fn resolve(&self, identity: &str) -> Option<IdentityRules> {
         let mut known = false;
@@ -336,19 +314,35 @@ mod tests {
     use super::*;
     use crate::core::packet::{self, tests as p};
 
+    /// A policy from `(identity, allow, inbound)` as a config would write it.
+    fn parsed(entries: &[(&str, &[&str], &[&str])]) -> Policy {
+        let rules = |v: &[&str]| v.iter().map(|r| Rule::parse(r).expect(r)).collect();
+        Policy::from_entries(
+            entries
+                .iter()
+                .map(|(identity, allow, inbound)| Entry {
+                    identity: identity.to_string(),
+                    rules: rules(allow),
+                    inbound: rules(inbound),
+                })
+                .collect(),
+        )
+    }
+
     fn policy() -> Policy {
-        Policy::new(&[
+        parsed(&[
             (
-                "ops-*".into(),
-                vec![
-                    "10.128.0.0/16 tcp/22".into(),
-                    "10.128.0.0/16 icmp".into(),
-                    "10.128.0.0/16 udp/53".into(),
-                    "10.128.1.7/32 tcp/8000-8100".into(),
-                    "fd00:128::/64".into(),
+                "ops-*",
+                &[
+                    "10.128.0.0/16 tcp/22",
+                    "10.128.0.0/16 icmp",
+                    "10.128.0.0/16 udp/53",
+                    "10.128.1.7/32 tcp/8000-8100",
+                    "fd00:128::/64",
                 ],
+                &[],
             ),
-            ("auditor".into(), vec!["10.128.0.61/32 udp/53".into()]),
+            ("auditor", &["10.128.0.61/32 udp/53"], &[]),
         ])
     }
 
@@ -429,17 +423,13 @@ mod tests {
     }
 
     fn inbound_policy() -> Policy {
-        Policy::with_inbound(&[
+        parsed(&[
             (
-                "ops-*".into(),
-                vec!["10.128.0.0/16 tcp/22".into()],
-                vec!["10.128.0.0/24 tcp/9100".into(), "10.128.0.0/24 icmp".into()],
+                "ops-*",
+                &["10.128.0.0/16 tcp/22"],
+                &["10.128.0.0/24 tcp/9100", "10.128.0.0/24 icmp"],
             ),
-            (
-                "auditor".into(),
-                vec!["10.128.0.61/32 udp/53".into()],
-                vec![],
-            ),
+            ("auditor", &["10.128.0.61/32 udp/53"], &[]),
         ])
     }
 
@@ -481,8 +471,7 @@ mod tests {
 
     #[test]
     fn an_echo_reply_answers_only_an_icmp_or_any_inbound_rule() {
-        let pol =
-            Policy::with_inbound(&[("a".into(), vec![], vec!["10.128.0.0/16 tcp/9100".into()])]);
+        let pol = parsed(&[("a", &[], &["10.128.0.0/16 tcp/9100"])]);
         assert_eq!(
             pol.decide("a", &icmp_to([10, 128, 0, 5], 0)),
             Decision::DenyNoRule
@@ -506,12 +495,12 @@ mod tests {
 
     #[test]
     fn later_fragments_pass_only_rules_without_ports() {
-        let pol = Policy::new(&[("a".into(), vec!["10.0.0.0/8 tcp/22".into()])]);
+        let pol = parsed(&[("a", &["10.0.0.0/8 tcp/22"], &[])]);
         let mut pk = p::v4(PROTO_TCP, [1, 1, 1, 1], [10, 0, 0, 1], &[0u8; 8]);
         pk[6..8].copy_from_slice(&10u16.to_be_bytes());
         let m = packet::parse(&pk).expect("valid");
         assert_eq!(pol.decide("a", &m), Decision::DenyNoRule);
-        let pol = Policy::new(&[("a".into(), vec!["10.0.0.0/8 tcp".into()])]);
+        let pol = parsed(&[("a", &["10.0.0.0/8 tcp"], &[])]);
         assert_eq!(pol.decide("a", &m), Decision::Allow);
     }
 

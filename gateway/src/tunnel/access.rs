@@ -325,7 +325,11 @@ mod tests {
 
     #[test]
     fn policy_decides_access_like_a_tcp_syn() {
-        let p = Policy::new(&[("ops-*".into(), vec!["10.128.0.0/16 tcp/22".into()])]);
+        let p = Policy::from_entries(vec![crate::core::policy::Entry {
+            identity: "ops-*".into(),
+            rules: vec![crate::core::policy::Rule::parse("10.128.0.0/16 tcp/22").expect("rule")],
+            inbound: vec![],
+        }]);
         let host: IpAddr = "10.128.0.10".parse().expect("ip");
         assert_eq!(allowed(&p, "ops-alice", host, 22), Ok(()));
         assert!(

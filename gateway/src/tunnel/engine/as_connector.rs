@@ -104,7 +104,7 @@ pub(super) async fn start(
     if let (Some(e), Ok(mut f)) = (&cfg.egress, shared.firewall.lock()) {
         *f = Some((e.table.clone(), firewall_holds(cfg, e, listen, tcp_listen)));
     }
-    let policy = Arc::new(policy_of(&cfg.policy));
+    let policy = Arc::new(crate::config::policy_of(&cfg.policy));
     let zones = cfg.zones.iter().map(|z| z.domain.clone()).collect();
     let node = node::Connector::new(
         connector_config(cfg, routes, zones, policy.clone()),

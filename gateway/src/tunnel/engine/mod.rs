@@ -148,7 +148,7 @@ impl TunnelHandle {
         if let Some(f) = &c.forwarder {
             f.set_zones(&cfg.zones);
         }
-        let policy = Arc::new(policy_of(&cfg.policy));
+        let policy = Arc::new(crate::config::policy_of(&cfg.policy));
         c.policy.store(policy.clone());
         let zones = cfg.zones.iter().map(|z| z.domain.clone()).collect();
         let next = connector_config(cfg, routes, zones, policy);
@@ -172,15 +172,6 @@ impl TunnelHandle {
         }
         net::restore(&mut self.sysctls);
     }
-}
-
-fn policy_of(entries: &[PolicyEntry]) -> Policy {
-    Policy::with_inbound(
-        &entries
-            .iter()
-            .map(|p| (p.identity.clone(), p.allow.clone(), p.inbound.clone()))
-            .collect::<Vec<_>>(),
-    )
 }
 
 fn grants_of(entries: &[PolicyEntry]) -> Grants {
