@@ -5,7 +5,7 @@
 //! `serde_path_to_error` tells which key it was looking at; then [`validate`] checks meaning
 //! (CIDRs, names, duplicates) and reports all problems at once, so an operator fixes a file in
 //! one round. Whether the named interfaces exist depends on the network namespace the check runs
-//! in, so that lives apart, in [`check_system`].
+//! in, so that lives apart, in `preflight`.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -362,7 +362,7 @@ struct RawRoute {
     name: Option<String>,
 }
 
-/// Reads and validates `path`. Checks nothing outside the file; see [`check_system`].
+/// Reads and validates `path`. Checks nothing outside the file; see `preflight::check_system`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError(vec![ConfigIssue {
@@ -1151,77 +1151,6 @@ fn check_interface_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks what the file alone cannot tell: that the interfaces exist in this network namespace.
-pub fn check_system(config: &Config) -> Result<(), ConfigError> {
-    let mut named: Vec<(String, &str)> = config
-        .interfaces
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (format!("dataplane.interfaces[{i}]"), n.as_str()))
-        .collect();
-    let mut issues = Vec::new();
-    if let Some(t) = &config.tunnel {
-        named.extend(
-            t.lan
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (format!("client.lan[{i}]"), n.as_str())),
-        );
-        named.extend(
-            t.dns_intercept
-                .iter()
-                .enumerate()
-                .map(|(i, n)| (format!("client.dns_intercept[{i}]"), n.as_str())),
-        );
-        if let Some(e) = &t.egress {
-            named.push(("egress.interface".into(), e.interface.as_str()));
-        }
-        let unreadable = issues.len();
-        for (key, path) in [
-            ("tls.ca", Some(&t.tls.ca)),
-            ("tls.cert", Some(&t.tls.cert)),
-            ("tls.key", Some(&t.tls.key)),
-            ("tls.crl", t.tls.crl.as_ref()),
-        ] {
-            if let Some(Err(e)) = path.map(std::fs::File::open) {
-                issues.push(ConfigIssue {
-                    file: config.path.clone(),
-                    key: key.into(),
-                    reason: format!(
-                        "cannot read {}: {e}",
-                        path.map_or(String::new(), |p| p.display().to_string())
-                    ),
-                });
-            }
-        }
-        if issues.len() == unreadable {
-            let connector = matches!(t.role, Role::Connector { .. });
-            for (key, reason) in crate::tunnel::tls::check_files(&t.tls, connector) {
-                issues.push(ConfigIssue {
-                    file: config.path.clone(),
-                    key: key.into(),
-                    reason,
-                });
-            }
-        }
-    }
-    issues.extend(crate::config_checks::system(config));
-    for (key, name) in named {
-        if crate::sys::if_index(name).is_none() {
-            issues.push(ConfigIssue {
-                file: config.path.clone(),
-                key,
-                reason: format!("interface {name:?} does not exist in this network namespace"),
-            });
-        }
-    }
-    if issues.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError(issues))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1639,18 +1568,5 @@ name = "vpc-v6"
         assert!(check_interface_name("").is_err());
         assert!(check_interface_name("..").is_err());
         assert!(check_interface_name("eth0:1").is_err());
-    }
-
-    #[test]
-    fn missing_interface_is_reported_by_the_system_check() {
-        let mut c =
-            parse_str("[node]\nname = \"n\"\n[dataplane]\ninterfaces = [\"lo\", \"gwnosuch0\"]\n")
-                .expect("valid file");
-        let err = check_system(&c).expect_err("gwnosuch0 does not exist");
-        assert_eq!(err.0.len(), 1);
-        assert_eq!(err.0[0].key, "dataplane.interfaces[1]");
-        assert!(err.0[0].reason.contains("does not exist"));
-        c.interfaces.pop();
-        assert!(check_system(&c).is_ok(), "lo exists in every namespace");
     }
 }

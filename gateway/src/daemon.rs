@@ -406,7 +406,7 @@ fn apply_reload(
     tunnel: Option<&crate::tunnel::TunnelHandle>,
 ) -> Result<String, String> {
     let new = crate::config::load(&old.path)
-        .and_then(|c| crate::config::check_system(&c).map(|()| c))
+        .and_then(|c| crate::preflight::check_system(&c).map(|()| c))
         .map_err(|e| {
             e.0.iter()
                 .map(|i| i.to_string())

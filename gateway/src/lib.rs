@@ -18,6 +18,7 @@ pub mod node;
 pub mod pingrange;
 pub mod pki;
 pub mod plan;
+pub mod preflight;
 pub mod routes;
 pub mod server;
 pub mod state;

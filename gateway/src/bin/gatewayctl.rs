@@ -304,7 +304,7 @@ fn resolve_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Pa
 }
 
 fn check_config(file: &Path) -> ExitCode {
-    let checked = config::load(file).and_then(|c| config::check_system(&c).map(|()| c));
+    let checked = config::load(file).and_then(|c| gateway::preflight::check_system(&c).map(|()| c));
     match checked {
         Ok(c) => {
             // Warnings leave the config valid: they are shown, and the exit status stays 0.

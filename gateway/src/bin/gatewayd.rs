@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     // A config that does not validate exits with EXIT_BAD_CONFIG, which the unit does not
     // restart on: restarting cannot fix a file.
     let config = match gateway::config::load(&args.config)
-        .and_then(|c| gateway::config::check_system(&c).map(|()| c))
+        .and_then(|c| gateway::preflight::check_system(&c).map(|()| c))
         .and_then(|c| match gateway::unit::check_dirs_from_env(&c) {
             issues if issues.is_empty() => Ok(c),
             issues => Err(gateway::config::ConfigError(issues)),

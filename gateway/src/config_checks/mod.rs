@@ -5,8 +5,8 @@
 //! [`review`] runs after `config::validate` has built a [`Config`], so a file with basic
 //! mistakes gets these only once those are fixed. Errors refuse the config like any other;
 //! warnings leave it valid and are printed by `gatewayctl check-config` and logged by
-//! `gatewayd` at start. [`system`] is the part that depends on the machine (files, interfaces
-//! in this network namespace), run from `config::check_system`.
+//! `gatewayd` at start. What depends on the machine (files, interfaces in this network
+//! namespace) is `preflight`'s.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -421,43 +421,6 @@ fn metrics(c: &Config, m: SocketAddr, allow_remote: bool, r: &mut Review) {
             m.port()
         ),
     );
-}
-
-/// What the file alone cannot tell: TLS paths that are directories, and a TUN name taken by an
-/// existing interface of another kind in this network namespace.
-pub fn system(c: &Config) -> Vec<ConfigIssue> {
-    let mut issues = Vec::new();
-    let Some(t) = &c.tunnel else {
-        return issues;
-    };
-    for (key, path) in tls_paths(t) {
-        if path.is_dir() {
-            issues.push(issue(
-                c,
-                key,
-                format!("{} is a directory; name the PEM file", path.display()),
-            ));
-        }
-    }
-    if crate::sys::if_index(&t.tun).is_some() {
-        let driver = crate::sys::if_driver(&t.tun);
-        if driver.as_deref() != Some("tun") {
-            issues.push(issue(
-                c,
-                "tunnel.tun",
-                format!(
-                    "{:?} already exists here and is not a TUN device ({}); the daemon creates \
-                     its own: pick a new name",
-                    t.tun,
-                    driver.map_or_else(
-                        || "no driver reported".to_string(),
-                        |d| format!("driver {d}")
-                    )
-                ),
-            ));
-        }
-    }
-    issues
 }
 
 #[cfg(test)]

@@ -143,45 +143,6 @@ fn refuses_a_tun_named_lo_or_after_another_configured_interface() {
 }
 
 #[test]
-fn refuses_a_tun_name_that_exists_here_and_is_not_a_tun_device() {
-    let mut c = parse_str(&connector("0.0.0.0:7844", "")).expect("valid");
-    assert_eq!(super::system(&c), vec![], "gateway0 does not exist here");
-    if let Some(t) = c.tunnel.as_mut() {
-        t.tun = "lo".into();
-    }
-    let issues = super::system(&c);
-    assert_eq!(issues.len(), 1, "{issues:?}");
-    assert_eq!(issues[0].key, "tunnel.tun");
-    assert!(
-        issues[0].reason.contains("is not a TUN device"),
-        "{}",
-        issues[0]
-    );
-}
-
-#[test]
-fn refuses_tls_paths_that_are_directories() {
-    let dir = std::env::temp_dir().join(format!("gw-cfgcheck-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let text = connector("0.0.0.0:7844", "")
-        .replace("ca = \"/p/ca.pem\"", &format!("ca = \"{}\"", dir.display()));
-    let c = parse_str(&text).expect("valid file");
-    let issues = super::system(&c);
-    let _ = std::fs::remove_dir(&dir);
-    assert_eq!(issues.len(), 1, "{issues:?}");
-    assert_eq!(issues[0].key, "tls.ca");
-    assert!(issues[0].reason.contains("is a directory"), "{}", issues[0]);
-    // The full system check names it too, beside the files that do not exist.
-    let all = crate::config::check_system(&c).expect_err("refused");
-    assert!(
-        all.0
-            .iter()
-            .any(|i| i.key == "tls.ca" && i.reason.contains("directory")),
-        "{all}"
-    );
-}
-
-#[test]
 fn warns_about_relative_tls_paths() {
     let text = connector("0.0.0.0:7844", "").replace("\"/p/n.key\"", "\"pki/n.key\"");
     let w = warnings(&text);
