@@ -8,7 +8,6 @@ pub mod api;
 pub mod assets;
 pub mod cli;
 pub mod config;
-pub mod config_checks;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
