@@ -600,7 +600,7 @@ dns zone hoge-vpc.com: 7 queries, 7 answers, 2 failovers, 0 servfail; 10.128.0.6
     #[test]
     fn icmp_line_names_the_range_and_the_fix() {
         let mut s = crate::api::tests::sample_status();
-        s.icmp = Some(crate::pingrange::IcmpStatus {
+        s.icmp = Some(crate::api::IcmpStatus {
             ping_group_range: "1\t0".into(),
             gid: 0,
             managed: false,

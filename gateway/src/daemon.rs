@@ -574,7 +574,11 @@ fn status(shared: &Shared) -> anyhow::Result<Status> {
                 )
             })
             .collect(),
-        icmp: Some(crate::pingrange::status(config.manage_ping_group_range)),
+        icmp: Some(crate::pingrange::status(
+            config.manage_ping_group_range,
+            crate::tunnel::net::sysctl_get(crate::pingrange::SYSCTL)
+                .unwrap_or_else(|e| format!("unreadable: {e}")),
+        )),
         tls: shared
             .certificate
             .as_ref()

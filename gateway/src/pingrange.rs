@@ -5,8 +5,6 @@
 //! `socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)` fails with EACCES even for root. The decision is
 //! a pure function; the IO is reading and writing the sysctl and trying to open the socket.
 
-use serde::{Deserialize, Serialize};
-
 pub const SYSCTL: &str = "net.ipv4.ping_group_range";
 
 /// Parses `"LOW HIGH"`; `1 0` (low above high) is the empty range.
@@ -34,21 +32,7 @@ pub fn format((lo, hi): (u32, u32)) -> String {
     format!("{lo} {hi}")
 }
 
-/// What `gatewayctl status` shows under `icmp`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IcmpStatus {
-    /// The sysctl's current value in the daemon's namespace.
-    pub ping_group_range: String,
-    /// The daemon's group.
-    pub gid: u32,
-    /// Whether the daemon changes the sysctl (`[icmp] manage_ping_group_range`).
-    pub managed: bool,
-    /// Whether an ICMP echo socket opens right now (tried, not inferred).
-    pub probes_possible: bool,
-    /// When probes are impossible: the command that fixes it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fix: Option<String>,
-}
+pub use crate::api::IcmpStatus;
 
 /// Tries to open an IPv4 ICMP echo socket, the kind the daemon's probes use.
 pub fn echo_socket_opens() -> bool {
@@ -65,10 +49,8 @@ pub fn gid() -> u32 {
     unsafe { libc::getgid() }
 }
 
-/// Reads the live state for status.
-pub fn status(managed: bool) -> IcmpStatus {
-    let value =
-        crate::tunnel::net::sysctl_get(SYSCTL).unwrap_or_else(|e| format!("unreadable: {e}"));
+/// The live state for status, with `value` the sysctl as read (or why it could not be).
+pub fn status(managed: bool, value: String) -> IcmpStatus {
     let gid = gid();
     let probes_possible = echo_socket_opens();
     let fix = (!probes_possible).then(|| {
