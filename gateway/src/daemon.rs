@@ -4,23 +4,24 @@
 //! Setup is all-or-nothing: if any step fails, what the earlier steps did is undone before the
 //! error is returned, so a failed start leaves no program attached and no socket behind.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use anyhow::Context;
-use gateway_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::api::{
-    AttachKind, InterfaceStatus, ProgramInfo, Request, Response, RouteStatus, STATUS_SCHEMA, Status,
-};
+use crate::api::{AttachKind, Request};
 use crate::config::Config;
-use crate::dataplane::{self, Dataplane};
+use crate::dataplane::Dataplane;
 use crate::routes::{Route, RouteTable};
 use crate::state::{self, Record, StateDir};
 
 mod leftovers;
+mod reload;
+mod status;
+
+use reload::reload;
+use status::{handle, status};
 
 /// What the status handler reads; shared with the socket task.
 struct Shared {
@@ -56,10 +57,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     state::clear_stale_socket(&config.node.socket)?;
 
-    let started_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_at = crate::sys::unix_now();
     let attach = config.attach.resolve();
     // Written before anything is attached, so a crash in the middle of setup is cleaned too.
     let mut record = Record {
@@ -96,9 +94,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Ok(v) => v,
         Err(e) => {
             // The Dataplane, if any was made, was dropped inside set_up and detached its links.
-            remove_socket(&config.node.socket);
-            crate::tunnel::net::restore(&mut own_sysctls);
-            state_dir.clear()?;
+            undo_start(&config, &mut own_sysctls, &state_dir)?;
             return Err(e);
         }
     };
@@ -122,9 +118,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }
                 Err(e) => {
                     drop(dataplane);
-                    remove_socket(&config.node.socket);
-                    crate::tunnel::net::restore(&mut own_sysctls);
-                    state_dir.clear()?;
+                    undo_start(&config, &mut own_sysctls, &state_dir)?;
                     return Err(e.context("starting the tunnel"));
                 }
             }
@@ -202,6 +196,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     state_dir.clear()?;
     tracing::info!("gatewayd stopped; classifier detached, socket removed");
+    Ok(())
+}
+
+/// What a failed start undoes once the dataplane is gone (dropped, it detaches its own
+/// links): the status socket, the sysctls the daemon changed, and the state record, so the
+/// next start finds nothing to clean.
+fn undo_start(
+    config: &Config,
+    own_sysctls: &mut Vec<(String, String)>,
+    state_dir: &StateDir,
+) -> anyhow::Result<()> {
+    remove_socket(&config.node.socket);
+    crate::tunnel::net::restore(own_sysctls);
+    state_dir.clear()?;
     Ok(())
 }
 
@@ -365,133 +373,6 @@ fn watchdog_interval() -> Option<std::time::Duration> {
     sd_notify::watchdog_enabled(false, &mut usec).then(|| std::time::Duration::from_micros(usec))
 }
 
-/// SIGHUP: reads the config again and applies routes, policy and zones without touching the
-/// tunnel's connections. A config that is invalid, or that changes what only a restart can,
-/// is refused whole: the daemon keeps running the old one, and status says why.
-fn reload(shared: &Shared, tunnel: Option<&crate::tunnel::TunnelHandle>) {
-    let mut notify = vec![sd_notify::NotifyState::Reloading];
-    if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
-        notify.push(now);
-    }
-    let _ = sd_notify::notify(false, &notify);
-    let old = shared.config();
-    let result = apply_reload(shared, &old, tunnel);
-    let status = match &result {
-        Ok(message) => {
-            tracing::info!(%message, "SIGHUP: config reloaded");
-            crate::api::ReloadStatus {
-                at: unix_now(),
-                ok: true,
-                message: message.clone(),
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "SIGHUP: reload refused; still running the previous config");
-            crate::api::ReloadStatus {
-                at: unix_now(),
-                ok: false,
-                message: e.clone(),
-            }
-        }
-    };
-    if let Ok(mut r) = shared.last_reload.lock() {
-        *r = Some(status);
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-}
-
-fn apply_reload(
-    shared: &Shared,
-    old: &Config,
-    tunnel: Option<&crate::tunnel::TunnelHandle>,
-) -> Result<String, String> {
-    let new = crate::config::load(&old.path)
-        .and_then(|c| crate::preflight::check_system(&c).map(|()| c))
-        .map_err(|e| {
-            e.0.iter()
-                .map(|i| i.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-    for warning in &new.warnings {
-        tracing::warn!("config: {warning}");
-    }
-    let changes = crate::config::reload_changes(old, &new).map_err(|keys| {
-        format!(
-            "{} changed; that takes a restart (systemctl restart gatewayd)",
-            keys.join(", ")
-        )
-    })?;
-    // The CRL file is read again on every reload: revoking changes the file, not the config.
-    let trust = match (tunnel, &new.tunnel) {
-        (Some(handle), Some(t)) if t.tls.crl.is_some() || changes.crl => Some(
-            handle
-                .prepare_trust(t)
-                .map_err(|e| format!("tls.crl: {e:#}"))?,
-        ),
-        _ => None,
-    };
-    if !changes.any() && trust.is_none() {
-        return Ok("no change".into());
-    }
-    let is_client = matches!(
-        new.tunnel.as_ref().map(|t| &t.role),
-        Some(crate::config::Role::Client { .. })
-    );
-    // Everything that can refuse is asked first, so a refusal changes nothing.
-    if let (Some(handle), Some(t)) = (tunnel, &new.tunnel) {
-        handle.check_reload(t).map_err(|e| format!("{e:#}"))?;
-    }
-    // A client's classifier holds the routes its connector sent; its own [[route]]s count only
-    // where there is no tunnel to learn from.
-    if changes.routes && !is_client {
-        let mut dp = shared
-            .dataplane
-            .lock()
-            .map_err(|_| "dataplane lock poisoned".to_string())?;
-        dp.set_routes(&new.routes.trie_entries())
-            .map_err(|e| format!("loading routes into the classifier: {e}"))?;
-        if let Ok(mut r) = shared.routes.lock() {
-            *r = new.routes.clone();
-        }
-    }
-    if let (Some(handle), Some(t)) = (tunnel, &new.tunnel) {
-        handle.reload(t, new.routes.iter().map(|r| r.cidr).collect());
-    }
-    let mut applied = Vec::new();
-    if let (Some(handle), Some(t), Some(v)) = (tunnel, &new.tunnel, trust) {
-        let crl = match v.crl() {
-            Some((path, crl)) => format!("CRL {} ({} revoked)", path.display(), crl.revoked.len()),
-            None => "no CRL".into(),
-        };
-        let closed = handle.apply_trust(t, v);
-        applied.push(match closed.is_empty() {
-            true => crl,
-            false => format!("{crl}, closed the session(s) of {}", closed.join(", ")),
-        });
-    }
-    if changes.routes {
-        applied.push(format!("{} route(s)", new.routes.len()));
-    }
-    if changes.policy {
-        applied.push("policy".to_string());
-    }
-    if changes.zones {
-        applied.push("DNS zones".to_string());
-    }
-    if let Ok(mut c) = shared.config.lock() {
-        *c = new;
-    }
-    Ok(format!("applied {}", applied.join(", ")))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Shared {
     fn config(&self) -> Config {
         match self.config.lock() {
@@ -499,160 +380,4 @@ impl Shared {
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
-}
-
-fn handle(shared: &Shared, req: Request) -> Response {
-    match req {
-        Request::Status => match status(shared) {
-            Ok(s) => Response::Status(Box::new(s)),
-            Err(e) => Response::Error {
-                message: format!("{e:#}"),
-            },
-        },
-    }
-}
-
-fn status(shared: &Shared) -> anyhow::Result<Status> {
-    let dp = shared
-        .dataplane
-        .lock()
-        .map_err(|_| anyhow::anyhow!("dataplane lock poisoned"))?;
-    let ours = dp.program_id();
-    let attach = dp.kind();
-    let config = shared.config();
-    let interfaces = classified_interfaces(&config)
-        .iter()
-        .map(|name| {
-            interface_status(name, attach, dataplane::attached_programs(name), |p| {
-                p.id == ours
-            })
-        })
-        .collect();
-    let table = shared
-        .routes
-        .lock()
-        .map_err(|_| anyhow::anyhow!("routes lock poisoned"))?
-        .clone();
-    let mut routes = Vec::new();
-    for r in table.iter() {
-        let c = dp.route_counters(r.id)?;
-        routes.push(RouteStatus {
-            id: r.id,
-            name: r.name.clone(),
-            cidr: r.cidr.to_string(),
-            packets: c.packets,
-            bytes: c.bytes,
-        });
-    }
-    let classifier = dp
-        .counters()?
-        .into_iter()
-        .map(|(c, v): (Counter, u64)| (c.name().to_string(), v))
-        .collect();
-    Ok(Status {
-        schema: STATUS_SCHEMA,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        node: config.node.name.clone(),
-        pid: std::process::id(),
-        config: absolute(&config.path),
-        started_at: shared.started_at,
-        uptime_secs: shared.started.elapsed().as_secs(),
-        interfaces,
-        routes,
-        classifier,
-        tunnel: shared.tunnel.as_ref().map(|t| t.status()),
-        dns_egress: config
-            .tunnel
-            .iter()
-            .flat_map(|t| t.dns_intercept.iter())
-            .map(|name| {
-                interface_status(
-                    name,
-                    attach,
-                    dataplane::attached_egress_programs(name),
-                    |p| p.name == gateway_common::programs::DNS_EGRESS,
-                )
-            })
-            .collect(),
-        icmp: Some(crate::pingrange::status(
-            config.manage_ping_group_range,
-            crate::tunnel::net::sysctl_get(crate::pingrange::SYSCTL)
-                .unwrap_or_else(|e| format!("unreadable: {e}")),
-        )),
-        tls: shared
-            .certificate
-            .as_ref()
-            .map(|c| tls_status(c, shared.trust.as_deref())),
-        last_reload: shared.last_reload.lock().ok().and_then(|r| r.clone()),
-    })
-}
-
-/// This node's certificate and the CRL in force, with the expiry counted from now.
-fn tls_status(
-    cert: &crate::pki::CertInfo,
-    trust: Option<&crate::tunnel::tls::Trust>,
-) -> crate::api::TlsStatus {
-    let now = unix_now() as i64;
-    let crl = trust.and_then(|t| t.crl());
-    // Peers refuse a node whose own certificate its CRL lists: say so before anything else.
-    let revoked = crl
-        .as_ref()
-        .is_some_and(|(_, c)| c.find(&cert.serial).is_some());
-    crate::api::TlsStatus {
-        identity: cert.identity.clone(),
-        profile: cert.profile_name(),
-        serial: cert.serial_hex(),
-        not_after: cert.not_after,
-        expires_in_days: (cert.not_after - now).div_euclid(86_400),
-        warning: match revoked {
-            true => Some("REVOKED by the CRL in force: peers refuse it".into()),
-            false => crate::pki::list::expiry_warning(cert.not_after, now),
-        },
-        crl: crl.map(|(path, crl)| crate::api::CrlStatus {
-            path: absolute(&path),
-            revoked: crl.revoked.len() as u64,
-            number: crl.number,
-            issued_at: crl.this_update,
-        }),
-    }
-}
-
-/// What the kernel reported at one interface, with our program marked.
-fn interface_status(
-    name: &str,
-    attach: AttachKind,
-    programs: Result<Vec<dataplane::AttachedProgram>, dataplane::DataplaneError>,
-    ours: impl Fn(&dataplane::AttachedProgram) -> bool,
-) -> InterfaceStatus {
-    match programs {
-        Ok(programs) => {
-            let programs: Vec<ProgramInfo> = programs
-                .into_iter()
-                .map(|p| ProgramInfo {
-                    ours: ours(&p),
-                    id: p.id,
-                    name: p.name,
-                    mode: Some(p.kind),
-                })
-                .collect();
-            InterfaceStatus {
-                name: name.to_string(),
-                classifier_attached: programs.iter().any(|p| p.ours),
-                programs,
-                attach: Some(attach),
-                error: None,
-            }
-        }
-        Err(e) => InterfaceStatus {
-            name: name.to_string(),
-            classifier_attached: false,
-            programs: vec![],
-            attach: Some(attach),
-            error: Some(e.to_string()),
-        },
-    }
-}
-
-fn absolute(p: &std::path::Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }

@@ -1,4 +1,5 @@
-//! Small wrappers over libc calls that have no well-kept crate of their own here.
+//! Small wrappers over what only the system can answer: libc calls that have no well-kept
+//! crate of their own here, and the wall clock (which core and node never read).
 
 use std::ffi::CString;
 use std::fs::File;
@@ -75,6 +76,15 @@ pub fn if_driver(name: &str) -> Option<String> {
     }
     let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
     Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// Seconds since the Unix epoch by the wall clock, for timestamps an operator reads (status,
+/// reloads, certificate expiry); 0 on a clock set before 1970.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Takes an exclusive advisory lock without waiting. The kernel drops it when the process dies,

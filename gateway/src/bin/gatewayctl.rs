@@ -192,12 +192,12 @@ fn watch_status(json: bool, socket: &Path, interval: Duration) -> ExitCode {
                 screen.push_str(&format!(
                     "every {}s, {} (Ctrl-C to stop)\n\n",
                     interval.as_secs_f64(),
-                    utc_clock(unix_now())
+                    utc_clock(gateway::sys::unix_now())
                 ));
             }
         } else {
             // Piped: snapshots follow each other, so mark where each begins.
-            screen.push_str(&format!("--- {}\n", unix_now()));
+            screen.push_str(&format!("--- {}\n", gateway::sys::unix_now()));
         }
         match fetch_status(json, socket) {
             Ok(text) => screen.push_str(&text),
@@ -222,14 +222,6 @@ fn watch_status(json: bool, socket: &Path, interval: Duration) -> ExitCode {
         drop(out);
         std::thread::sleep(interval);
     }
-}
-
-/// Seconds since the epoch, for separators between snapshots when not on a terminal.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// `HH:MM:SS UTC`: enough to see that the screen is live, without a time-zone database.

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::link::Link;
 use super::{dns, net};
@@ -37,13 +37,6 @@ impl Role {
             Role::Client => "client",
         }
     }
-}
-
-pub fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// What the node's task last published: replaced whole after each of its steps.
@@ -142,7 +135,7 @@ impl Shared {
             identity,
             remote: remote.to_string(),
             reason,
-            at: now_unix(),
+            at: crate::sys::unix_now(),
         };
         push_ring(&self.refusals, MAX_REFUSALS, entry);
     }
@@ -158,7 +151,7 @@ impl Shared {
             identity: None,
             remote: remote.to_string(),
             reason,
-            at: now_unix(),
+            at: crate::sys::unix_now(),
         };
         push_ring(&self.failed_handshakes, MAX_HANDSHAKE_FAILURES, entry);
     }

@@ -116,7 +116,7 @@ pub(super) async fn start(
         dials: Default::default(),
         up: None,
         version: 0,
-        epoch: (Instant::now(), status::now_unix()),
+        epoch: (Instant::now(), crate::sys::unix_now()),
         mtu: 0,
     };
     tasks.spawn(task.run(inputs, events, paths));

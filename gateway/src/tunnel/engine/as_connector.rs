@@ -155,7 +155,7 @@ pub(super) async fn start(
         slots: Default::default(),
         up: Default::default(),
         version: 0,
-        epoch: (Instant::now(), status::now_unix()),
+        epoch: (Instant::now(), crate::sys::unix_now()),
     };
     tasks.spawn(task.run(inputs, events, paths));
     tasks.spawn(datapath::from_tun(shared.clone(), tun, datapath, None));
