@@ -145,9 +145,22 @@ mod tests {
         std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
     }
 
+    /// Held by each test that runs a server, one at a time: the descriptor count of
+    /// `answers_while_five_hundred_idle_connections_are_open` is the whole process's, and
+    /// another server's runtime and connections starting meanwhile would be counted as its.
+    static ONE_SERVER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A status server on a socket in a fresh directory, answering every request with an
-    /// error naming `name` (enough to tell a served request from a refused one).
-    fn start(name: &str) -> (tokio::runtime::Runtime, std::path::PathBuf) {
+    /// error naming `name` (enough to tell a served request from a refused one). The guard
+    /// (first) outlives the runtime when the caller binds all three.
+    fn start(
+        name: &str,
+    ) -> (
+        std::sync::MutexGuard<'static, ()>,
+        tokio::runtime::Runtime,
+        std::path::PathBuf,
+    ) {
+        let one = ONE_SERVER.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!("gw-server-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("s.sock");
@@ -166,7 +179,7 @@ mod tests {
                 message: "served".into(),
             }),
         ));
-        (rt, path)
+        (one, rt, path)
     }
 
     fn ask(path: &Path) -> Result<Response, crate::api::ClientError> {
@@ -175,7 +188,7 @@ mod tests {
 
     #[test]
     fn answers_while_five_hundred_idle_connections_are_open() {
-        let (_rt, path) = start("idle");
+        let (_one, _rt, path) = start("idle");
         let before = open_fds();
         let idle: Vec<StdStream> = (0..500)
             .map(|_| StdStream::connect(&path).expect("connect"))
@@ -207,7 +220,7 @@ mod tests {
     #[test]
     fn closes_a_connection_that_sends_nothing() {
         use std::io::Read;
-        let (_rt, path) = start("silent");
+        let (_one, _rt, path) = start("silent");
         let mut s = StdStream::connect(&path).expect("connect");
         s.set_read_timeout(Some(READ_TIMEOUT * 3)).expect("timeout");
         let started = Instant::now();
@@ -227,7 +240,7 @@ mod tests {
     #[test]
     fn refuses_an_oversized_request_without_reading_it_all() {
         use std::io::{BufRead, Write};
-        let (_rt, path) = start("big");
+        let (_one, _rt, path) = start("big");
         let mut s = StdStream::connect(&path).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
