@@ -6,6 +6,8 @@
 //! this is the reference those rules are tested against. Answers are relayed as bytes, not
 //! parsed, except for the header fields the forwarder needs (id, rcode, truncation).
 
+use super::checksum::{checksum, sum16};
+
 /// Longest name on the wire (RFC 1035 2.3.4), labels and length bytes included.
 pub const MAX_NAME: usize = 255;
 /// Longest label.
@@ -376,7 +378,7 @@ pub fn udp_reply(query: &[u8], answer: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(answer);
     // Pseudo-header: source, destination, protocol, UDP length.
     let addrs = if v4 { &out[12..20] } else { &out[8..40] };
-    let mut pseudo = sum_words(addrs);
+    let mut pseudo = sum16(addrs);
     pseudo += u32::from(super::packet::PROTO_UDP) + udp_len as u32;
     let mut sum = checksum(&out[ip_len..], pseudo);
     if sum == 0 {
@@ -384,20 +386,6 @@ pub fn udp_reply(query: &[u8], answer: &[u8]) -> Option<Vec<u8>> {
     }
     out[ip_len + 6..ip_len + 8].copy_from_slice(&sum.to_be_bytes());
     Some(out)
-}
-
-fn sum_words(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum()
-}
-
-fn checksum(data: &[u8], initial: u32) -> u16 {
-    let mut sum = initial + sum_words(data);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 #[cfg(test)]
@@ -426,7 +414,7 @@ mod udp_tests {
         assert_eq!(&r[22..24], &[0xc3, 0x50]);
         assert_eq!(&r[28..], b"answer");
         assert_eq!(checksum(&r[..20], 0), 0, "IP header checksum");
-        let pseudo = sum_words(&r[12..20]) + u32::from(PROTO_UDP) + (r.len() - 20) as u32;
+        let pseudo = sum16(&r[12..20]) + u32::from(PROTO_UDP) + (r.len() - 20) as u32;
         assert_eq!(checksum(&r[20..], pseudo), 0, "UDP checksum");
     }
 

@@ -7,23 +7,11 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use super::checksum::{checksum, sum16};
 use super::packet::{PROTO_ICMP, PROTO_ICMPV6};
 
 /// IPv6's minimum MTU: an ICMPv6 error never exceeds it.
 const IPV6_MIN_MTU: usize = 1280;
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)])))
-        .sum()
-}
 
 /// Writes into `out` the ICMP telling the sender of `pkt` that at most `mtu` bytes fit, from
 /// `from_v4`/`from_v6` (an address of this node). Returns its length, or `None` when no ICMP
@@ -70,13 +58,13 @@ fn too_big_v4(pkt: &[u8], mtu: u16, from: Ipv4Addr, out: &mut [u8]) -> Option<us
     out[9] = PROTO_ICMP;
     out[12..16].copy_from_slice(&from.octets());
     out[16..20].copy_from_slice(&pkt[12..16]); // back to the sender
-    let ip_sum = fold(sum16(&out[..20]));
+    let ip_sum = checksum(&out[..20], 0);
     out[10..12].copy_from_slice(&ip_sum.to_be_bytes());
     out[20] = 3; // destination unreachable
     out[21] = 4; // fragmentation needed and DF set
     out[26..28].copy_from_slice(&mtu.to_be_bytes());
     out[28..].copy_from_slice(&pkt[..quoted]);
-    let icmp_sum = fold(sum16(&out[20..]));
+    let icmp_sum = checksum(&out[20..], 0);
     out[22..24].copy_from_slice(&icmp_sum.to_be_bytes());
     Some(len)
 }
@@ -104,10 +92,9 @@ fn too_big_v6(pkt: &[u8], mtu: u32, from: Ipv6Addr, out: &mut [u8]) -> Option<us
     out[40] = 2; // packet too big
     out[44..48].copy_from_slice(&mtu.to_be_bytes());
     out[48..].copy_from_slice(&pkt[..quoted]);
-    let mut sum = sum16(&out[8..40]); // source and destination
-    sum += payload as u32 + u32::from(PROTO_ICMPV6);
-    sum += sum16(&out[40..]);
-    let icmp_sum = fold(sum);
+    // Pseudo-header: source and destination, length, next header.
+    let pseudo = sum16(&out[8..40]) + payload as u32 + u32::from(PROTO_ICMPV6);
+    let icmp_sum = checksum(&out[40..], pseudo);
     out[42..44].copy_from_slice(&icmp_sum.to_be_bytes());
     Some(len)
 }
@@ -124,7 +111,7 @@ mod tests {
     }
 
     fn verify(sum_over: &[u8]) -> bool {
-        fold(sum16(sum_over)) == 0
+        checksum(sum_over, 0) == 0
     }
 
     #[test]

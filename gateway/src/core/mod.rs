@@ -2,6 +2,7 @@
 //! functions and state machines. No sockets, no clock reads: time comes in as an argument.
 
 pub mod advertise;
+pub mod checksum;
 pub mod cidr;
 pub mod control;
 pub mod dns;

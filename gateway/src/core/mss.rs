@@ -3,7 +3,9 @@
 //! This matters for forwarded LAN traffic, whose hosts see a 1500-byte link and know nothing
 //! of the tunnel behind it.
 
-const TCP: u8 = 6;
+use super::checksum;
+use super::packet::PROTO_TCP as TCP;
+
 const SYN: u8 = 0x02;
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
@@ -87,14 +89,11 @@ fn set_u16_fixing_checksum(tcp: &mut [u8], at: usize, value: u16) {
     };
     let old: Vec<u16> = words.iter().map(|w| word(tcp, *w)).collect();
     tcp[at..at + 2].copy_from_slice(&value.to_be_bytes());
-    let mut sum = u32::from(!u16::from_be_bytes([tcp[16], tcp[17]]));
+    let mut check = u16::from_be_bytes([tcp[16], tcp[17]]);
     for (w, o) in words.iter().zip(old) {
-        sum += u32::from(!o) + u32::from(word(tcp, *w));
+        check = checksum::update(check, o, word(tcp, *w));
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
 }
 
 #[cfg(test)]
@@ -111,17 +110,7 @@ mod tests {
         data.extend_from_slice(&[0, TCP]);
         data.extend_from_slice(&(seg.len() as u16).to_be_bytes());
         data.extend_from_slice(seg);
-        if data.len() % 2 == 1 {
-            data.push(0);
-        }
-        let mut sum: u32 = data
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-            .sum();
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+        checksum::checksum(&data, 0)
     }
 
     /// A SYN with `options`, its checksum set right.
