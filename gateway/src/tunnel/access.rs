@@ -19,11 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::control::{self, Control, PROTOCOL_VERSION};
 use super::tls;
 use crate::config::{Role, Transport, Tunnel};
-use crate::core::packet::PacketMeta;
+use crate::core::packet::{PROTO_TCP, PacketMeta};
 use crate::core::policy::{Decision, Policy};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-const IPPROTO_TCP: u8 = 6;
 
 pub type Reader = Pin<Box<dyn AsyncRead + Send>>;
 pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
@@ -266,7 +265,7 @@ pub fn allowed(policy: &Policy, identity: &str, address: IpAddr, port: u16) -> R
             IpAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
         },
         dst: address,
-        proto: IPPROTO_TCP,
+        proto: PROTO_TCP,
         dst_port: Some(port),
         src_port: None,
         later_fragment: false,

@@ -21,6 +21,9 @@ use std::fmt;
 
 use ipnet::IpNet;
 
+use crate::core::packet::{
+    PROTO_ICMP as ICMP, PROTO_ICMPV6 as ICMPV6, PROTO_TCP as TCP, PROTO_UDP as UDP,
+};
 use crate::core::policy::{Proto, Rule};
 
 pub const FORWARD: &str = "forward";
@@ -127,11 +130,6 @@ impl RuleSpec {
         }
     }
 }
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMPV6: u8 = 58;
 
 /// The connector's base chain, hooked at forward. `tun` is the daemon's TUN, `egress` the
 /// VPC-facing interface.

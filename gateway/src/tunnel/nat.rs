@@ -18,6 +18,7 @@ use nftnl::{Batch, Chain, FinalizedBatch, MsgType, ProtoFamily, Rule, Table, nft
 use ipnet::IpNet;
 
 use super::filter::{self, Ct, Family, Match, RuleSpec, Session, Verdict};
+use crate::core::packet::{PROTO_TCP as IPPROTO_TCP, PROTO_UDP as IPPROTO_UDP};
 use crate::core::policy::Policy;
 
 /// NF_NAT_RANGE_PROTO_SPECIFIED: without it the kernel accepts the range, `nft` even prints it,
@@ -25,8 +26,6 @@ use crate::core::policy::Policy;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
 /// srcnat priority of the postrouting hook.
 const SRCNAT: i32 = 100;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatSpec {
