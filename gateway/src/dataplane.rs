@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier};
 use gateway_common::{
@@ -141,16 +141,14 @@ impl Dataplane {
 
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
         let fresh = ids_to_zero(&self.loaded, routes);
-        let mut counters = self.route_counter_map()?;
+        let mut counters: PerCpuArray<&mut MapData, RouteCounters> =
+            typed_map_mut(&mut self.ebpf, maps::ROUTE_COUNTERS)?;
         for id in fresh {
             let zero = PerCpuValues::try_from(vec![RouteCounters::default(); cpus])
                 .map_err(DataplaneError::Cpus)?;
             counters
                 .set(id, zero, 0)
-                .map_err(|source| DataplaneError::Map {
-                    map: maps::ROUTE_COUNTERS,
-                    source,
-                })?;
+                .map_err(map_error(maps::ROUTE_COUNTERS))?;
         }
         self.loaded = routes.to_vec();
         Ok(())
@@ -234,16 +232,9 @@ impl Dataplane {
 
     /// Makes DNS_ZONES hold exactly these zones (lowercase wire names).
     pub fn set_dns_zones(&mut self, zones: &[Vec<u8>]) -> Result<(), DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::DNS_ZONES)
-            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::DNS_ZONES)))?;
-        let err = |source| DataplaneError::Map {
-            map: maps::DNS_ZONES,
-            source,
-        };
+        let err = map_error(maps::DNS_ZONES);
         let mut m: aya::maps::HashMap<&mut MapData, u64, u32> =
-            aya::maps::HashMap::try_from(map).map_err(err)?;
+            typed_map_mut(&mut self.ebpf, maps::DNS_ZONES)?;
         let wanted: Vec<u64> = zones
             .iter()
             .map(|z| gateway_common::dns_suffix_hash(z))
@@ -289,77 +280,33 @@ impl Dataplane {
     /// Makes the classifier on `ingress` (an ifindex) hand matched packets to `target` with
     /// bpf_redirect instead of passing them on.
     pub fn set_redirect(&mut self, ingress: u32, target: u32) -> Result<(), DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::REDIRECT)
-            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::REDIRECT)))?;
         let mut redirect: aya::maps::HashMap<&mut MapData, u32, u32> =
-            aya::maps::HashMap::try_from(map).map_err(|source| DataplaneError::Map {
-                map: maps::REDIRECT,
-                source,
-            })?;
+            typed_map_mut(&mut self.ebpf, maps::REDIRECT)?;
         redirect
             .insert(ingress, target, 0)
-            .map_err(|source| DataplaneError::Map {
-                map: maps::REDIRECT,
-                source,
-            })
+            .map_err(map_error(maps::REDIRECT))
     }
 
     /// One route's counters, summed over all CPUs.
     pub fn route_counters(&self, id: u32) -> Result<RouteCounters, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(maps::ROUTE_COUNTERS)
-            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::ROUTE_COUNTERS)))?;
         let array: PerCpuArray<&MapData, RouteCounters> =
-            PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
-                map: maps::ROUTE_COUNTERS,
-                source,
-            })?;
-        let values = array.get(&id, 0).map_err(|source| DataplaneError::Map {
-            map: maps::ROUTE_COUNTERS,
-            source,
-        })?;
+            typed_map(&self.ebpf, maps::ROUTE_COUNTERS)?;
+        let values = array.get(&id, 0).map_err(map_error(maps::ROUTE_COUNTERS))?;
         Ok(sum_route_counters(&values))
     }
 
     /// The classifier's global counters, summed over all CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map(maps::COUNTERS)
-            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::COUNTERS)))?;
-        let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
-                map: maps::COUNTERS,
-                source,
-            })?;
+        let array: PerCpuArray<&MapData, u64> = typed_map(&self.ebpf, maps::COUNTERS)?;
         Counter::ALL
             .iter()
             .map(|c| {
                 let values = array
                     .get(&(*c as u32), 0)
-                    .map_err(|source| DataplaneError::Map {
-                        map: maps::COUNTERS,
-                        source,
-                    })?;
+                    .map_err(map_error(maps::COUNTERS))?;
                 Ok((*c, values.iter().copied().fold(0u64, u64::wrapping_add)))
             })
             .collect()
-    }
-
-    fn route_counter_map(
-        &mut self,
-    ) -> Result<PerCpuArray<&mut MapData, RouteCounters>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::ROUTE_COUNTERS)
-            .ok_or_else(|| DataplaneError::Missing(format!("map {}", maps::ROUTE_COUNTERS)))?;
-        PerCpuArray::try_from(map).map_err(|source| DataplaneError::Map {
-            map: maps::ROUTE_COUNTERS,
-            source,
-        })
     }
 }
 
@@ -385,6 +332,34 @@ fn program_by_name<'a>(
     Ok(program.try_into()?)
 }
 
+/// The object's map `name` as the typed aya map `T`, read-only; a missing map or one of
+/// another type is an error naming it.
+fn typed_map<'a, T>(ebpf: &'a Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a Map, Error = MapError>,
+{
+    let map = ebpf
+        .map(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("map {name}")))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// [`typed_map`] for writing.
+fn typed_map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a mut Map, Error = MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| DataplaneError::Missing(format!("map {name}")))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+/// An aya map error as this dataplane's, naming the map.
+fn map_error(map: &'static str) -> impl Fn(MapError) -> DataplaneError + Copy {
+    move |source| DataplaneError::Map { map, source }
+}
+
 /// Writes `entries` (prefix length, address bytes, route id) into the trie and removes every
 /// key that is not among them. Inserts go first so a prefix that stays never disappears.
 fn sync_trie<const N: usize>(
@@ -395,12 +370,8 @@ fn sync_trie<const N: usize>(
 where
     [u8; N]: aya::Pod,
 {
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| DataplaneError::Missing(format!("map {name}")))?;
-    let mut trie: LpmTrie<&mut MapData, [u8; N], u32> =
-        LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { map: name, source })?;
-    let err = |source| DataplaneError::Map { map: name, source };
+    let mut trie: LpmTrie<&mut MapData, [u8; N], u32> = typed_map_mut(ebpf, name)?;
+    let err = map_error(name);
     for (prefix, addr, id) in entries {
         trie.insert(&Key::new(*prefix, *addr), *id, 0)
             .map_err(err)?;
