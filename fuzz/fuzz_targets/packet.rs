@@ -3,7 +3,7 @@
 #![no_main]
 
 use gateway::core::packet::parse;
-use gateway::core::policy::Policy;
+use gateway::core::policy::{Entry, Policy, Rule};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,14 +17,19 @@ fuzz_target!(|data: &[u8]| {
             "a later fragment has no transport header"
         );
     }
-    let policy = Policy::new(&[(
-        "ops-*".to_string(),
-        vec![
-            "10.128.0.0/16 tcp/22".to_string(),
-            "10.128.0.0/16 icmp".to_string(),
-            "fd00:128::/64 udp/53".to_string(),
-            "10.129.0.0/16".to_string(),
-        ],
-    )]);
+    let rules = [
+        "10.128.0.0/16 tcp/22",
+        "10.128.0.0/16 icmp",
+        "fd00:128::/64 udp/53",
+        "10.129.0.0/16",
+    ];
+    let policy = Policy::from_entries(vec![Entry {
+        identity: "ops-*".to_string(),
+        rules: rules
+            .iter()
+            .map(|r| Rule::parse(r).expect("a valid rule"))
+            .collect(),
+        inbound: Vec::new(),
+    }]);
     let _ = policy.decide("ops-alice", &meta);
 });
