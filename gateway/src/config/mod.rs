@@ -184,7 +184,7 @@ pub struct PolicyEntry {
 
 impl PolicyEntry {
     /// The entry as `core::policy` decides with it.
-    pub fn policy_entry(&self) -> crate::core::policy::Entry {
+    fn policy_entry(&self) -> crate::core::policy::Entry {
         crate::core::policy::Entry {
             identity: self.identity.clone(),
             rules: self.allow.clone(),
