@@ -1865,10 +1865,12 @@ fn status_on_a_live_tunnel_shows_the_peer_its_transport_and_counters_that_move()
     )
     .expect("ping");
     let after = human();
-    // The peer row: identity, remote, transport, then the counters.
+    // The peer row: identity, version (three words), remote, transport, then the counters.
     let peer = row(&after, "lab-gw");
-    assert_eq!(peer[1], format!("{}:7844", addr::GW_WAN), "{after}");
-    assert_eq!(peer[2], "quic", "{after}");
+    let version = format!("{} (protocol", env!("CARGO_PKG_VERSION"));
+    assert_eq!(peer[1..3].join(" "), version, "{after}");
+    assert_eq!(peer[4], format!("{}:7844", addr::GW_WAN), "{after}");
+    assert_eq!(peer[5], "quic", "{after}");
     let tx = |text: &str| -> u64 {
         let r = row(text, "lab-gw");
         // TX PKTS/BYTES is the third cell from the end (TX, RX, POLICY DROPS).
@@ -1903,6 +1905,14 @@ fn status_on_a_live_tunnel_shows_the_peer_its_transport_and_counters_that_move()
     assert_eq!(client["tunnel"]["peers"][0]["transport"], "quic");
     let connector = status_validated(lab, Host::VpcGateway, &t.connector_socket);
     assert_eq!(connector["tunnel"]["zones"][0]["domain"], zone::DOMAIN);
+    // Each end shows the release and protocol the other said (version skew is visible).
+    let said = format!(
+        "{} (protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        gateway::core::control::PROTOCOL_VERSION
+    );
+    assert_eq!(client["tunnel"]["peers"][0]["version"], said.as_str());
+    assert_eq!(connector["tunnel"]["peers"][0]["version"], said.as_str());
 
     // --watch redraws until interrupted; piped, snapshots are separated by a line.
     let mut watch = spawn_watch(lab, Host::Operator, sock, "watch.log");

@@ -218,6 +218,10 @@ pub struct ResolverStatus {
 pub struct PeerStatus {
     /// The peer's certificate name.
     pub identity: String,
+    /// The peer's release and protocol as its hello or welcome said: `0.2.0 (protocol 1)`;
+    /// nodes one protocol version apart work together, so a fleet upgrades one node at a time.
+    #[serde(default)]
+    pub version: String,
     pub remote: String,
     /// `quic` or `tcp` (the TLS-over-TCP fallback).
     pub transport: String,

@@ -78,6 +78,7 @@ pub(crate) fn full_status() -> Status {
         state: "listening on 0.0.0.0:7844".into(),
         peers: vec![PeerStatus {
             identity: "ops-alice".into(),
+            version: "0.2.0 (protocol 1)".into(),
             remote: "198.51.100.10:7844".into(),
             transport: "tcp".into(),
             transport_reason: "no QUIC handshake in 1.5 s".into(),

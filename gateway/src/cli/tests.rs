@@ -14,6 +14,7 @@ fn tunnel_section_lists_peers_refusals_and_drops() {
         state: "listening on 0.0.0.0:7844".into(),
         peers: vec![crate::api::PeerStatus {
             identity: "ops-alice".into(),
+            version: "0.2.0 (protocol 1)".into(),
             remote: "198.51.100.10:7844".into(),
             transport: "tcp".into(),
             transport_reason: "no QUIC handshake in 1.5 s".into(),
@@ -71,8 +72,8 @@ fn tunnel_section_lists_peers_refusals_and_drops() {
     render_tunnel(&mut out, &t, 165);
     let expected = "
 tunnel: connector on gwtun (mtu 1434), listening on 0.0.0.0:7844
-PEER       REMOTE              TRANSPORT                        ADDRESS        RTT    PING  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
-ops-alice  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms  0.2 ms      1m 5s        10/1000        12/1200             1
+PEER       VERSION             REMOTE              TRANSPORT                        ADDRESS        RTT    PING  CONNECTED  TX PKTS/BYTES  RX PKTS/BYTES  POLICY DROPS
+ops-alice  0.2.0 (protocol 1)  198.51.100.10:7844  tcp: no QUIC handshake in 1.5 s  100.64.0.2  0.2 ms  0.2 ms      1m 5s        10/1000        12/1200             1
 routed to ops-alice: 192.0.2.0/24, 2001:db8:2::/64
 refused: dev-bob from 198.51.100.10:40000: no [[policy]] entry matches identity \"dev-bob\"
 failed handshakes: tls_failed 2
@@ -89,6 +90,7 @@ fn text_from_peers_cannot_add_lines_or_escape_sequences() {
     let hostile = "x\nrefused: ops-alice from 1.2.3.4: forged\x1b[2J\u{202e}";
     let peer = crate::api::PeerStatus {
         identity: "ops-\x1b]0;owned\x07".into(),
+        version: "9.9\x1b[2J (protocol 1)".into(),
         remote: "198.51.100.10:7844".into(),
         transport: "tcp".into(),
         transport_reason: hostile.into(),

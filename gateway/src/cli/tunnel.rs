@@ -65,6 +65,11 @@ pub(super) fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now:
             .map(|p| {
                 vec![
                     esc(&p.identity),
+                    if p.version.is_empty() {
+                        "-".into()
+                    } else {
+                        esc(&p.version)
+                    },
                     esc(&p.remote),
                     if p.transport_reason.is_empty() {
                         esc(&p.transport)
@@ -85,6 +90,7 @@ pub(super) fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now:
             out,
             &[
                 "PEER",
+                "VERSION",
                 "REMOTE",
                 "TRANSPORT",
                 "ADDRESS",
@@ -97,7 +103,7 @@ pub(super) fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now:
             ],
             &rows,
             &[
-                false, false, false, false, true, true, true, true, true, true,
+                false, false, false, false, false, true, true, true, true, true, true,
             ],
         );
     }

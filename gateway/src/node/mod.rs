@@ -190,6 +190,7 @@ impl PeerSnapshot {
         let c = &self.path.counters;
         crate::api::PeerStatus {
             identity: self.info.identity.clone(),
+            version: self.version.clone(),
             remote: self.info.remote.to_string(),
             transport: self.info.kind.name().into(),
             transport_reason: self.reason.clone(),
