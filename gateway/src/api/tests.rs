@@ -137,6 +137,8 @@ pub(crate) fn full_status() -> Status {
         access_streams_total: 2,
         limits: BTreeMap::from([("dns_rate".into(), 5)]),
         handshake_failures: BTreeMap::from([("timed_out".into(), 2)]),
+        hub: None,
+        via_hub: None,
         forward_filter: Some(ForwardFilterStatus {
             table: "gw".into(),
             drops: BTreeMap::from([("into_vpc".into(), 4), ("other".into(), 0)]),

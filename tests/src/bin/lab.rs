@@ -74,6 +74,8 @@ fn host_name(h: Host) -> &'static str {
         Host::Underlay => "underlay",
         Host::VpcGateway => "VPC gateway",
         Host::Vpc => "VPC host",
+        Host::Hub => "hub",
+        Host::VpcGateway2 => "second VPC gateway",
     }
 }
 
