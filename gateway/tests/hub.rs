@@ -134,3 +134,236 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
     reaches_the_vpc(&h.lab, Host::Office);
     connector_takes_no_inbound(&h.lab);
 }
+
+/// Whether `needle` occurs in `hay`.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn the_hub_sees_no_plaintext_and_holds_no_key_but_its_own() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "");
+    h.start_client("");
+    // The hub's wire, and for contrast the connector's VPC side, where the same bytes are plain.
+    let hub_pcap = h.lab.dir().join("hub.pcap");
+    let tun_pcap = h.lab.dir().join("tun.pcap");
+    let mut captures = Vec::new();
+    for (host, iface, file) in [
+        (Host::Hub, "any", &hub_pcap),
+        (Host::VpcGateway, "vpc0", &tun_pcap),
+    ] {
+        let argv = [
+            "tcpdump",
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-Z",
+            "root",
+            "-w",
+            file.to_str().expect("utf-8"),
+        ];
+        let log = format!("tcpdump-{iface}.log");
+        let capture = h.lab.spawn(host, &argv, &log).expect("tcpdump");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !capture.log().contains("listening on") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tcpdump: {}",
+                capture.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        captures.push(capture);
+    }
+    // The output is computed on the VPC host, so its text never travels as the command does.
+    let argv = h
+        .lab
+        .ssh_argv(addr::VPC_HOST, "echo plain-$((6*7*1000))-text");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = h.lab.run_ok(Host::Operator, &argv).expect("ssh");
+    assert_eq!(out.trim(), "plain-42000-text");
+    // ssh encrypts its own output; a plain TCP greeting is sealed by the tunnel alone.
+    let greeting_at = format!("{}:22", addr::RESOLVER_PRIMARY)
+        .parse()
+        .expect("addr");
+    let _plain =
+        crate::pair::Listener::start(&h.lab, Host::Vpc, greeting_at, "plain-greeting-4242");
+    let line = crate::pair::tcp_connect(
+        &h.lab,
+        Host::Operator,
+        None,
+        greeting_at,
+        Duration::from_secs(3),
+    )
+    .expect("plain TCP through the hub");
+    assert_eq!(line, "plain-greeting-4242");
+    let db = format!("db.{}", zone::DOMAIN);
+    let answer = h
+        .lab
+        .run_ok(
+            Host::Operator,
+            &["dig", "+short", "+time=3", "+tries=2", &db],
+        )
+        .expect("dig");
+    assert_eq!(answer.trim(), zone::DB_PRIVATE);
+    std::thread::sleep(Duration::from_millis(300));
+    for mut c in captures {
+        c.signal(libc::SIGINT).expect("stop tcpdump");
+        c.wait_timeout(Duration::from_secs(5))
+            .expect("tcpdump exits");
+    }
+    let bytes = std::fs::read(&hub_pcap).expect("capture");
+    let plain = std::fs::read(&tun_pcap).expect("capture");
+    assert!(
+        bytes.len() > 20_000,
+        "the session went through the hub: {} bytes",
+        bytes.len()
+    );
+    for clear in [b"hoge-vpc".as_slice(), b"plain-greeting-4242".as_slice()] {
+        assert!(
+            contains(&plain, clear),
+            "the contrast capture misses {clear:?}"
+        );
+    }
+    for plain in [
+        b"plain-42000-text".as_slice(),
+        b"plain-greeting-4242".as_slice(),
+        b"hoge-vpc".as_slice(),
+        b"\x02db\x08hoge-vpc\x03com".as_slice(),
+        zone::DB_PRIVATE.as_bytes(),
+    ] {
+        assert!(
+            !contains(&bytes, plain),
+            "{:?} in the clear on the hub's wire",
+            String::from_utf8_lossy(plain)
+        );
+    }
+
+    // The hub's config names one key, its own, and it is no other node's.
+    let config = std::fs::read_to_string(h.lab.dir().join(format!("{HUB}.toml"))).expect("config");
+    let keys: Vec<&str> = config
+        .lines()
+        .filter(|l| l.trim_start().starts_with("key"))
+        .collect();
+    assert_eq!(keys.len(), 1, "{config}");
+    assert!(keys[0].contains(&format!("{HUB}.key")), "{config}");
+    let own = std::fs::read(h.pki.join(format!("{HUB}.key"))).expect("hub key");
+    for other in [GW_A, GW_B, CLIENT, "ca"] {
+        let theirs = std::fs::read(h.pki.join(format!("{other}.key"))).expect("key");
+        assert_ne!(own, theirs, "{other}");
+        assert!(!config.contains(&format!("{other}.key")), "{config}");
+    }
+}
+
+#[test]
+fn policy_holds_through_the_hub_and_a_foreign_ca_gets_no_relay() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "");
+
+    // A client whose certificate another CA signed (trusting ours, to get as far as it can).
+    let other = h.lab.dir().join("other-pki");
+    let d = other.to_str().expect("utf-8");
+    for args in [
+        vec!["pki", "init", "--dir", d],
+        vec!["pki", "issue", "ops-mallory", "--dir", d],
+    ] {
+        let out = gatewayctl(&h.lab, Host::Operator, &args);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    let foreign = write_config(
+        &h.lab,
+        "ops-mallory",
+        &[],
+        &format!(
+            "[tunnel]\nconnect = [\"{}\"]\ngroup = \"{GROUP}\"\nsource_port = {}\ntun = \"mtun\"\n\n\
+             [tls]\nca = \"{}/ca.pem\"\ncert = \"{d}/ops-mallory.pem\"\nkey = \"{d}/ops-mallory.key\"\n",
+            hub_target(),
+            hub_addr::PORT,
+            h.pki.display()
+        ),
+    );
+    let foreign_socket = socket_path(&h.lab, "ops-mallory");
+    let mallory = start_daemon(
+        &h.lab,
+        Host::Operator,
+        &foreign,
+        &foreign_socket,
+        "mallory.log",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let hub = status_json(&h.lab, Host::Hub, &h.hub_socket)
+            .tunnel
+            .expect("tunnel");
+        if let Some(r) = hub
+            .refusals
+            .iter()
+            .find(|r| r.reason.contains("TLS handshake"))
+        {
+            break (r.clone(), hub);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal on the hub: {hub:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        refused.0.remote.starts_with(addr::OP_WAN),
+        "{:?}",
+        refused.0
+    );
+    let relay = refused.1.hub.expect("hub tables");
+    assert!(relay.clients.is_empty(), "{relay:?}");
+    let m = status_json(&h.lab, Host::Operator, &foreign_socket)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        m.peers.is_empty() && !m.state.starts_with("connected"),
+        "{m:?}"
+    );
+    let rendered = gatewayctl(
+        &h.lab,
+        Host::Hub,
+        &["status", "--socket", h.hub_socket.to_str().expect("utf-8")],
+    );
+    assert!(
+        String::from_utf8_lossy(&rendered.stdout).contains("TLS handshake"),
+        "{rendered:?}"
+    );
+    mallory.terminate().expect("stop");
+    drop(mallory);
+
+    // Our client is relayed, and its policy is the connector's to enforce: ssh yes, a port
+    // the policy does not list no.
+    h.start_client("");
+    let _web = crate::pair::Listener::start(
+        &h.lab,
+        Host::Vpc,
+        format!("{}:8080", addr::VPC_HOST).parse().expect("addr"),
+        "web",
+    );
+    let to = format!("{}:8080", addr::VPC_HOST).parse().expect("addr");
+    let r = crate::pair::tcp_connect(&h.lab, Host::Operator, None, to, Duration::from_secs(2));
+    assert!(r.is_err(), "tcp/8080 is not in the policy, yet: {r:?}");
+    let argv = h.lab.ssh_argv(addr::VPC_HOST, "echo ok");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    assert_eq!(
+        h.lab.run_ok(Host::Operator, &argv).expect("ssh").trim(),
+        "ok"
+    );
+    let on_connector = status_json(&h.lab, Host::VpcGateway, &h.connectors[0].2)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        on_connector.peers[0].policy_drops > 0,
+        "{:?}\n{}",
+        on_connector.peers,
+        h.logs()
+    );
+}
