@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// Idle timeout of a client with replicas (several targets, or hubs): short enough that
+/// after a replica dies, the next one carries traffic within 5 s (backoff and handshake
+/// included); keepalives each second keep a live path well inside it.
+const REPLICA_IDLE: Duration = Duration::from_secs(3);
+
 pub(super) async fn start(
     cfg: &Tunnel,
     connect: Vec<String>,
@@ -24,7 +29,12 @@ pub(super) async fn start(
         let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
         let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport(Side::Client)));
+        let mut t = transport(Side::Client);
+        if connect.len() > 1 {
+            // Replicas: a connector that vanished is left for the next within REPLICA_IDLE.
+            t.max_idle_timeout(REPLICA_IDLE.try_into().ok());
+        }
+        client.transport_config(Arc::new(t));
         let endpoint = if cfg.transport.uses_quic() {
             // Dual stack: connectors with IPv4 and IPv6 addresses alike, from one pinned port.
             let socket = net::udp_dual_stack_std(source_port)
@@ -165,6 +175,7 @@ fn via_hub(
     outer_quic.transport_config(Arc::new(outer_transport()));
     let mut inner = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, tls::ALPN)?));
     let mut t = transport(Side::Client);
+    t.max_idle_timeout(REPLICA_IDLE.try_into().ok());
     t.initial_mtu(INITIAL_MTU);
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(INNER_MAX_UDP);
