@@ -12,6 +12,8 @@ use crate::config::{Config, Role};
 use crate::core::policy::{Proto, Rule};
 
 mod aws;
+#[cfg(test)]
+mod hub_tests;
 use aws::Peer;
 pub use aws::render_aws_cli;
 

@@ -103,6 +103,47 @@ fn ssh_ping_dig_and_iperf_through_the_hub_over_quic_with_no_inbound_to_the_conne
         .expect("tunnel");
     assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
     assert_eq!(on_connector.peers[0].identity, CLIENT);
+
+    // What an operator reads: the hub's tables, the client's connector and hub, and a plan
+    // for the connector with nothing inbound.
+    let text = |host, socket: &std::path::Path| {
+        let out = gatewayctl(
+            &h.lab,
+            host,
+            &["status", "--socket", socket.to_str().expect("utf-8")],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let on_hub = text(Host::Hub, &h.hub_socket);
+    for want in [
+        "CONNECTOR",
+        "GROUP",
+        "gw-a",
+        "BYTES RELAYED",
+        "ops-alice",
+        "10.128.0.0/16",
+    ] {
+        assert!(on_hub.contains(want), "{want}:\n{on_hub}");
+    }
+    let on_client = text(Host::Operator, &h.client_socket);
+    assert!(
+        on_client.contains(&format!("through hub: {}", hub_target())),
+        "{on_client}"
+    );
+    let config = h.lab.dir().join(format!("{GW_A}.toml"));
+    let out = gatewayctl(
+        &h.lab,
+        Host::VpcGateway,
+        &[
+            "firewall",
+            "plan",
+            "--config",
+            config.to_str().expect("utf-8"),
+        ],
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(plan.contains(hub_addr::HUB), "{plan}");
 }
 
 #[test]

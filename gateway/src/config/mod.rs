@@ -302,4 +302,6 @@ fn clean_message(e: &toml::de::Error) -> String {
 }
 
 #[cfg(test)]
+mod hub_tests;
+#[cfg(test)]
 mod tests;
