@@ -2,8 +2,10 @@
 //! up for good (QUIC, else TLS over TCP, as the dial plan says; again after a short backoff
 //! when it drops), and one [`VirtualSocket`] under a second QUIC endpoint that accepts the
 //! clients the hubs relay. Each relayed session shows to that endpoint as its own synthetic
-//! address, `fd68:7562::<hub>:<flow>`, computed from the hub and flow id alone, so the
-//! socket keeps no table of sessions that a hub could fill.
+//! address, `fd68:<hub>:<flow high>:<flow low>::1`, computed from the hub and flow id alone,
+//! so the socket keeps no table of sessions that a hub could fill. Each flow is its own /64,
+//! so the accept loop's per-source bound applies per client session (the hub admitted only
+//! authenticated clients), not to all of a hub's clients at once.
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -24,16 +26,7 @@ const SYNTHETIC_PORT: u16 = 1;
 
 /// The synthetic address of `flow` through hub number `hub`.
 pub fn synthetic(hub: u16, flow: u32) -> SocketAddr {
-    let ip = Ipv6Addr::new(
-        0xfd68,
-        0x7562,
-        0,
-        0,
-        0,
-        hub,
-        (flow >> 16) as u16,
-        flow as u16,
-    );
+    let ip = Ipv6Addr::new(0xfd68, hub, (flow >> 16) as u16, flow as u16, 0, 0, 0, 1);
     SocketAddr::new(ip.into(), SYNTHETIC_PORT)
 }
 
@@ -43,10 +36,10 @@ pub fn parse_synthetic(a: SocketAddr) -> Option<(u16, u32)> {
         return None;
     };
     let s = v6.ip().segments();
-    if s[..5] != [0xfd68, 0x7562, 0, 0, 0] || v6.port() != SYNTHETIC_PORT {
+    if s[0] != 0xfd68 || s[4..] != [0, 0, 0, 1] || v6.port() != SYNTHETIC_PORT {
         return None;
     }
-    Some((s[5], (u32::from(s[6]) << 16) | u32::from(s[7])))
+    Some((s[1], (u32::from(s[2]) << 16) | u32::from(s[3])))
 }
 
 type Links = Arc<RwLock<HashMap<u16, OuterTx>>>;

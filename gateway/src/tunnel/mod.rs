@@ -44,7 +44,7 @@ mod slots;
 pub mod status;
 mod stub;
 pub mod tls;
-mod vsock;
+pub mod vsock;
 
 pub use engine::{TunnelHandle, start};
 pub use status::Shared;
