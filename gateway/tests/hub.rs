@@ -104,6 +104,12 @@ fn ssh_ping_dig_and_iperf_through_the_hub_over_quic_with_no_inbound_to_the_conne
     assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
     assert_eq!(on_connector.peers[0].identity, CLIENT);
 
+    // Both documented: the hub's tables and the client's hub fit docs/status.schema.json.
+    let v = status_validated(&h.lab, Host::Hub, &h.hub_socket);
+    assert_eq!(v["tunnel"]["hub"]["clients"][0]["identity"], CLIENT);
+    let v = status_validated(&h.lab, Host::Operator, &h.client_socket);
+    assert_eq!(v["tunnel"]["via_hub"], hub_target());
+
     // What an operator reads: the hub's tables, the client's connector and hub, and a plan
     // for the connector with nothing inbound.
     let text = |host, socket: &std::path::Path| {
