@@ -1,5 +1,9 @@
 //! The hub lab: a hub on the underlay side, connectors in the VPC whose public side takes no
 //! inbound connection at all, a client on the operator host (a site gateway for the office).
+#![allow(
+    dead_code,
+    reason = "each hub test file uses a different part of this module"
+)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
