@@ -354,3 +354,64 @@ pub fn outer_transport() -> quinn::TransportConfig {
 
 /// Shared byte counter for status.
 pub type Counter = Arc<std::sync::atomic::AtomicU64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn addr() -> SocketAddr {
+        "192.0.2.1:7844".parse().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn tcp_frames_carry_control_and_datagrams_both_ways() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ta, mut ra) = start_tcp(a, addr());
+        let (tb, mut rb) = start_tcp(b, addr());
+        ta.send_control(&HubMsg::Client { group: Some("vpc".into()) })
+            .await
+            .expect("send");
+        assert!(ta.send_datagram(&7u32.to_be_bytes(), b"sealed"));
+        match first_control(&mut rb, Duration::from_secs(2)).await {
+            Ok(HubMsg::Client { group }) => assert_eq!(group.as_deref(), Some("vpc")),
+            other => panic!("{other:?}"),
+        }
+        match rb.recv().await {
+            Some(In::Datagram(d)) => assert_eq!(&d[..], b"\0\0\0\x07sealed"),
+            other => panic!("{other:?}"),
+        }
+        assert!(tb.send_datagram(&[], b"back"));
+        match ra.recv().await {
+            Some(In::Datagram(d)) => assert_eq!(&d[..], b"back"),
+            other => panic!("{other:?}"),
+        }
+        // Too big for any inner packet: dropped at the sender, never framed.
+        assert!(!ta.send_datagram(&[], &[0; MAX_DATAGRAM + 1]));
+        ta.close("done");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), rb.recv())
+                .await
+                .expect("closes")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_oversized_frame_ends_the_link() {
+        for bad in [
+            vec![9u8, 0, 1, 0],                     // unknown kind
+            vec![KIND_CONTROL, 0xff, 0xff],         // control longer than MAX_CONTROL
+            vec![KIND_DATAGRAM, 0xff, 0xff],        // datagram longer than any packet
+            [vec![KIND_CONTROL, 0, 2], b"{]".to_vec()].concat(), // not JSON
+        ] {
+            let (a, mut b) = tokio::io::duplex(1 << 16);
+            let (_tx, mut rx) = start_tcp(a, addr());
+            b.write_all(&bad).await.expect("write");
+            let end = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("ends at once, not at the idle timeout");
+            assert!(end.is_none(), "{bad:?}: {end:?}");
+        }
+    }
+}
