@@ -369,9 +369,11 @@ mod tests {
         let (a, b) = tokio::io::duplex(1 << 16);
         let (ta, mut ra) = start_tcp(a, addr());
         let (tb, mut rb) = start_tcp(b, addr());
-        ta.send_control(&HubMsg::Client { group: Some("vpc".into()) })
-            .await
-            .expect("send");
+        ta.send_control(&HubMsg::Client {
+            group: Some("vpc".into()),
+        })
+        .await
+        .expect("send");
         assert!(ta.send_datagram(&7u32.to_be_bytes(), b"sealed"));
         match first_control(&mut rb, Duration::from_secs(2)).await {
             Ok(HubMsg::Client { group }) => assert_eq!(group.as_deref(), Some("vpc")),
@@ -400,9 +402,9 @@ mod tests {
     #[tokio::test]
     async fn a_malformed_or_oversized_frame_ends_the_link() {
         for bad in [
-            vec![9u8, 0, 1, 0],                     // unknown kind
-            vec![KIND_CONTROL, 0xff, 0xff],         // control longer than MAX_CONTROL
-            vec![KIND_DATAGRAM, 0xff, 0xff],        // datagram longer than any packet
+            vec![9u8, 0, 1, 0],                                  // unknown kind
+            vec![KIND_CONTROL, 0xff, 0xff],                      // control longer than MAX_CONTROL
+            vec![KIND_DATAGRAM, 0xff, 0xff],                     // datagram longer than any packet
             [vec![KIND_CONTROL, 0, 2], b"{]".to_vec()].concat(), // not JSON
         ] {
             let (a, mut b) = tokio::io::duplex(1 << 16);
