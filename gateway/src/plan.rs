@@ -12,6 +12,8 @@ use crate::config::{Config, Role};
 use crate::core::policy::{Proto, Rule};
 
 mod aws;
+#[cfg(test)]
+mod hub_tests;
 use aws::Peer;
 pub use aws::render_aws_cli;
 
@@ -76,7 +78,7 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
         });
     };
     match &t.role {
-        Role::Connector { listen } => {
+        Role::Hub { listen } => {
             let port = listen.port();
             if t.transport.uses_quic() {
                 pair(
@@ -85,8 +87,8 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
                     "udp",
                     Some((port, port)),
                     "0.0.0.0/0",
-                    Some((port, port)),
-                    format!("tunnel clients (QUIC); clients must set source_port = {port}"),
+                    None,
+                    "hub: clients and connectors (QUIC), each from its pinned source_port".into(),
                 );
             }
             if t.transport.uses_tcp() {
@@ -97,11 +99,58 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
                     "tcp",
                     Some((tcp, tcp)),
                     "0.0.0.0/0",
-                    Some((port, port)),
-                    format!(
-                        "tunnel clients (TLS over TCP fallback); clients must set source_port = {port}"
-                    ),
+                    None,
+                    "hub: clients and connectors (TLS over TCP fallback)".into(),
                 );
+            }
+        }
+        Role::Connector {
+            listen,
+            hubs,
+            source_port,
+        } => {
+            if !hubs.is_empty() && *source_port == 0 {
+                return Err(
+                    "tunnel.source_port is not set: replies from the hubs would need \
+                     1024-65535; pin it (e.g. source_port = 7844)"
+                        .into(),
+                );
+            }
+            outbound_to(
+                &mut rules,
+                &pair,
+                t,
+                hubs,
+                *source_port,
+                "the outbound link to the hub",
+            );
+            if let Some(listen) = listen {
+                let port = listen.port();
+                if t.transport.uses_quic() {
+                    pair(
+                        &mut rules,
+                        false,
+                        "udp",
+                        Some((port, port)),
+                        "0.0.0.0/0",
+                        Some((port, port)),
+                        format!("tunnel clients (QUIC); clients must set source_port = {port}"),
+                    );
+                }
+                if t.transport.uses_tcp() {
+                    let tcp = t.fallback_port.unwrap_or(port);
+                    pair(
+                        &mut rules,
+                        false,
+                        "tcp",
+                        Some((tcp, tcp)),
+                        "0.0.0.0/0",
+                        Some((port, port)),
+                        format!(
+                            "tunnel clients (TLS over TCP fallback); clients must set source_port = {port}"
+                        ),
+                    );
+                }
             }
             let Some(egress) = &t.egress else {
                 return Err(
@@ -156,37 +205,63 @@ pub fn plan(config: &Config) -> Result<Vec<FwRule>, String> {
                         .into(),
                 );
             }
-            for c in connect {
-                let (host, port) = c.rsplit_once(':').unwrap_or((c.as_str(), "0"));
-                let port: u16 = port.parse().unwrap_or(0);
-                let host = host.trim_matches(['[', ']']);
-                if t.transport.uses_quic() {
-                    pair(
-                        &mut rules,
-                        true,
-                        "udp",
-                        Some((*source_port, *source_port)),
-                        host,
-                        Some((port, port)),
-                        "the tunnel to the connector (QUIC)".into(),
-                    );
-                }
-                if t.transport.uses_tcp() {
-                    let tcp = t.fallback_port.unwrap_or(port);
-                    pair(
-                        &mut rules,
-                        true,
-                        "tcp",
-                        Some((*source_port, *source_port)),
-                        host,
-                        Some((tcp, tcp)),
-                        "the tunnel to the connector (TLS over TCP fallback)".into(),
-                    );
-                }
-            }
+            let to = match t.group {
+                Some(_) => "the tunnel through the hub",
+                None => "the tunnel to the connector",
+            };
+            outbound_to(&mut rules, &pair, t, connect, *source_port, to);
         }
     }
     Ok(rules.into_iter().collect())
+}
+
+type Pair<'a> = dyn Fn(
+        &mut BTreeSet<FwRule>,
+        bool,
+        &'static str,
+        Option<(u16, u16)>,
+        &str,
+        Option<(u16, u16)>,
+        String,
+    ) + 'a;
+
+/// Outbound rules (and their replies) from the pinned `source_port` to each `HOST:PORT`.
+fn outbound_to(
+    rules: &mut BTreeSet<FwRule>,
+    pair: &Pair<'_>,
+    t: &crate::config::Tunnel,
+    targets: &[String],
+    source_port: u16,
+    to: &str,
+) {
+    for c in targets {
+        let (host, port) = c.rsplit_once(':').unwrap_or((c.as_str(), "0"));
+        let port: u16 = port.parse().unwrap_or(0);
+        let host = host.trim_matches(['[', ']']);
+        if t.transport.uses_quic() {
+            pair(
+                rules,
+                true,
+                "udp",
+                Some((source_port, source_port)),
+                host,
+                Some((port, port)),
+                format!("{to} (QUIC)"),
+            );
+        }
+        if t.transport.uses_tcp() {
+            let tcp = t.fallback_port.unwrap_or(port);
+            pair(
+                rules,
+                true,
+                "tcp",
+                Some((source_port, source_port)),
+                host,
+                Some((tcp, tcp)),
+                format!("{to} (TLS over TCP fallback)"),
+            );
+        }
+    }
 }
 
 fn describe(rule: &Rule) -> String {

@@ -56,7 +56,7 @@ pub fn check_system(config: &Config) -> Result<(), ConfigError> {
         }
         // What the certificates say is worth reading only when every file opens.
         if issues.is_empty() {
-            let connector = matches!(t.role, Role::Connector { .. });
+            let connector = matches!(t.role, Role::Connector { .. } | Role::Hub { .. });
             for (key, reason) in crate::tunnel::tls::check_files(&t.tls, connector) {
                 issues.push(issue(key.into(), reason));
             }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod bench;
+pub mod hub;
 pub mod impair;
 
 /// Addresses of the lab's hosts.
@@ -80,6 +81,9 @@ pub enum Host {
     Underlay,
     VpcGateway,
     Vpc,
+    /// Only in a lab that [`Lab::add_hub`] extended.
+    Hub,
+    VpcGateway2,
 }
 
 impl Host {
@@ -98,6 +102,8 @@ impl Host {
             Host::Underlay => "ul",
             Host::VpcGateway => "gw",
             Host::Vpc => "vpc",
+            Host::Hub => "hub",
+            Host::VpcGateway2 => "gw2",
         }
     }
 }

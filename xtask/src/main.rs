@@ -71,7 +71,8 @@ enum Task {
 }
 
 /// Debian packages: LLVM 22 for bpf-linker; the lab's real programs; systemd-analyze;
-/// the C libraries the nftables code links; dpkg-shlibdeps, strip and debootstrap for the .deb.
+/// the C libraries the nftables code links; dpkg-shlibdeps, strip and debootstrap for the .deb;
+/// tcpdump for the hub test that looks for plaintext on the hub's wire.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -93,6 +94,7 @@ const PACKAGES: &[&str] = &[
     "dpkg-dev",
     "binutils",
     "debootstrap",
+    "tcpdump",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

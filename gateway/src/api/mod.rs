@@ -176,6 +176,47 @@ pub struct TunnelStatus {
     /// counters as the kernel has them now; absent when the table is missing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forward_filter: Option<ForwardFilterStatus>,
+    /// Hub: the connectors linked to it and the client sessions it relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubStatus>,
+    /// Client through a hub: the hub's address (its peer is the connector behind it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_hub: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HubStatus {
+    pub connectors: Vec<HubConnectorStatus>,
+    pub clients: Vec<HubClientStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubConnectorStatus {
+    /// The connector's certificate name.
+    pub identity: String,
+    /// Its replica group: connectors of one group serve the same routes.
+    pub group: String,
+    /// What it says it serves (shown only; the hub routes nothing).
+    pub routes: Vec<String>,
+    pub remote: String,
+    /// `quic` or `tcp`: its outer link to the hub.
+    pub transport: String,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    /// Client sessions relayed to it now.
+    pub sessions: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubClientStatus {
+    pub identity: String,
+    /// The connector its session goes to.
+    pub connector: String,
+    pub remote: String,
+    pub transport: String,
+    pub since: u64,
+    /// Bytes relayed both ways (sealed end to end; the hub reads none of them).
+    pub bytes_relayed: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -138,6 +138,27 @@ pub(crate) fn full_status() -> Status {
         access_streams_total: 2,
         limits: BTreeMap::from([("dns_rate".into(), 5)]),
         handshake_failures: BTreeMap::from([("timed_out".into(), 2)]),
+        // A hub's tables and a client's hub: not one node's, but every property serialised.
+        hub: Some(HubStatus {
+            connectors: vec![HubConnectorStatus {
+                identity: "gw-a".into(),
+                group: "vpc".into(),
+                routes: vec!["10.128.0.0/16".into()],
+                remote: "203.0.113.10:7844".into(),
+                transport: "quic".into(),
+                since: 1_700_000_000,
+                sessions: 1,
+            }],
+            clients: vec![HubClientStatus {
+                identity: "ops-alice".into(),
+                connector: "gw-a".into(),
+                remote: "198.51.100.10:7844".into(),
+                transport: "tcp".into(),
+                since: 1_700_000_100,
+                bytes_relayed: 4096,
+            }],
+        }),
+        via_hub: Some("198.18.0.10:7844".into()),
         forward_filter: Some(ForwardFilterStatus {
             table: "gw".into(),
             drops: BTreeMap::from([("into_vpc".into(), 4), ("other".into(), 0)]),

@@ -6,6 +6,7 @@ use std::fmt::Write;
 use crate::api::{InterfaceStatus, Status};
 use crate::core::text;
 
+mod hub;
 mod tunnel;
 
 use tunnel::{render_tls, render_tunnel};
@@ -239,6 +240,7 @@ pub fn render_status(s: &Status) -> String {
     }
     if let Some(t) = &s.tunnel {
         render_tunnel(&mut out, t, s.started_at + s.uptime_secs);
+        hub::render_hub(&mut out, t, s.started_at + s.uptime_secs);
     }
     if let Some(i) = &s.icmp {
         out.push('\n');

@@ -46,6 +46,8 @@ fn tunnel_section_lists_peers_refusals_and_drops() {
         limits: BTreeMap::from([("dns_rate".into(), 12), ("frame_too_long".into(), 1)]),
         handshake_failures: BTreeMap::from([("tls_failed".into(), 2)]),
         forward_filter: None,
+        hub: None,
+        via_hub: None,
         zones: vec![crate::api::ZoneStatus {
             domain: "hoge-vpc.com".into(),
             queries: 7,
@@ -129,6 +131,8 @@ fn text_from_peers_cannot_add_lines_or_escape_sequences() {
         limits: BTreeMap::new(),
         handshake_failures: BTreeMap::new(),
         forward_filter: None,
+        hub: None,
+        via_hub: None,
     };
     let mut out = String::new();
     render_tunnel(&mut out, &t, 0);

@@ -63,11 +63,18 @@ pub struct Config {
     pub warnings: Vec<ConfigIssue>,
 }
 
-/// What a node does in the tunnel, from which of `[tunnel] listen` / `connect` is set.
+/// What a node does in the tunnel: `[tunnel] role`, or which of `listen` / `connect` is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
-    /// Accepts clients on `listen` and forwards their packets into the VPC.
-    Connector { listen: SocketAddr },
+    /// Accepts clients on `listen` (if set) and through the hubs it dials (`hubs`, from
+    /// `source_port`), and forwards their packets into the VPC.
+    Connector {
+        listen: Option<SocketAddr>,
+        hubs: Vec<String>,
+        source_port: u16,
+    },
+    /// Relays sessions between clients and connectors that dial it on `listen`; reads none.
+    Hub { listen: SocketAddr },
     /// Dials the connector at `connect` (`HOST:PORT`), expecting its certificate to name
     /// `server_name`.
     Client {
@@ -114,6 +121,9 @@ pub struct Tunnel {
     pub fallback_port: Option<u16>,
     /// Client, `auto`: how long a QUIC handshake may take before the TCP fallback is tried.
     pub quic_timeout: std::time::Duration,
+    /// `[tunnel] group`. Connector with hubs: the replica group it announces. Client: its
+    /// `connect` targets are hubs, and it asks them for a connector of this group.
+    pub group: Option<String>,
 }
 
 /// `[tunnel] transport`.
@@ -291,5 +301,7 @@ fn clean_message(e: &toml::de::Error) -> String {
     e.message().trim().replace('\n', " ")
 }
 
+#[cfg(test)]
+mod hub_tests;
 #[cfg(test)]
 mod tests;

@@ -66,6 +66,10 @@ pub(super) struct RawEgress {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTunnel {
+    /// `connector`, `client` or `hub`; unset, `listen` means connector and `connect` client.
+    pub(super) role: Option<String>,
+    /// Connector behind hubs: its replica group; client through hubs: the group it asks for.
+    pub(super) group: Option<String>,
     pub(super) listen: Option<String>,
     pub(super) connect: Option<Vec<String>>,
     pub(super) server_name: Option<String>,

@@ -179,7 +179,9 @@ fn a_connector_config_validates_with_policy_and_egress() {
     assert_eq!(
         t.role,
         Role::Connector {
-            listen: "0.0.0.0:7844".parse().expect("addr")
+            listen: Some("0.0.0.0:7844".parse().expect("addr")),
+            hubs: Vec::new(),
+            source_port: 0,
         }
     );
     let e = t.egress.expect("egress");

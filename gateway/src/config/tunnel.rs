@@ -56,12 +56,21 @@ pub(super) fn validate_tunnel(
         *ok = false;
         push(k.into(), r)
     };
-    let role = match (&t.listen, &t.connect) {
-        (Some(_), Some(_)) => {
-            bad("tunnel.connect", "set together with tunnel.listen: a node either listens (connector) or connects (client)".into(), &mut ok);
+    let role_name = match (t.role.as_deref(), &t.listen, &t.connect) {
+        (Some(r @ ("connector" | "client" | "hub")), _, _) => Some(r),
+        (Some(other), _, _) => {
+            bad(
+                "tunnel.role",
+                format!("{other:?} is not one of \"connector\", \"client\", \"hub\""),
+                &mut ok,
+            );
             None
         }
-        (None, None) => {
+        (None, Some(_), Some(_)) => {
+            bad("tunnel.connect", "set together with tunnel.listen: a node either listens (connector) or connects (client); a connector that also dials hubs says role = \"connector\"".into(), &mut ok);
+            None
+        }
+        (None, None, None) => {
             bad(
                 "tunnel",
                 "needs listen (connector) or connect (client)".into(),
@@ -69,8 +78,13 @@ pub(super) fn validate_tunnel(
             );
             None
         }
-        (Some(listen), None) => match listen.parse::<SocketAddr>() {
-            Ok(listen) => Some(Role::Connector { listen }),
+        (None, Some(_), None) => Some("connector"),
+        (None, None, Some(_)) => Some("client"),
+    };
+    let listen = match &t.listen {
+        None => None,
+        Some(listen) => match listen.parse::<SocketAddr>() {
+            Ok(l) => Some(l),
             Err(_) => {
                 bad(
                     "tunnel.listen",
@@ -80,31 +94,97 @@ pub(super) fn validate_tunnel(
                 None
             }
         },
-        (None, Some(connect)) => {
-            let mut hosts = Vec::new();
-            for (i, c) in connect.iter().enumerate() {
-                match c.rsplit_once(':') {
-                    Some((host, port))
-                        if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
-                    {
-                        hosts.push(host.trim_matches(['[', ']']).to_string())
-                    }
-                    _ => bad(
-                        &format!("tunnel.connect[{i}]"),
-                        format!("{c:?} is not HOST:PORT"),
-                        &mut ok,
-                    ),
+    };
+    let mut hosts = Vec::new();
+    if let Some(connect) = &t.connect {
+        for (i, c) in connect.iter().enumerate() {
+            match c.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    hosts.push(host.trim_matches(['[', ']']).to_string())
                 }
+                _ => bad(
+                    &format!("tunnel.connect[{i}]"),
+                    format!("{c:?} is not HOST:PORT"),
+                    &mut ok,
+                ),
             }
-            if connect.is_empty() {
-                bad("tunnel.connect", "is empty".into(), &mut ok);
+        }
+        if connect.is_empty() {
+            bad("tunnel.connect", "is empty".into(), &mut ok);
+        }
+    }
+    if let Some(g) = &t.group
+        && !crate::core::text::is_clean(g, 64)
+    {
+        bad(
+            "tunnel.group",
+            format!(
+                "{:?} is not a plain name of at most 64 characters",
+                crate::core::text::clean(g, 64)
+            ),
+            &mut ok,
+        );
+    }
+    let role = match role_name {
+        Some("hub") => {
+            if t.connect.is_some() {
+                bad("tunnel.connect", "a hub only listens".into(), &mut ok);
+            }
+            if t.group.is_some() {
+                bad(
+                    "tunnel.group",
+                    "a hub serves every group its connectors announce".into(),
+                    &mut ok,
+                );
+            }
+            if t.listen.is_none() {
+                bad("tunnel.listen", "a hub needs listen".into(), &mut ok);
+            }
+            listen.map(|listen| Role::Hub { listen })
+        }
+        Some("connector") => {
+            if t.source_port.is_some() && t.connect.is_none() {
+                bad(
+                    "tunnel.source_port",
+                    "only for clients and connectors that dial hubs (connect); a connector answers from its listen port".into(),
+                    &mut ok,
+                );
+            }
+            if t.listen.is_none() && t.connect.is_none() {
+                bad(
+                    "tunnel",
+                    "a connector needs listen, or connect (the hubs it dials), or both".into(),
+                    &mut ok,
+                );
+            }
+            if t.listen.is_some() && listen.is_none() {
+                None
+            } else {
+                Some(Role::Connector {
+                    listen,
+                    hubs: t.connect.clone().unwrap_or_default(),
+                    source_port: t.source_port.unwrap_or(0),
+                })
+            }
+        }
+        Some(_) => {
+            if t.listen.is_some() {
+                bad("tunnel.listen", "a client does not listen".into(), &mut ok);
+            }
+            let connect = t.connect.clone().unwrap_or_default();
+            if t.connect.is_none() {
+                bad("tunnel.connect", "a client needs connect".into(), &mut ok);
             }
             // Unset, the name is the host the client dials: a DNS name the connector's
             // certificate carries (`pki issue --dns`), or an address it carries (`--ip`).
-            let server_name = match (&t.server_name, hosts.first()) {
-                (Some(n), _) => Some(n.clone()),
-                (None, Some(h)) => Some(h.clone()),
-                (None, None) => None,
+            // Through hubs, the connector's name is the group's unless said otherwise.
+            let server_name = match (&t.server_name, &t.group, hosts.first()) {
+                (Some(n), _, _) => Some(n.clone()),
+                (None, Some(g), _) => Some(g.clone()),
+                (None, None, Some(h)) => Some(h.clone()),
+                (None, None, None) => None,
             };
             if let Some(n) = &t.server_name
                 && rustls_pki_types::ServerName::try_from(n.as_str()).is_err()
@@ -116,19 +196,13 @@ pub(super) fn validate_tunnel(
                 );
             }
             server_name.map(|server_name| Role::Client {
-                connect: connect.clone(),
+                connect,
                 server_name,
                 source_port: t.source_port.unwrap_or(0),
             })
         }
+        None => None,
     };
-    if t.source_port.is_some() && t.listen.is_some() {
-        bad(
-            "tunnel.source_port",
-            "only for clients; a connector answers from its listen port".into(),
-            &mut ok,
-        );
-    }
     let transport = match t.transport.as_deref() {
         None | Some("auto") => Transport::Auto,
         Some("quic") => Transport::Quic,
@@ -206,8 +280,11 @@ pub(super) fn validate_tunnel(
         );
         return None;
     };
+    if role_name == Some("hub") && client.is_some() {
+        bad("client", "a hub is no client".into(), &mut ok);
+    }
     let client = client.unwrap_or_default();
-    let is_connector = t.listen.is_some();
+    let is_connector = role_name == Some("connector");
     if is_connector && (!client.lan.is_empty() || !client.advertise.is_empty()) {
         bad(
             "client",
@@ -435,6 +512,7 @@ pub(super) fn validate_tunnel(
         transport,
         fallback_port: t.fallback_port,
         quic_timeout: std::time::Duration::from_millis(quic_timeout_ms),
+        group: t.group,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod datapath;
 pub mod dial;
 pub mod drops;
 pub mod forwarder;
+pub mod hub;
 pub mod leases;
 pub mod table;
 

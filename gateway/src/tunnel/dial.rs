@@ -23,6 +23,8 @@ pub struct Dialer {
     pub source_port: u16,
     pub fallback_port: Option<u16>,
     pub limits: Arc<Limits>,
+    /// Set when the targets are hubs: the session runs through them (`[tunnel] group`).
+    pub hub: Option<Arc<super::hub_dial::ViaHub>>,
 }
 
 /// The first address `target` (`host:port`) resolves to.
@@ -44,9 +46,10 @@ impl Dialer {
     ) -> anyhow::Result<Opened> {
         let addr = resolve(target).await?;
         let opened = tokio::time::timeout(timeout, async {
-            match kind {
-                LinkKind::Quic => self.quic(addr).await,
-                LinkKind::Tcp => self.tcp(addr).await,
+            match (&self.hub, kind) {
+                (Some(hub), _) => hub.open(self, target, addr, kind).await,
+                (None, LinkKind::Quic) => self.quic(addr).await,
+                (None, LinkKind::Tcp) => self.tcp(addr).await,
             }
         })
         .await;
@@ -76,28 +79,7 @@ impl Dialer {
 
     async fn tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
         let addr = SocketAddr::new(addr.ip(), self.fallback_port.unwrap_or(addr.port()));
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        if self.source_port != 0 {
-            // Reuse lets a reconnect bind the port while the last connection is in TIME_WAIT.
-            socket.set_reuseaddr(true)?;
-            let any: IpAddr = if addr.is_ipv4() {
-                Ipv4Addr::UNSPECIFIED.into()
-            } else {
-                Ipv6Addr::UNSPECIFIED.into()
-            };
-            socket
-                .bind(SocketAddr::new(any, self.source_port))
-                .with_context(|| format!("binding TCP source port {}", self.source_port))?;
-        }
-        let stream = socket
-            .connect(addr)
-            .await
-            .with_context(|| format!("TCP connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+        let stream = tcp_connect(addr, self.source_port).await?;
         let fd = stream.as_fd().try_clone_to_owned()?;
         let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
             .map_err(|e| anyhow!("server_name {:?}: {e}", self.server_name))?;
@@ -114,4 +96,34 @@ impl Dialer {
             self.limits.clone(),
         ))
     }
+}
+
+/// A TCP connection to `addr` from `source_port` (0: any), Nagle off.
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    source_port: u16,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if source_port != 0 {
+        // Reuse lets a reconnect bind the port while the last connection is in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        let any: IpAddr = if addr.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        socket
+            .bind(SocketAddr::new(any, source_port))
+            .with_context(|| format!("binding TCP source port {source_port}"))?;
+    }
+    let stream = socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("TCP connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }

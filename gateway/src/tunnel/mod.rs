@@ -27,6 +27,10 @@ pub mod dns;
 mod dns_serve;
 pub mod engine;
 pub mod filter;
+mod hub_dial;
+pub mod hub_server;
+mod hub_uplink;
+pub mod hub_wire;
 pub mod link;
 mod links;
 pub mod nat;
@@ -40,6 +44,7 @@ mod slots;
 pub mod status;
 mod stub;
 pub mod tls;
+pub mod vsock;
 
 pub use engine::{TunnelHandle, start};
 pub use status::Shared;

@@ -28,6 +28,7 @@ const RESERVED_PORTS: &str = "net.ipv4.ip_local_reserved_ports";
 pub enum Role {
     Connector,
     Client,
+    Hub,
 }
 
 impl Role {
@@ -35,6 +36,7 @@ impl Role {
         match self {
             Role::Connector => "connector",
             Role::Client => "client",
+            Role::Hub => "hub",
         }
     }
 }
@@ -79,7 +81,14 @@ pub struct Shared {
     pub firewall: Mutex<Option<(String, String)>>,
     /// ICMP echo round trip to each peer's public address.
     pub pings: Mutex<HashMap<LinkId, Duration>>,
+    /// Hub: what it relays, asked when status is.
+    pub hub: Mutex<Option<HubView>>,
+    /// Client: its targets are hubs.
+    pub through_hub: std::sync::atomic::AtomicBool,
 }
+
+/// The hub's tables as status shows them.
+pub type HubView = Arc<dyn Fn() -> crate::api::HubStatus + Send + Sync>;
 
 fn push_ring(ring: &Mutex<VecDeque<Refusal>>, max: usize, entry: Refusal) {
     if let Ok(mut r) = ring.lock() {
@@ -113,6 +122,8 @@ impl Shared {
             access_total: AtomicU64::new(0),
             firewall: Mutex::new(None),
             pings: Mutex::new(HashMap::new()),
+            hub: Mutex::new(None),
+            through_hub: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -233,7 +244,14 @@ impl Shared {
                 true
             }
         });
+        let hub = self.hub.lock().ok().and_then(|h| h.clone()).map(|f| f());
+        let via_hub = match self.through_hub.load(Ordering::Relaxed) {
+            true => view.peers.first().map(|p| p.status().remote),
+            false => None,
+        };
         TunnelStatus {
+            hub,
+            via_hub,
             role: self.role.name().into(),
             tun: self.tun.clone(),
             mtu: self.mtu.load(Ordering::Relaxed),

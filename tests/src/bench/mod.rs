@@ -82,6 +82,7 @@ pub const COLUMN_IDS: &[&str] = &[
     "direct",
     "gateway",
     "gateway-tcp",
+    "gateway-hub",
     "baseline",
     "baseline-tcp",
     "quincy",
@@ -103,6 +104,11 @@ pub const RATIOS: &[Ratio] = &[
         title: "gw/boringtun",
         numerator: "gateway",
         denominator: "boringtun",
+    },
+    Ratio {
+        title: "hub/gw",
+        numerator: "gateway-hub",
+        denominator: "gateway",
     },
     Ratio {
         title: "tls/quic",
@@ -218,6 +224,12 @@ fn contenders(o: &Options) -> Vec<Contender> {
             "gateway-tcp",
             "gateway TLS/TCP".into(),
             gw(&o.bin_dir, "tcp"),
+        ),
+        // Through a hub (docs/hub.md): the connector dials out, the session stays end to end.
+        c(
+            "gateway-hub",
+            "gateway via hub".into(),
+            gw(&o.bin_dir, "hub"),
         ),
     ];
     if let Some(b) = &o.baseline_bin_dir {
@@ -377,10 +389,14 @@ fn run_one(
     start_gateway: StartGateway,
     samples: &mut Samples,
 ) -> anyhow::Result<Outcome> {
-    let lab = Lab::start(LabOptions {
+    let mut lab = Lab::start(LabOptions {
         direct_vpc_route: matches!(c.kind, Kind::Direct),
         servers: true,
     })?;
+    if matches!(&c.kind, Kind::Gateway { transport, .. } if transport == "hub") {
+        lab.add_hub()?;
+    }
+    let lab = lab;
     let running: Option<Box<dyn Running>> = match &c.kind {
         Kind::Direct => {
             peers::masquerade_into_vpc(&lab)?;

@@ -74,6 +74,8 @@ fn host_name(h: Host) -> &'static str {
         Host::Underlay => "underlay",
         Host::VpcGateway => "VPC gateway",
         Host::Vpc => "VPC host",
+        Host::Hub => "hub",
+        Host::VpcGateway2 => "second VPC gateway",
     }
 }
 
@@ -216,6 +218,8 @@ fn access_demo(lab: &Lab, gatewayctl: &str) -> anyhow::Result<()> {
 }
 
 struct Tunnel {
+    /// Only for `transport = "hub"`: the session goes through it.
+    hub: Option<gateway_lab::Spawned>,
     connector: gateway_lab::Spawned,
     client: gateway_lab::Spawned,
     connector_sock: PathBuf,
@@ -224,6 +228,8 @@ struct Tunnel {
 
 /// Issues certificates, starts the connector on the VPC gateway and the client on the
 /// operator host (a site gateway for the office LAN), and waits until the client is connected.
+/// `transport` "hub": a hub in the lab's hub namespace (`Lab::add_hub`), the connector dialling
+/// out to it and the client reaching the connector through it.
 fn start_tunnel(
     lab: &Lab,
     gatewayd: &str,
@@ -247,6 +253,18 @@ fn start_tunnel(
             "connector",
         ][..],
         &[gatewayctl, "pki", "issue", "ops-alice", "--dir", pki_s][..],
+        &[
+            gatewayctl,
+            "pki",
+            "issue",
+            "lab-hub",
+            "--dir",
+            pki_s,
+            "--profile",
+            "hub",
+            "--ip",
+            gateway_lab::hub::addr::HUB,
+        ][..],
     ] {
         if verbose {
             show(lab, Host::Operator, argv)?;
@@ -260,13 +278,57 @@ fn start_tunnel(
             p = pki.display()
         )
     };
+    let via_hub = transport == "hub";
+    let hub_target = format!("{}:7844", gateway_lab::hub::addr::HUB);
+    let (connector_tunnel, client_tunnel, transport) = if via_hub {
+        (
+            format!(
+                "role = \"connector\"\nconnect = [\"{hub_target}\"]\nsource_port = 7844\ngroup = \"lab-gw\""
+            ),
+            format!("connect = [\"{hub_target}\"]\ngroup = \"lab-gw\""),
+            "auto",
+        )
+    } else {
+        (
+            "listen = \"0.0.0.0:7844\"".to_string(),
+            format!(
+                "connect = [\"{}:7844\"]\nserver_name = \"lab-gw\"",
+                addr::GW_WAN
+            ),
+            transport,
+        )
+    };
+    let hub = if via_hub {
+        let sock = dir.join("hub.sock");
+        let cfg = dir.join("hub.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[node]\nname = \"lab-hub\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
+                 [tunnel]\nrole = \"hub\"\nlisten = \"0.0.0.0:7844\"\n\n{}",
+                sock.display(),
+                dir.join("hub-state").display(),
+                tls("lab-hub")
+            ),
+        )?;
+        Some(start_daemon(
+            lab,
+            Host::Hub,
+            gatewayd,
+            &cfg,
+            &sock,
+            "hub.log",
+        )?)
+    } else {
+        None
+    };
     let connector_sock = dir.join("connector.sock");
     let connector_cfg = dir.join("connector.toml");
     std::fs::write(
         &connector_cfg,
         format!(
             "[node]\nname = \"lab-gw\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [tunnel]\nlisten = \"0.0.0.0:7844\"\ntun = \"gwtun\"\n\n{}\n\
+             [tunnel]\n{connector_tunnel}\ntun = \"gwtun\"\n\n{}\n\
              [egress]\ninterface = \"vpc0\"\nport_range = \"40000-40999\"\n\n\
              [[route]]\ncidr = \"{}\"\nname = \"vpc\"\n\n[[route]]\ncidr = \"{}\"\nname = \"vpc-v6\"\n\n\
              [[policy]]\nidentity = \"ops-*\"\nallow = [\"10.128.0.0/16 tcp/22\", \"10.128.0.0/16 icmp\", \
@@ -290,14 +352,13 @@ fn start_tunnel(
         &client_cfg,
         format!(
             "[node]\nname = \"ops-alice\"\nsocket = \"{}\"\nstate_dir = \"{}\"\n\n\
-             [tunnel]\nconnect = [\"{}:7844\"]\nserver_name = \"lab-gw\"\nsource_port = 7844\ntun = \"optun\"\n\
+             [tunnel]\n{client_tunnel}\nsource_port = 7844\ntun = \"optun\"\n\
              transport = \"{transport}\"\n\n{}\n\
              [icmp]\nmanage_ping_group_range = true\n\n\
              [client]\nlan = [\"lan0\"]\nadvertise = [\"192.0.2.0/24\", \"2001:db8:2::/64\"]\n\
              dns_stub = \"127.0.0.53:53\"\ndns_intercept = [\"wan0\"]\n",
             client_sock.display(),
             dir.join("client-state").display(),
-            addr::GW_WAN,
             tls("ops-alice"),
         ),
     )?;
@@ -353,6 +414,7 @@ fn start_tunnel(
     }
 
     Ok(Tunnel {
+        hub,
         connector,
         client,
         connector_sock,
@@ -388,6 +450,10 @@ impl gateway_lab::bench::Running for Tunnel {
         for d in [&mut client, &mut connector] {
             d.terminate()?;
             d.wait_timeout(Duration::from_secs(10))?;
+        }
+        if let Some(mut hub) = self.hub {
+            hub.terminate()?;
+            hub.wait_timeout(Duration::from_secs(10))?;
         }
         Ok(())
     }

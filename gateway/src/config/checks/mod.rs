@@ -83,7 +83,11 @@ fn unroutable(net: &IpNet) -> Option<String> {
 pub fn review(c: &Config, metrics_allow_remote: bool) -> Review {
     let mut r = Review::default();
     if let Some(t) = &c.tunnel {
-        if let Role::Connector { listen } = &t.role {
+        if let Role::Connector {
+            listen: Some(listen),
+            ..
+        } = &t.role
+        {
             connector(c, t, *listen, &mut r);
         }
         tunnel_device(c, t, &mut r);

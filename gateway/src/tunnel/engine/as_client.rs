@@ -4,6 +4,11 @@
 
 use super::*;
 
+/// Idle timeout of a client with replicas (several targets, or hubs): short enough that
+/// after a replica dies, the next one carries traffic within 5 s (backoff and handshake
+/// included); keepalives each second keep a live path well inside it.
+const REPLICA_IDLE: Duration = Duration::from_secs(3);
+
 pub(super) async fn start(
     cfg: &Tunnel,
     connect: Vec<String>,
@@ -24,7 +29,12 @@ pub(super) async fn start(
         let crypto = trust.quic_client(&cfg.tls, tls::ALPN)?;
         let tcp_tls = trust.client_config(&cfg.tls, tls::ALPN)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(Arc::new(transport(Side::Client)));
+        let mut t = transport(Side::Client);
+        if connect.len() > 1 {
+            // Replicas: a connector that vanished is left for the next within REPLICA_IDLE.
+            t.max_idle_timeout(REPLICA_IDLE.try_into().ok());
+        }
+        client.transport_config(Arc::new(t));
         let endpoint = if cfg.transport.uses_quic() {
             // Dual stack: connectors with IPv4 and IPv6 addresses alike, from one pinned port.
             let socket = net::udp_dual_stack_std(source_port)
@@ -53,6 +63,16 @@ pub(super) async fn start(
         anyhow::Ok((tun, index, handle, endpoint, tcp_tls, stub))
     }
     .await;
+    let via_hub = match &cfg.group {
+        None => None,
+        Some(group) => match via_hub(cfg, &trust, group) {
+            Ok(v) => Some(Arc::new(v)),
+            Err(e) => {
+                undo(cfg.client_table.as_ref(), &mut sysctls);
+                return Err(e);
+            }
+        },
+    };
     let (tun, index, handle, endpoint, tcp_tls, stub) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -64,6 +84,9 @@ pub(super) async fn start(
     if let Ok(mut f) = shared.firewall.lock() {
         *f = client_filter;
     }
+    shared
+        .through_hub
+        .store(via_hub.is_some(), std::sync::atomic::Ordering::Relaxed);
     let datapath = Arc::new(ArcSwap::from_pointee(Datapath::new(shared.drops.clone())));
     let (current_tx, current_rx) = watch::channel(None);
     let relays = Relays::new(current_rx, shared.limits.clone(), shared.drops.clone());
@@ -91,6 +114,7 @@ pub(super) async fn start(
         source_port,
         fallback_port: cfg.fallback_port,
         limits: shared.limits.clone(),
+        hub: via_hub,
     });
     let (inbox, inputs) = mpsc::channel(INBOX);
     let (events_tx, events) = mpsc::channel(INBOX);
@@ -136,5 +160,31 @@ pub(super) async fn start(
         nat_table: cfg.client_table.clone(),
         trust,
         connector: None,
+    })
+}
+
+/// A client whose targets are hubs: the outer link's TLS (ALPN `gateway-hub/1`) and QUIC
+/// settings, and the inner session's, whose packets must fit an outer datagram.
+fn via_hub(
+    cfg: &Tunnel,
+    trust: &Arc<tls::Trust>,
+    group: &str,
+) -> anyhow::Result<crate::tunnel::hub_dial::ViaHub> {
+    use crate::tunnel::hub_wire::{HUB_ALPN, INNER_MAX_UDP, outer_transport};
+    let mut outer_quic = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, HUB_ALPN)?));
+    outer_quic.transport_config(Arc::new(outer_transport()));
+    let mut inner = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, tls::ALPN)?));
+    let mut t = transport(Side::Client);
+    t.max_idle_timeout(REPLICA_IDLE.try_into().ok());
+    t.initial_mtu(INITIAL_MTU);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(INNER_MAX_UDP);
+    t.mtu_discovery_config(Some(mtud));
+    inner.transport_config(Arc::new(t));
+    Ok(crate::tunnel::hub_dial::ViaHub {
+        group: Some(group.to_string()),
+        outer_quic,
+        outer_tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
+        inner,
     })
 }

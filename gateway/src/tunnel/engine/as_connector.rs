@@ -6,13 +6,16 @@ use super::*;
 
 pub(super) async fn start(
     cfg: &Tunnel,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    hubs: &[String],
+    source_port: u16,
     routes: Vec<IpNet>,
 ) -> anyhow::Result<TunnelHandle> {
     let trust = tls::Trust::load(&cfg.tls)?;
     let mut sysctls = Vec::new();
     let table = cfg.egress.as_ref().map(|e| e.table.clone());
-    let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
+    let tcp_listen = listen.map(|l| SocketAddr::new(l.ip(), cfg.fallback_port.unwrap_or(l.port())));
+    let advertised: Vec<String> = routes.iter().map(ToString::to_string).collect();
     let result = async {
         net::sysctl_change("net.ipv4.ip_forward", "1", &mut sysctls)?;
         net::sysctl_change("net.ipv6.conf.all.forwarding", "1", &mut sysctls)?;
@@ -31,21 +34,25 @@ pub(super) async fn start(
         let own_v6 = node::leases::nth_v6(cfg.overlay_v6, 1).context("overlay too small")?;
         net::add_address(&handle, index, own_v4.into(), cfg.overlay_v4.prefix_len()).await?;
         net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
-        let endpoint = match cfg.transport.uses_quic() {
-            true => Some(
-                Endpoint::server(server, listen)
+        let endpoint = match (cfg.transport.uses_quic(), listen) {
+            (true, Some(listen)) => Some(
+                Endpoint::server(server.clone(), listen)
                     .with_context(|| format!("listening on UDP {listen}"))?,
             ),
-            false => None,
+            _ => None,
         };
-        let tcp = match cfg.transport.uses_tcp() {
-            true => Some((
+        let uplink = match hubs.is_empty() {
+            true => None,
+            false => Some(uplink(cfg, &trust, source_port, server)?),
+        };
+        let tcp = match (cfg.transport.uses_tcp(), tcp_listen) {
+            (true, Some(tcp_listen)) => Some((
                 tokio::net::TcpListener::bind(tcp_listen)
                     .await
                     .with_context(|| format!("listening on TCP {tcp_listen}"))?,
                 tokio_rustls::TlsAcceptor::from(tcp_tls),
             )),
-            false => None,
+            _ => None,
         };
         if let Some(e) = &cfg.egress {
             // The kernel's own ephemeral ports must not collide with the NAT range.
@@ -57,31 +64,35 @@ pub(super) async fn start(
                 tun: cfg.tun.clone(),
                 egress: e.interface.clone(),
                 ports: e.ports,
-                udp_port: cfg.transport.uses_quic().then_some(listen.port()),
-                tcp_port: cfg.transport.uses_tcp().then_some(tcp_listen.port()),
+                udp_port: listen.filter(|_| cfg.transport.uses_quic()).map(|l| l.port()),
+                tcp_port: tcp_listen.filter(|_| cfg.transport.uses_tcp()).map(|l| l.port()),
             })?;
             tracing::info!(table = %e.table, interface = %e.interface, ports = ?e.ports, "source NAT into the VPC");
         }
-        anyhow::Ok((tun, index, handle, endpoint, tcp))
+        anyhow::Ok((tun, index, handle, endpoint, tcp, uplink))
     }
     .await;
-    let (tun, index, handle, endpoint, tcp) = match result {
+    let (tun, index, handle, endpoint, tcp, uplink) = match result {
         Ok(v) => v,
         Err(e) => {
             undo(table.as_ref(), &mut sysctls);
             return Err(e);
         }
     };
-    let listening = match (&endpoint, &tcp) {
-        (Some(_), Some(_)) => {
-            format!("listening on {listen} (QUIC) and {tcp_listen} (TCP fallback)")
-        }
-        (Some(_), None) => format!("listening on {listen} (QUIC only)"),
-        (None, Some(_)) => format!("listening on {tcp_listen} (TCP only)"),
+    let show = |a: Option<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    let (l, t) = (show(listen), show(tcp_listen));
+    let mut listening = match (&endpoint, &tcp) {
+        (Some(_), Some(_)) => format!("listening on {l} (QUIC) and {t} (TCP fallback)"),
+        (Some(_), None) => format!("listening on {l} (QUIC only)"),
+        (None, Some(_)) => format!("listening on {t} (TCP only)"),
         (None, None) => "listening on nothing".into(),
     };
+    if !hubs.is_empty() {
+        listening = format!("{listening}; dialling hubs {}", hubs.join(", "));
+    }
     let shared = Shared::new(StatusRole::Connector, &cfg.tun, &listening);
     let mut tasks = JoinSet::new();
+    let mut inner_endpoint = None;
     let forwarder = if cfg.zones.is_empty() {
         None
     } else {
@@ -103,6 +114,32 @@ pub(super) async fn start(
     }
     if let (Some(e), Ok(mut f)) = (&cfg.egress, shared.firewall.lock()) {
         *f = Some((e.table.clone(), firewall_holds(cfg, e, listen, tcp_listen)));
+    }
+    if let Some((u, inner_server)) = uplink {
+        let socket = super::super::hub_uplink::start(
+            super::super::hub_uplink::Uplinks {
+                routes: advertised,
+                ..u
+            },
+            &mut tasks,
+        );
+        let mut config = quinn::EndpointConfig::default();
+        if let Err(e) = config.max_udp_payload_size(super::super::hub_wire::INNER_MAX_UDP) {
+            tracing::error!(error = %e, "inner endpoint payload size");
+        }
+        match Endpoint::new_with_abstract_socket(
+            config,
+            Some(inner_server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        ) {
+            Ok(ep) => inner_endpoint = Some(ep),
+            Err(e) => {
+                tasks.shutdown().await;
+                undo(table.as_ref(), &mut sysctls);
+                return Err(anyhow!("the endpoint for sessions through hubs: {e}"));
+            }
+        }
     }
     let policy = Arc::new(crate::config::policy_of(&cfg.policy));
     let zones = cfg.zones.iter().map(|z| z.domain.clone()).collect();
@@ -164,6 +201,9 @@ pub(super) async fn start(
     if let Some(ep) = endpoint.clone() {
         tasks.spawn(accept.clone().quic(ep));
     }
+    if let Some(ep) = inner_endpoint {
+        tasks.spawn(accept.clone().quic(ep));
+    }
     if let Some((listener, acceptor)) = tcp {
         tasks.spawn(accept.tcp(listener, acceptor));
     }
@@ -186,15 +226,15 @@ pub(super) async fn start(
 fn firewall_holds(
     cfg: &Tunnel,
     e: &crate::config::Egress,
-    listen: SocketAddr,
-    tcp_listen: SocketAddr,
+    listen: Option<SocketAddr>,
+    tcp_listen: Option<SocketAddr>,
 ) -> String {
     let mut accepts = Vec::new();
-    if cfg.transport.uses_quic() {
-        accepts.push(format!("udp/{}", listen.port()));
+    if let Some(l) = listen.filter(|_| cfg.transport.uses_quic()) {
+        accepts.push(format!("udp/{}", l.port()));
     }
-    if cfg.transport.uses_tcp() {
-        accepts.push(format!("tcp/{}", tcp_listen.port()));
+    if let Some(l) = tcp_listen.filter(|_| cfg.transport.uses_tcp()) {
+        accepts.push(format!("tcp/{}", l.port()));
     }
     format!(
         "masquerade {} -> {} to ports {}-{}; input accepts {} and replies to {}-{}; {}",
@@ -207,4 +247,49 @@ fn firewall_holds(
         e.ports.1,
         crate::tunnel::filter::describe_connector(&cfg.tun, &e.interface)
     )
+}
+
+/// What dialling the hubs needs: an endpoint on the pinned source port, the outer TLS (ALPN
+/// `gateway-hub/1`, the hub's certificate checked for its name), and the server config the
+/// inner endpoint accepts relayed clients with (the same as a direct listener's).
+fn uplink(
+    cfg: &Tunnel,
+    trust: &Arc<tls::Trust>,
+    source_port: u16,
+    server: quinn::ServerConfig,
+) -> anyhow::Result<(super::super::hub_uplink::Uplinks, quinn::ServerConfig)> {
+    use super::super::hub_wire::{HUB_ALPN, outer_transport};
+    let Role::Connector { hubs, .. } = &cfg.role else {
+        bail!("not a connector");
+    };
+    let mut quic = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, HUB_ALPN)?));
+    quic.transport_config(Arc::new(outer_transport()));
+    let endpoint = if cfg.transport.uses_quic() {
+        let socket = net::udp_dual_stack_std(source_port)
+            .with_context(|| format!("binding UDP source port {source_port}"))?;
+        Some(
+            Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?,
+        )
+    } else {
+        None
+    };
+    let u = super::super::hub_uplink::Uplinks {
+        hubs: hubs.clone(),
+        group: cfg.group.clone().unwrap_or_else(|| "default".into()),
+        routes: Vec::new(),
+        transport: cfg.transport,
+        quic_timeout: cfg.quic_timeout,
+        source_port,
+        fallback_port: cfg.fallback_port,
+        endpoint,
+        quic,
+        tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
+    };
+    Ok((u, server))
 }

@@ -33,6 +33,7 @@ use crate::node::{self, ClientConfig, ConnectorConfig};
 
 mod as_client;
 mod as_connector;
+mod as_hub;
 
 /// UDP payload size QUIC starts with: its datagrams then hold 1362-byte packets, above IPv6's
 /// 1280 minimum, so the TUN can carry IPv6 from the first packet. MTU discovery raises it.
@@ -102,7 +103,7 @@ impl TunnelHandle {
         self.trust.install(v);
         let server_name = match &cfg.role {
             Role::Client { server_name, .. } => Some(server_name.as_str()),
-            Role::Connector { .. } => None,
+            Role::Connector { .. } | Role::Hub { .. } => None,
         };
         let mut closed = Vec::new();
         for (_, identity, link) in self.shared.link_records() {
@@ -249,7 +250,12 @@ pub async fn start(
     on_routes: super::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
     match &cfg.role {
-        Role::Connector { listen } => as_connector::start(cfg, *listen, routes).await,
+        Role::Connector {
+            listen,
+            hubs,
+            source_port,
+        } => as_connector::start(cfg, *listen, hubs, *source_port, routes).await,
+        Role::Hub { listen } => as_hub::start(cfg, *listen).await,
         Role::Client {
             connect,
             server_name,

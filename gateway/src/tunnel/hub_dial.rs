@@ -1,0 +1,180 @@
+//! A client's session through a hub: the outer link to the hub (QUIC from the pinned port, or
+//! TLS over TCP, as the dial plan says), the hub's answer naming the replica, and then the
+//! same end-to-end QUIC session a direct link has, run over a [`VirtualSocket`] whose
+//! datagrams ride the outer link. What the client driver gets is an ordinary QUIC [`Link`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+
+use super::dial::{Dialer, tcp_connect};
+use super::hub_wire::{self, HubMsg, In, OuterTx};
+use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side};
+use super::tls;
+use super::vsock::{Route, VirtualSocket};
+use crate::node::LinkKind;
+use crate::pki::{CertInfo, Profile};
+
+/// What a client needs to go through hubs.
+pub struct ViaHub {
+    pub group: Option<String>,
+    /// The outer link's QUIC settings (ALPN `gateway-hub/1`).
+    pub outer_quic: quinn::ClientConfig,
+    pub outer_tcp: tokio_rustls::TlsConnector,
+    /// The end-to-end session's QUIC settings (ALPN `gateway/1`, inner MTU).
+    pub inner: quinn::ClientConfig,
+}
+
+/// Every datagram of the inner session goes to the one outer link.
+struct ToHub(OuterTx);
+
+impl Route for ToHub {
+    fn send(&self, _to: SocketAddr, datagram: &[u8]) -> bool {
+        self.0.send_datagram(&[], datagram)
+    }
+}
+
+/// The host part of `HOST:PORT`: the name the hub's certificate must carry.
+fn host_of(target: &str) -> &str {
+    target
+        .rsplit_once(':')
+        .map_or(target, |(h, _)| h)
+        .trim_matches(['[', ']'])
+}
+
+impl ViaHub {
+    pub async fn open(
+        &self,
+        d: &Dialer,
+        target: &str,
+        addr: SocketAddr,
+        kind: LinkKind,
+    ) -> anyhow::Result<Opened> {
+        let host = host_of(target);
+        let (tx, mut rx) = match kind {
+            LinkKind::Quic => {
+                let endpoint = d
+                    .endpoint
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
+                let conn = endpoint
+                    .connect_with(self.outer_quic.clone(), addr, host)?
+                    .await
+                    .with_context(|| format!("QUIC to the hub {addr}"))?;
+                let (send, recv) = conn.open_bi().await?;
+                hub_wire::start_quic(conn, send, recv)
+            }
+            LinkKind::Tcp => {
+                let addr = SocketAddr::new(addr.ip(), d.fallback_port.unwrap_or(addr.port()));
+                let stream = tcp_connect(addr, d.source_port).await?;
+                let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| anyhow!("hub name {host:?}: {e}"))?;
+                let stream = self
+                    .outer_tcp
+                    .connect(name, stream)
+                    .await
+                    .with_context(|| format!("TLS over TCP to the hub {addr}"))?;
+                hub_wire::start_tcp(stream, addr)
+            }
+        };
+        tx.send_control(&HubMsg::Client {
+            group: self.group.clone(),
+        })
+        .await?;
+        match hub_wire::first_control(&mut rx, Duration::from_secs(5)).await {
+            Ok(HubMsg::Assigned { connector }) => {
+                tracing::info!(hub = %addr, %connector, transport = kind.name(), "the hub relays this session");
+            }
+            Ok(HubMsg::Refused { reason }) => {
+                tx.close("refused");
+                bail!(
+                    "the hub refused: {}",
+                    crate::core::text::clean(&reason, 200)
+                );
+            }
+            Ok(other) => {
+                tx.close("unexpected");
+                bail!("the hub answered {other:?}");
+            }
+            Err(e) => {
+                tx.close("no answer");
+                bail!("the hub: {e}");
+            }
+        }
+        // The inner session sees the hub's address as its peer's: status shows through which
+        // hub, and the routes learned never cover it.
+        let remote = tx.remote;
+        let local: IpAddr = match remote {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let socket = VirtualSocket::new(SocketAddr::new(local, 0), Box::new(ToHub(tx.clone())));
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(hub_wire::INNER_MAX_UDP)
+            .map_err(|e| anyhow!("inner endpoint: {e}"))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            config,
+            None,
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let pump_socket = socket.clone();
+        let pump = tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                if let In::Datagram(d) = item {
+                    pump_socket.push(remote, d);
+                }
+            }
+        });
+        let inner = async {
+            let conn = endpoint
+                .connect_with(self.inner.clone(), remote, &d.server_name)?
+                .await
+                .context("the end-to-end handshake through the hub")?;
+            // A hub's certificate can pass as a server's: the end to end session must be
+            // with a connector, whatever name a hub certificate might carry.
+            let chain = tls::peer_chain(&conn).unwrap_or_default();
+            let profile = chain
+                .first()
+                .and_then(|c| CertInfo::from_der(c).ok())
+                .and_then(|i| Profile::of(&i));
+            if profile != Some(Profile::Connector) {
+                conn.close(1u32.into(), b"not a connector");
+                bail!("the peer through the hub is not a connector");
+            }
+            let (send, recv) = conn.open_bi().await?;
+            anyhow::Ok((conn, send, recv))
+        }
+        .await;
+        let (conn, send, recv) = match inner {
+            Ok(v) => v,
+            Err(e) => {
+                pump.abort();
+                tx.close("handshake failed");
+                return Err(e);
+            }
+        };
+        // Either end of the pair going takes the other with it.
+        let watch = conn.clone();
+        tokio::spawn(async move {
+            let _keep = endpoint;
+            tokio::select! {
+                _ = watch.closed() => {}
+                _ = pump => {
+                    watch.close(0u32.into(), b"the hub link closed");
+                }
+            }
+            tx.close("session ended");
+        });
+        Ok(Opened {
+            link: Link::Quic(conn.clone()),
+            control_tx: ControlTx::Quic(send),
+            control_rx: ControlRx::quic(recv, Side::Client),
+            inbound: Inbound::Quic(conn),
+            dns_queries: None,
+        })
+    }
+}

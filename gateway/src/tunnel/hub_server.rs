@@ -1,0 +1,451 @@
+//! The hub's driver: accepting outer links (QUIC and TLS over TCP on one port), telling
+//! connectors from clients by their certificate's profile, and switching datagrams between a
+//! client's link and its replica's by flow id, as `node::hub` decides. Nothing here opens a
+//! datagram: the hub holds no key of either end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::hub_wire::{self, Counter, FLOW_ID, HubMsg, In, OuterTx};
+use super::status::Shared;
+use super::tls;
+use crate::core::text::{PEER_NAME, PEER_TEXT, clean, is_clean};
+use crate::node::drops::Failure;
+use crate::node::hub::{ConnectorInfo, Hub, HubEvent};
+use crate::node::{HANDSHAKE_TIMEOUT, LinkId, LinkKind};
+use crate::pki::{CertInfo, Profile};
+
+/// Outer links being set up at once; more wait in the kernel's backlog (TCP) or are refused
+/// by quinn (QUIC).
+const MAX_PENDING: usize = 256;
+
+/// A client's session as the hub relays it, for status.
+pub struct Relayed {
+    pub identity: String,
+    pub remote: SocketAddr,
+    pub connector: String,
+    pub kind: LinkKind,
+    pub since: Instant,
+    pub bytes: Counter,
+}
+
+pub struct HubServer {
+    pub shared: Arc<Shared>,
+    state: Mutex<Hub>,
+    connectors: Mutex<HashMap<LinkId, OuterTx>>,
+    clients: Mutex<HashMap<LinkId, OuterTx>>,
+    /// Flow id → the client's link and its byte counter: the connector→client direction.
+    flows: RwLock<HashMap<u32, (OuterTx, Counter)>>,
+    pub relayed: Mutex<HashMap<LinkId, Relayed>>,
+    next_link: AtomicU64,
+    pending: Arc<tokio::sync::Semaphore>,
+}
+
+fn profile_of(chain: &[CertificateDer<'_>]) -> Option<Profile> {
+    let leaf = chain.first()?;
+    Profile::of(&CertInfo::from_der(leaf).ok()?)
+}
+
+impl HubServer {
+    pub fn new(shared: Arc<Shared>) -> Arc<HubServer> {
+        Arc::new(HubServer {
+            shared,
+            state: Mutex::new(Hub::new()),
+            connectors: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            flows: RwLock::new(HashMap::new()),
+            relayed: Mutex::new(HashMap::new()),
+            next_link: AtomicU64::new(1),
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING)),
+        })
+    }
+
+    /// Status: connectors (identity, group, routes, since, transport, sessions) and the client
+    /// sessions relayed (identity, connector, bytes).
+    pub fn status(&self) -> crate::api::HubStatus {
+        let (now, unix) = (Instant::now(), crate::sys::unix_now());
+        let at = |t: Instant| unix.saturating_sub(now.saturating_duration_since(t).as_secs());
+        let connectors = self
+            .state
+            .lock()
+            .map(|s| {
+                s.connectors()
+                    .map(|(link, c, n)| crate::api::HubConnectorStatus {
+                        identity: c.identity.clone(),
+                        group: c.group.clone(),
+                        routes: c.routes.clone(),
+                        remote: self
+                            .connectors
+                            .lock()
+                            .ok()
+                            .and_then(|l| l.get(&link).map(|t| t.remote.to_string()))
+                            .unwrap_or_default(),
+                        transport: c.kind.name().into(),
+                        since: at(c.since),
+                        sessions: n as u64,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let clients = self
+            .relayed
+            .lock()
+            .map(|r| {
+                let mut v: Vec<_> = r
+                    .values()
+                    .map(|c| crate::api::HubClientStatus {
+                        identity: c.identity.clone(),
+                        connector: c.connector.clone(),
+                        remote: c.remote.to_string(),
+                        transport: c.kind.name().into(),
+                        since: at(c.since),
+                        bytes_relayed: c.bytes.load(Ordering::Relaxed),
+                    })
+                    .collect();
+                v.sort_by(|a, b| (a.since, &a.identity).cmp(&(b.since, &b.identity)));
+                v
+            })
+            .unwrap_or_default();
+        crate::api::HubStatus {
+            connectors,
+            clients,
+        }
+    }
+
+    pub async fn accept_quic(self: Arc<Self>, ep: quinn::Endpoint) {
+        let mut tasks = JoinSet::new();
+        while let Some(incoming) = ep.accept().await {
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                incoming.refuse();
+                continue;
+            };
+            let me = self.clone();
+            tasks.spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        let reason = format!("TLS handshake failed: {e}");
+                        return me
+                            .shared
+                            .handshake_failed(remote, Failure::TlsFailed, reason);
+                    }
+                    Err(_) => {
+                        let reason = "handshake timed out".to_string();
+                        return me
+                            .shared
+                            .handshake_failed(remote, Failure::TimedOut, reason);
+                    }
+                };
+                let chain = tls::peer_chain(&conn).unwrap_or_default();
+                let (send, recv) =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
+                        Ok(Ok(s)) => s,
+                        _ => return conn.close(1u32.into(), b"no control stream"),
+                    };
+                let (tx, rx) = hub_wire::start_quic(conn, send, recv);
+                drop(permit);
+                me.serve(tx, rx, &chain).await;
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+
+    pub async fn accept_tcp(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) {
+        let mut tasks = JoinSet::new();
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a TCP connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let acceptor = acceptor.clone();
+            tasks.spawn(async move {
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            let reason = format!("TLS handshake (TCP) failed: {e}");
+                            return me
+                                .shared
+                                .handshake_failed(remote, Failure::TlsFailed, reason);
+                        }
+                        Err(_) => {
+                            let reason = "handshake (TCP) timed out".to_string();
+                            return me
+                                .shared
+                                .handshake_failed(remote, Failure::TimedOut, reason);
+                        }
+                    };
+                let chain: Vec<CertificateDer<'static>> = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                let (tx, rx) = hub_wire::start_tcp(tls, remote);
+                drop(permit);
+                me.serve(tx, rx, &chain).await;
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+
+    fn refuse(&self, tx: &OuterTx, identity: Option<&str>, reason: String) {
+        let msg = HubMsg::Refused {
+            reason: reason.clone(),
+        };
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            let _ = tx2.send_control(&msg).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tx2.close("refused");
+        });
+        self.shared
+            .refuse(identity.map(str::to_string), tx.remote, reason);
+    }
+
+    async fn serve(&self, tx: OuterTx, mut rx: mpsc::Receiver<In>, chain: &[CertificateDer<'_>]) {
+        let remote = tx.remote;
+        let identity = match tls::identity_of_chain(chain) {
+            Some(n) if is_clean(&n, PEER_NAME) => n,
+            _ => {
+                let reason = "certificate carries no plain name".to_string();
+                self.shared
+                    .handshake_failed(remote, Failure::NoName, reason);
+                return tx.close("no identity");
+            }
+        };
+        let first = match hub_wire::first_control(&mut rx, HANDSHAKE_TIMEOUT).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::info!(%identity, %remote, error = %e, "outer link said nothing");
+                return tx.close("no hello");
+            }
+        };
+        let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
+        match (profile_of(chain), first) {
+            (Some(Profile::Connector), HubMsg::Connector { group, routes }) => {
+                let group = clean(&group, 64);
+                let routes: Vec<String> = routes.iter().take(64).map(|r| clean(r, 64)).collect();
+                self.connector(id, identity, group, routes, tx, rx).await
+            }
+            (Some(Profile::Client), HubMsg::Client { group }) => {
+                let group = group.map(|g| clean(&g, 64));
+                self.client(id, identity, group, tx, rx).await
+            }
+            (profile, _) => {
+                let as_what = profile.map_or("no profile", Profile::name);
+                let reason = format!(
+                    "certificate profile {as_what} does not match its first message; nothing relayed"
+                );
+                self.refuse(&tx, Some(&identity), reason);
+            }
+        }
+    }
+
+    async fn connector(
+        &self,
+        id: LinkId,
+        identity: String,
+        group: String,
+        routes: Vec<String>,
+        tx: OuterTx,
+        mut rx: mpsc::Receiver<In>,
+    ) {
+        let info = ConnectorInfo {
+            identity: identity.clone(),
+            group: group.clone(),
+            routes,
+            kind: tx.kind,
+            since: Instant::now(),
+        };
+        let up = self
+            .state
+            .lock()
+            .map_err(|_| "poisoned".to_string())
+            .and_then(|mut s| s.handle_connector_up(id, info));
+        if let Err(reason) = up {
+            return self.refuse(&tx, Some(&identity), reason);
+        }
+        if let Ok(mut c) = self.connectors.lock() {
+            c.insert(id, tx.clone());
+        }
+        let _ = tx.send_control(&HubMsg::Welcome {}).await;
+        tracing::info!(%identity, %group, remote = %tx.remote, transport = tx.kind.name(), "connector up");
+        while let Some(item) = rx.recv().await {
+            let In::Datagram(d) = item else {
+                continue;
+            };
+            if d.len() <= FLOW_ID {
+                continue;
+            }
+            let flow = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+            let to = self.flows.read().ok().and_then(|f| f.get(&flow).cloned());
+            if let Some((client, bytes)) = to
+                && client.send_datagram(&[], &d[FLOW_ID..])
+            {
+                bytes.fetch_add((d.len() - FLOW_ID) as u64, Ordering::Relaxed);
+            }
+        }
+        tracing::info!(%identity, %group, "connector gone");
+        if let Ok(mut c) = self.connectors.lock() {
+            c.remove(&id);
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.handle_connector_down(id);
+        }
+        self.carry_out();
+    }
+
+    async fn client(
+        &self,
+        id: LinkId,
+        identity: String,
+        group: Option<String>,
+        tx: OuterTx,
+        mut rx: mpsc::Receiver<In>,
+    ) {
+        let assigned = self
+            .state
+            .lock()
+            .map_err(|_| "poisoned".to_string())
+            .and_then(|mut s| {
+                let (flow, conn) = s.handle_client(
+                    Instant::now(),
+                    id,
+                    identity.clone(),
+                    tx.kind,
+                    group.as_deref(),
+                )?;
+                let name = s
+                    .connector(conn)
+                    .map(|c| c.identity.clone())
+                    .unwrap_or_default();
+                Ok((flow, conn, name))
+            });
+        let (flow, conn, name) = match assigned {
+            Ok(v) => v,
+            Err(reason) => return self.refuse(&tx, Some(&identity), reason),
+        };
+        let to = self
+            .connectors
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&conn).cloned());
+        let Some(to) = to else {
+            if let Ok(mut s) = self.state.lock() {
+                s.handle_client_down(id);
+            }
+            self.carry_out();
+            return self.refuse(&tx, Some(&identity), "the connector went away".into());
+        };
+        let bytes: Counter = Arc::new(AtomicU64::new(0));
+        if let Ok(mut f) = self.flows.write() {
+            f.insert(flow, (tx.clone(), bytes.clone()));
+        }
+        if let Ok(mut c) = self.clients.lock() {
+            c.insert(id, tx.clone());
+        }
+        if let Ok(mut r) = self.relayed.lock() {
+            r.insert(
+                id,
+                Relayed {
+                    identity: identity.clone(),
+                    remote: tx.remote,
+                    connector: name.clone(),
+                    kind: tx.kind,
+                    since: Instant::now(),
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+        let _ = tx
+            .send_control(&HubMsg::Assigned {
+                connector: name.clone(),
+            })
+            .await;
+        tracing::info!(%identity, connector = %name, flow, transport = tx.kind.name(), "client relayed");
+        let prefix = flow.to_be_bytes();
+        while let Some(item) = rx.recv().await {
+            if let In::Datagram(d) = item
+                && to.send_datagram(&prefix, &d)
+            {
+                bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        if let Ok(mut f) = self.flows.write() {
+            f.remove(&flow);
+        }
+        if let Ok(mut c) = self.clients.lock() {
+            c.remove(&id);
+        }
+        if let Ok(mut r) = self.relayed.lock() {
+            r.remove(&id);
+        }
+        if let Ok(mut s) = self.state.lock() {
+            s.handle_client_down(id);
+        }
+        self.carry_out();
+    }
+
+    /// The state machine's effects: close clients whose replica went, tell connectors which
+    /// flows ended.
+    fn carry_out(&self) {
+        let events: Vec<HubEvent> = match self.state.lock() {
+            Ok(mut s) => std::iter::from_fn(|| s.poll_event()).collect(),
+            Err(_) => return,
+        };
+        for e in events {
+            match e {
+                HubEvent::CloseClient { client, reason } => {
+                    let tx = self
+                        .clients
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&client).cloned());
+                    if let Some(tx) = tx {
+                        tracing::info!(reason = %clean(&reason, PEER_TEXT), "closing a client's link");
+                        tx.close(&reason);
+                    }
+                }
+                HubEvent::FlowClosed { connector, flow } => {
+                    let tx = self
+                        .connectors
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&connector).cloned());
+                    if let Some(tx) = tx {
+                        tokio::spawn(async move {
+                            let _ = tx.send_control(&HubMsg::FlowClosed { flow }).await;
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The address a hub reports for itself in logs.
+pub fn describe(listen: SocketAddr, tcp: SocketAddr) -> String {
+    format!("hub listening on {listen} (QUIC) and {tcp} (TLS over TCP)")
+}

@@ -1,0 +1,419 @@
+//! The hub's outer links, one shape over both transports: a few control messages (who I am,
+//! which connector you got, a flow that ended) and opaque datagrams. Over QUIC (ALPN
+//! [`HUB_ALPN`]) the control messages travel on one stream the dialler opens and datagrams as
+//! DATAGRAM frames; over TLS on TCP both are frames `[kind: u8][length: u16 BE][body]` on the
+//! stream, with a ping each second each way so a dead peer is noticed within [`TCP_IDLE`].
+//!
+//! A datagram between a connector and the hub starts with the 4-byte flow id the hub gave the
+//! session ([`FLOW_ID`]); between a client and the hub it is the inner QUIC packet alone (one
+//! session per client link). What is inside is the client↔connector QUIC, sealed end to end.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::node::LinkKind;
+
+/// ALPN of a hub's outer links; a tunnel peer (`gateway/1`) never mistakes one for its own.
+pub const HUB_ALPN: &[u8] = b"gateway-hub/1";
+/// Bytes of flow id before each datagram on a connector's link.
+pub const FLOW_ID: usize = 4;
+/// Largest control message: a hello with a few hundred routes.
+pub const MAX_CONTROL: usize = 16 << 10;
+/// Largest datagram over TCP: the inner QUIC's packets are at most [`INNER_MAX_UDP`] bytes.
+const MAX_DATAGRAM: usize = 1500 + FLOW_ID;
+/// UDP payload the inner QUIC may use: an outer QUIC datagram on a 1500-byte IPv4 path holds
+/// 1434 bytes (1472 - 38 quinn reserves), less the flow id the hub adds towards the connector.
+pub const INNER_MAX_UDP: u16 = 1430;
+/// Outer keepalive and idle timeout: a replica that vanished is dropped within this, so its
+/// clients are on another one well within 5 s.
+pub const OUTER_KEEPALIVE: Duration = Duration::from_millis(500);
+pub const OUTER_IDLE: Duration = Duration::from_millis(2500);
+const TCP_PING: Duration = Duration::from_secs(1);
+pub const TCP_IDLE: Duration = Duration::from_millis(3000);
+/// Frames queued towards a TCP socket; datagrams beyond it are dropped as UDP would.
+const TCP_QUEUE: usize = 2048;
+/// Datagrams and messages read from an outer link and not yet handled.
+const IN_QUEUE: usize = 1024;
+
+const KIND_CONTROL: u8 = 0;
+const KIND_DATAGRAM: u8 = 1;
+
+/// What the ends of an outer link say to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HubMsg {
+    /// Connector → hub, first: its replica group and what it serves (for status).
+    Connector { group: String, routes: Vec<String> },
+    /// Client → hub, first: the group it wants (any when absent).
+    Client { group: Option<String> },
+    /// Hub → connector: relaying starts.
+    Welcome {},
+    /// Hub → client: the replica its session goes to.
+    Assigned { connector: String },
+    /// Hub → either: why nothing is relayed; the link closes after it.
+    Refused { reason: String },
+    /// Hub → connector: the session on this flow ended.
+    FlowClosed { flow: u32 },
+    /// Keepalive on TCP links.
+    Ping {},
+}
+
+/// Something read from an outer link.
+#[derive(Debug)]
+pub enum In {
+    Control(HubMsg),
+    Datagram(Bytes),
+}
+
+#[derive(Clone)]
+enum Tx {
+    Quic {
+        conn: quinn::Connection,
+        control: mpsc::Sender<HubMsg>,
+    },
+    Tcp {
+        frames: mpsc::Sender<Bytes>,
+        close: watch::Sender<bool>,
+    },
+}
+
+/// The sending half of an outer link; cheap to clone, shared by whoever forwards into it.
+#[derive(Clone)]
+pub struct OuterTx {
+    tx: Tx,
+    pub kind: LinkKind,
+    pub remote: SocketAddr,
+}
+
+fn frame(kind: u8, parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut b = BytesMut::with_capacity(3 + len);
+    b.put_u8(kind);
+    b.put_u16(u16::try_from(len).unwrap_or(u16::MAX));
+    for p in parts {
+        b.put_slice(p);
+    }
+    b.freeze()
+}
+
+impl OuterTx {
+    /// Sends `prefix` then `body` as one datagram; `false` when it was dropped (too big for
+    /// the path, or no room).
+    pub fn send_datagram(&self, prefix: &[u8], body: &[u8]) -> bool {
+        match &self.tx {
+            Tx::Quic { conn, .. } => {
+                let d = if prefix.is_empty() {
+                    Bytes::copy_from_slice(body)
+                } else {
+                    let mut b = BytesMut::with_capacity(prefix.len() + body.len());
+                    b.put_slice(prefix);
+                    b.put_slice(body);
+                    b.freeze()
+                };
+                conn.send_datagram(d).is_ok()
+            }
+            Tx::Tcp { frames, .. } => {
+                if prefix.len() + body.len() > MAX_DATAGRAM {
+                    return false;
+                }
+                frames
+                    .try_send(frame(KIND_DATAGRAM, &[prefix, body]))
+                    .is_ok()
+            }
+        }
+    }
+
+    pub async fn send_control(&self, msg: &HubMsg) -> anyhow::Result<()> {
+        match &self.tx {
+            Tx::Quic { control, .. } => control
+                .send(msg.clone())
+                .await
+                .map_err(|_| anyhow!("outer link closed")),
+            Tx::Tcp { frames, .. } => {
+                let body = serde_json::to_vec(msg)?;
+                frames
+                    .send(frame(KIND_CONTROL, &[&body]))
+                    .await
+                    .map_err(|_| anyhow!("outer link closed"))
+            }
+        }
+    }
+
+    pub fn close(&self, reason: &str) {
+        match &self.tx {
+            Tx::Quic { conn, .. } => conn.close(0u32.into(), reason.as_bytes()),
+            Tx::Tcp { close, .. } => {
+                let _ = close.send(true);
+            }
+        }
+    }
+
+    /// The largest datagram one send carries now.
+    pub fn max_datagram(&self) -> Option<usize> {
+        match &self.tx {
+            Tx::Quic { conn, .. } => conn.max_datagram_size(),
+            Tx::Tcp { .. } => Some(MAX_DATAGRAM),
+        }
+    }
+}
+
+async fn read_msg(recv: &mut quinn::RecvStream) -> anyhow::Result<HubMsg> {
+    let len = recv.read_u16().await? as usize;
+    if len > MAX_CONTROL {
+        bail!("control message of {len} bytes");
+    }
+    let mut body = vec![0; len];
+    recv.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// An outer QUIC link whose control stream is `send`/`recv`.
+pub fn start_quic(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> (OuterTx, mpsc::Receiver<In>) {
+    let (control, mut control_rx) = mpsc::channel::<HubMsg>(16);
+    let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+    tokio::spawn(async move {
+        while let Some(m) = control_rx.recv().await {
+            let Ok(body) = serde_json::to_vec(&m) else {
+                continue;
+            };
+            let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
+            if send.write_all(&len.to_be_bytes()).await.is_err()
+                || send.write_all(&body).await.is_err()
+            {
+                return;
+            }
+        }
+    });
+    let reader = conn.clone();
+    let control_in = in_tx.clone();
+    tokio::spawn(async move {
+        while let Ok(m) = read_msg(&mut recv).await {
+            if control_in.send(In::Control(m)).await.is_err() {
+                return;
+            }
+        }
+        reader.close(1u32.into(), b"control stream ended");
+    });
+    let reader = conn.clone();
+    tokio::spawn(async move {
+        while let Ok(d) = reader.read_datagram().await {
+            if in_tx.send(In::Datagram(d)).await.is_err() {
+                break;
+            }
+        }
+        reader.close(0u32.into(), b"");
+    });
+    let remote = super::net::canonical(conn.remote_address());
+    (
+        OuterTx {
+            tx: Tx::Quic { conn, control },
+            kind: LinkKind::Quic,
+            remote,
+        },
+        in_rx,
+    )
+}
+
+/// An outer link over a TLS stream. Pings each second; ends when nothing arrived for
+/// [`TCP_IDLE`], on a malformed frame, or on [`OuterTx::close`].
+pub fn start_tcp<S>(stream: S, remote: SocketAddr) -> (OuterTx, mpsc::Receiver<In>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (frames, mut frames_rx) = mpsc::channel::<Bytes>(TCP_QUEUE);
+    let (close, mut closed) = watch::channel(false);
+    let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
+    let mut closed_w = closed.clone();
+    tokio::spawn(async move {
+        let ping = frame(
+            KIND_CONTROL,
+            &[&serde_json::to_vec(&HubMsg::Ping {}).unwrap_or_default()],
+        );
+        let mut buf = Vec::with_capacity(64 << 10);
+        loop {
+            let first = tokio::select! {
+                f = tokio::time::timeout(TCP_PING, frames_rx.recv()) => match f {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(_) => ping.clone(),
+                },
+                _ = closed_w.wait_for(|c| *c) => break,
+            };
+            buf.clear();
+            buf.extend_from_slice(&first);
+            while buf.len() < 64 << 10 {
+                match frames_rx.try_recv() {
+                    Ok(f) => buf.extend_from_slice(&f),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let close_r = close.clone();
+    tokio::spawn(async move {
+        let read = async {
+            let mut header = [0u8; 3];
+            loop {
+                match tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut header)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+                let len = usize::from(u16::from_be_bytes([header[1], header[2]]));
+                let limit = match header[0] {
+                    KIND_CONTROL => MAX_CONTROL,
+                    KIND_DATAGRAM => MAX_DATAGRAM,
+                    _ => return,
+                };
+                if len > limit {
+                    return;
+                }
+                let mut body = vec![0; len];
+                match tokio::time::timeout(TCP_IDLE, rd.read_exact(&mut body)).await {
+                    Ok(Ok(_)) => {}
+                    _ => return,
+                }
+                let item = if header[0] == KIND_DATAGRAM {
+                    In::Datagram(Bytes::from(body))
+                } else {
+                    match serde_json::from_slice::<HubMsg>(&body) {
+                        Ok(HubMsg::Ping {}) => continue,
+                        Ok(m) => In::Control(m),
+                        Err(_) => return,
+                    }
+                };
+                if in_tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = read => {}
+            _ = closed.wait_for(|c| *c) => {}
+        }
+        let _ = close_r.send(true);
+    });
+    (
+        OuterTx {
+            tx: Tx::Tcp { frames, close },
+            kind: LinkKind::Tcp,
+            remote: super::net::canonical(remote),
+        },
+        in_rx,
+    )
+}
+
+/// Waits (bounded) for the first control message of a link.
+pub async fn first_control(
+    rx: &mut mpsc::Receiver<In>,
+    within: Duration,
+) -> anyhow::Result<HubMsg> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(In::Control(m))) => return Ok(m),
+            Ok(Some(In::Datagram(_))) => continue,
+            Ok(None) => bail!("the link closed"),
+            Err(_) => bail!("no answer in {} s", within.as_secs()),
+        }
+    }
+}
+
+/// QUIC settings of an outer link: short keepalive and idle timeout (a replica that vanished is
+/// noticed fast), datagrams that hold a full inner packet plus a flow id from the start.
+pub fn outer_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.initial_mtu(1472);
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(1472);
+    t.mtu_discovery_config(Some(mtud));
+    t.keep_alive_interval(Some(OUTER_KEEPALIVE));
+    t.max_idle_timeout(OUTER_IDLE.try_into().ok());
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.stream_receive_window((64u32 << 10).into());
+    t
+}
+
+/// Shared byte counter for status.
+pub type Counter = Arc<std::sync::atomic::AtomicU64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn addr() -> SocketAddr {
+        "192.0.2.1:7844".parse().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn tcp_frames_carry_control_and_datagrams_both_ways() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (ta, mut ra) = start_tcp(a, addr());
+        let (tb, mut rb) = start_tcp(b, addr());
+        ta.send_control(&HubMsg::Client {
+            group: Some("vpc".into()),
+        })
+        .await
+        .expect("send");
+        assert!(ta.send_datagram(&7u32.to_be_bytes(), b"sealed"));
+        match first_control(&mut rb, Duration::from_secs(2)).await {
+            Ok(HubMsg::Client { group }) => assert_eq!(group.as_deref(), Some("vpc")),
+            other => panic!("{other:?}"),
+        }
+        match rb.recv().await {
+            Some(In::Datagram(d)) => assert_eq!(&d[..], b"\0\0\0\x07sealed"),
+            other => panic!("{other:?}"),
+        }
+        assert!(tb.send_datagram(&[], b"back"));
+        match ra.recv().await {
+            Some(In::Datagram(d)) => assert_eq!(&d[..], b"back"),
+            other => panic!("{other:?}"),
+        }
+        // Too big for any inner packet: dropped at the sender, never framed.
+        assert!(!ta.send_datagram(&[], &[0; MAX_DATAGRAM + 1]));
+        ta.close("done");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), rb.recv())
+                .await
+                .expect("closes")
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_oversized_frame_ends_the_link() {
+        for bad in [
+            vec![9u8, 0, 1, 0],                                  // unknown kind
+            vec![KIND_CONTROL, 0xff, 0xff],                      // control longer than MAX_CONTROL
+            vec![KIND_DATAGRAM, 0xff, 0xff],                     // datagram longer than any packet
+            [vec![KIND_CONTROL, 0, 2], b"{]".to_vec()].concat(), // not JSON
+        ] {
+            let (a, mut b) = tokio::io::duplex(1 << 16);
+            let (_tx, mut rx) = start_tcp(a, addr());
+            b.write_all(&bad).await.expect("write");
+            let end = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+                .await
+                .expect("ends at once, not at the idle timeout");
+            assert!(end.is_none(), "{bad:?}: {end:?}");
+        }
+    }
+}
