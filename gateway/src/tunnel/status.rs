@@ -79,6 +79,8 @@ pub struct Shared {
     pub firewall: Mutex<Option<(String, String)>>,
     /// ICMP echo round trip to each peer's public address.
     pub pings: Mutex<HashMap<LinkId, Duration>>,
+    /// Client: systemd-resolved's settings for the TUN, as `resolved` last made them.
+    pub resolved: Mutex<Option<crate::api::ResolvedStatus>>,
 }
 
 fn push_ring(ring: &Mutex<VecDeque<Refusal>>, max: usize, entry: Refusal) {
@@ -113,6 +115,7 @@ impl Shared {
             access_total: AtomicU64::new(0),
             firewall: Mutex::new(None),
             pings: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(None),
         })
     }
 
@@ -249,6 +252,7 @@ impl Shared {
             access_streams_total: self.access_total.load(Ordering::Relaxed),
             limits: self.limits.by_name(),
             handshake_failures: self.failures.by_name(),
+            resolved: self.resolved.lock().ok().and_then(|r| r.clone()),
         }
     }
 

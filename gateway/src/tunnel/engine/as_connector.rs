@@ -179,6 +179,7 @@ pub(super) async fn start(
             policy,
             forwarder,
         }),
+        resolved: None,
     })
 }
 
