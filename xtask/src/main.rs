@@ -14,6 +14,7 @@ mod bench;
 mod deb;
 mod fuzz;
 mod install;
+mod resolved;
 
 use install::{UNITS, install, unit_for};
 
@@ -93,6 +94,8 @@ const PACKAGES: &[&str] = &[
     "dpkg-dev",
     "binutils",
     "debootstrap",
+    // A private bus for the lab's systemd-resolved (which setup extracts, never installs).
+    "dbus-daemon",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -252,6 +255,8 @@ fn setup() -> anyhow::Result<()> {
             "rustup component add rust-src",
         )?;
     }
+
+    resolved::fetch(&workspace_root())?;
 
     step("setup: bpf-linker");
     let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
