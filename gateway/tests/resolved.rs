@@ -136,6 +136,72 @@ impl Resolved {
         });
     }
 
+    /// polkitd on the private bus, as resolved asks it about callers that are not root: the
+    /// resolve1 actions (owned by `nobody`, whom resolved runs as here) and, once
+    /// [`allow`](Self::allow) is called, the shipped rule for the user `user`.
+    fn polkit(&mut self, lab: &Lab) -> Spawned {
+        let script = lab.dir().join("polkit.sh");
+        let policy =
+            package_dir().join("usr/share/polkit-1/actions/org.freedesktop.resolve1.policy");
+        std::fs::write(
+            &script,
+            format!(
+                "set -e\n\
+                 mount --make-rprivate /\n\
+                 mount -t tmpfs tmpfs /etc/polkit-1/rules.d\n\
+                 mount -t tmpfs tmpfs /usr/share/polkit-1/actions\n\
+                 sed 's/unix-user:systemd-resolve/unix-user:nobody/' {policy} \
+                   > /usr/share/polkit-1/actions/org.freedesktop.resolve1.policy\n\
+                 export DBUS_SYSTEM_BUS_ADDRESS={bus}\n\
+                 exec /usr/lib/polkit-1/polkitd --no-debug\n",
+                policy = policy.display(),
+                bus = self.bus,
+            ),
+        )
+        .expect("polkit script");
+        let script = script.display().to_string();
+        let polkitd = lab
+            .spawn(
+                Host::Operator,
+                &["unshare", "-m", "sh", &script],
+                "polkitd.log",
+            )
+            .expect("polkitd");
+        wait_for(Duration::from_secs(10), "polkitd on the bus", || {
+            self.busctl(
+                lab,
+                &[
+                    "call",
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus",
+                    "NameHasOwner",
+                    "s",
+                    "org.freedesktop.PolicyKit1",
+                ],
+            )
+            .is_ok_and(|o| o.trim() == "b true")
+        });
+        polkitd
+    }
+
+    /// The shipped rule, for `user` instead of `gateway`, into the running polkitd's rules
+    /// (in its own mount namespace; polkitd reloads on the change).
+    fn allow(polkitd: &Spawned, user: &str) {
+        let rule = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../systemd/gatewayd-resolved.rules"
+        ))
+        .expect("rule");
+        assert!(rule.contains("subject.user == \"gateway\""), "{rule}");
+        let dir = format!("/proc/{}/root/etc/polkit-1/rules.d", polkitd.id());
+        std::fs::write(
+            format!("{dir}/50-gatewayd-resolved.rules"),
+            rule.replace("\"gateway\"", &format!("\"{user}\"")),
+        )
+        .expect("install the rule");
+    }
+
     fn env(&self) -> String {
         format!("DBUS_SYSTEM_BUS_ADDRESS={}", self.bus)
     }
@@ -285,12 +351,20 @@ fn tunnel() -> Tunnel {
 
 /// The client, with the private bus as its system bus.
 fn start_client(t: &Tunnel, resolved: &Resolved) -> Spawned {
+    start_client_wrapped(t, resolved, &[])
+}
+
+/// [`start_client`] through `wrapper` (setpriv, say).
+fn start_client_wrapped(t: &Tunnel, resolved: &Resolved, wrapper: &[&str]) -> Spawned {
     let env = resolved.env();
     let config = t.client_config.display().to_string();
+    let mut argv = vec!["env", &env];
+    argv.extend_from_slice(wrapper);
+    argv.extend([GATEWAYD, "--config", &config]);
     let client = start_daemon_argv(
         &t.lab,
         Host::Operator,
-        &["env", &env, GATEWAYD, "--config", &config],
+        &argv,
         &t.client_socket,
         "client.log",
     );
@@ -485,4 +559,128 @@ fn an_unset_dns_uses_resolved_when_it_runs() {
         )
         .expect("dig");
     assert_eq!(dig.trim(), zone::DB_PRIVATE);
+}
+
+/// As the unit runs it — user `daemon` standing in for `gateway`, the unit's capabilities
+/// only — resolved asks polkit: refused until the shipped rule is installed (status says so
+/// and names the rule), then set at the next retry.
+#[test]
+fn a_client_run_as_the_units_user_sets_the_link_once_polkit_allows_it() {
+    let t = tunnel();
+    let lab = &t.lab;
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/gatewayd.service"
+    ))
+    .expect("unit");
+    let caps = |key: &str| -> String {
+        let caps: Vec<String> = unit
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in the unit"))
+            .split_whitespace()
+            .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+            .collect();
+        format!("-all,{}", caps.join(","))
+    };
+    let (bounding, ambient) = (caps("CapabilityBoundingSet="), caps("AmbientCapabilities="));
+    // /dev/net/tun may be 0600 without udev: a 0666 node of the test's own, bind-mounted in
+    // the client's private mount namespace.
+    let node = lab.dir().join("tun-node");
+    lab.run_ok(
+        Host::Operator,
+        &[
+            "mknod",
+            "-m",
+            "0666",
+            node.to_str().expect("utf-8"),
+            "c",
+            "10",
+            "200",
+        ],
+    )
+    .expect("mknod");
+    let out = Command::new("chown")
+        .args(["-R", "daemon:daemon"])
+        .arg(lab.dir())
+        .output()
+        .expect("chown");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mount = format!(
+        "mount --bind {} /dev/net/tun && exec \"$@\"",
+        node.display()
+    );
+
+    let mut resolved = Resolved::bus(lab);
+    let polkitd = resolved.polkit(lab);
+    resolved.start(lab);
+    let client = start_client_wrapped(
+        &t,
+        &resolved,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &mount,
+            "sh",
+            "setpriv",
+            "--reuid=daemon",
+            "--regid=daemon",
+            "--clear-groups",
+            "--bounding-set",
+            &bounding,
+            "--inh-caps",
+            &ambient,
+            "--ambient-caps",
+            &ambient,
+        ],
+    );
+    let uid = std::fs::read_to_string(format!("/proc/{}/status", client.id()))
+        .expect("proc status")
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string());
+    assert_eq!(uid.as_deref(), Some("1"), "the client runs as daemon");
+
+    let r = resolved_status(&t, Duration::from_secs(10), |r| r.error.is_some());
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("install systemd/gatewayd-resolved.rules"),
+        "{error}"
+    );
+    assert!(r.domains.is_empty(), "{r:?}");
+
+    Resolved::allow(&polkitd, "daemon");
+    let r = resolved_status(&t, Duration::from_secs(15), |r| r.error.is_none());
+    assert_eq!(r.domains, [zone::DOMAIN], "{r:?}");
+    let dig = lab
+        .run_ok(
+            Host::Operator,
+            &[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=2",
+                "@127.0.0.53",
+                &format!("db.{}", zone::DOMAIN),
+            ],
+        )
+        .expect("dig");
+    assert_eq!(dig.trim(), zone::DB_PRIVATE);
+    let mut client = client;
+    stop_cleanly(&mut client);
+    let out = resolved.resolvectl(lab, &["domain"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(zone::DOMAIN));
+    assert!(
+        resolved.log().contains("member=RevertLink"),
+        "{}",
+        resolved.log()
+    );
 }

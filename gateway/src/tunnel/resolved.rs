@@ -183,9 +183,25 @@ where
     let sent = conn.call_method(Some(RESOLVE1), PATH, Some(MANAGER), method, body);
     match tokio::time::timeout(CALL_TIMEOUT, sent).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(clean(&format!("{method}: {e}"), PEER_TEXT)),
+        Ok(Err(e)) => {
+            // resolved refuses a caller that is not root unless polkit allows it.
+            let hint = match &e {
+                zbus::Error::MethodError(..) if !running_as_root() => POLKIT_HINT,
+                _ => "",
+            };
+            Err(clean(&format!("{method}: {e}{hint}"), PEER_TEXT))
+        }
         Err(_) => Err(format!("{method}: no answer within {CALL_TIMEOUT:?}")),
     }
+}
+
+const POLKIT_HINT: &str = " (gatewayd is not root, so resolved asks polkit: install \
+                           systemd/gatewayd-resolved.rules as \
+                           /etc/polkit-1/rules.d/50-gatewayd-resolved.rules)";
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// What the link task and `stop` share.
