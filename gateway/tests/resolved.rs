@@ -268,7 +268,8 @@ fn wait_for(within: Duration, what: &str, mut ok: impl FnMut() -> bool) {
 
 struct Tunnel {
     lab: Lab,
-    _connector: Spawned,
+    connector: Spawned,
+    connector_config: PathBuf,
     connector_socket: PathBuf,
     client_config: PathBuf,
     client_socket: PathBuf,
@@ -343,7 +344,8 @@ fn tunnel() -> Tunnel {
     Tunnel {
         client_socket: socket_path(&lab, CLIENT),
         lab,
-        _connector: connector,
+        connector,
+        connector_config,
         connector_socket,
         client_config,
     }
@@ -463,6 +465,26 @@ fn resolved_sends_the_zone_to_the_stub_through_the_tunnel_and_forgets_the_link_o
         !out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A connector reload that adds a zone reaches resolved: the link's domains follow.
+    let text = std::fs::read_to_string(&t.connector_config).expect("config");
+    std::fs::write(
+        &t.connector_config,
+        format!(
+            "{text}\n[[dns.zone]]\ndomain = \"corp.example\"\nservers = [\"{}\"]\n",
+            addr::RESOLVER_PRIMARY
+        ),
+    )
+    .expect("config");
+    t.connector.signal(libc::SIGHUP).expect("SIGHUP");
+    let r = resolved_status(&t, Duration::from_secs(10), |r| r.domains.len() == 2);
+    assert_eq!(r.domains, [zone::DOMAIN, "corp.example"]);
+    let out = resolved.resolvectl(lab, &["domain", "optun"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("~{} ~corp.example", zone::DOMAIN)),
+        "{text}"
     );
 
     // Stopped, the client reverts the link (while it still exists) and resolved has nothing
