@@ -23,6 +23,8 @@ const MANAGER: &str = "org.freedesktop.resolve1.Manager";
 /// Routing domains set on the link at most: the zones are the connector's to choose, the
 /// bound on what they make this host's resolver hold is ours.
 pub const MAX_DOMAINS: usize = 64;
+/// Zones left out that status names; the rest are counted.
+const MAX_SKIPPED_LISTED: usize = 8;
 /// One step with resolved (connecting to the bus included) takes at most this long, so a bus
 /// that hangs never holds up a start or a stop for long.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -324,11 +326,7 @@ async fn follow(
                         } else {
                             plan.domains.clone()
                         };
-                        s.skipped = plan
-                            .skipped
-                            .iter()
-                            .map(|(z, why)| format!("{}: {why}", clean(z, PEER_NAME)))
-                            .collect();
+                        s.skipped = skipped_for_status(&plan.skipped);
                         s.error = result.err();
                     }
                 });
@@ -344,6 +342,20 @@ async fn follow(
             return;
         }
     }
+}
+
+/// Zones left out, as status lists them: the connector's text escaped and cut, and at most
+/// [`MAX_SKIPPED_LISTED`] of them, whatever it announces.
+fn skipped_for_status(skipped: &[(String, &'static str)]) -> Vec<String> {
+    let mut listed: Vec<String> = skipped
+        .iter()
+        .take(MAX_SKIPPED_LISTED)
+        .map(|(z, why)| format!("{}: {why}", clean(z, PEER_NAME)))
+        .collect();
+    if skipped.len() > MAX_SKIPPED_LISTED {
+        listed.push(format!("and {} more", skipped.len() - MAX_SKIPPED_LISTED));
+    }
+    listed
 }
 
 /// DNS server, routing domains, no default route, and no LLMNR or mDNS on the TUN (their
@@ -459,6 +471,17 @@ mod tests {
                 .iter()
                 .all(|(_, w)| *w == "over the bound of routing domains")
         );
+    }
+
+    #[test]
+    fn status_names_a_bounded_number_of_skipped_zones_escaped() {
+        let many: Vec<(String, &'static str)> = (0..1000)
+            .map(|i| (format!("bad\u{1b}[{i}m"), "not a host name"))
+            .collect();
+        let listed = skipped_for_status(&many);
+        assert_eq!(listed.len(), MAX_SKIPPED_LISTED + 1);
+        assert_eq!(listed.last().map(String::as_str), Some("and 992 more"));
+        assert!(listed.iter().all(|l| !l.contains('\u{1b}')), "{listed:?}");
     }
 
     #[test]
