@@ -14,6 +14,7 @@ mod bench;
 mod deb;
 mod fuzz;
 mod install;
+mod resolved;
 
 use install::{UNITS, install, unit_for};
 
@@ -95,6 +96,8 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "debootstrap",
     "tcpdump",
+    // A private bus for the lab's systemd-resolved (which setup extracts, never installs).
+    "dbus-daemon",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -254,6 +257,8 @@ fn setup() -> anyhow::Result<()> {
             "rustup component add rust-src",
         )?;
     }
+
+    resolved::fetch(&workspace_root())?;
 
     step("setup: bpf-linker");
     let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();

@@ -217,6 +217,30 @@ pub struct HubClientStatus {
     pub since: u64,
     /// Bytes relayed both ways (sealed end to end; the hub reads none of them).
     pub bytes_relayed: u64,
+    /// Client: whether systemd-resolved sends the zones' names to the DNS stub (`[client] dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<ResolvedStatus>,
+}
+
+/// Client: systemd-resolved's settings for the TUN link, as this daemon last made them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedStatus {
+    /// The integration is in use (`[client] dns = "resolved"`, or unset with resolved running).
+    pub on: bool,
+    /// Why on or off: the config, or what the system bus said at start.
+    pub reason: String,
+    /// The stub resolved is pointed at (`ADDRESS:PORT`), when on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stub: Option<String>,
+    /// Routing domains (`~zone`) set on the link now; empty when nothing is set.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Zones the connector announced that were not set, with why.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+    /// The latest failure talking to resolved; cleared when a later attempt succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -164,6 +164,14 @@ pub(crate) fn full_status() -> Status {
             drops: BTreeMap::from([("into_vpc".into(), 4), ("other".into(), 0)]),
             inbound_accepted: 1,
         }),
+        resolved: Some(ResolvedStatus {
+            on: true,
+            reason: "systemd-resolved is on the system bus".into(),
+            stub: Some("127.0.0.1:40053".into()),
+            domains: vec!["hoge-vpc.com".into()],
+            skipped: vec!["bad\\x1b: not a host name".into()],
+            error: Some("SetLinkDomains: no answer within 3s".into()),
+        }),
     });
     s.last_reload = Some(ReloadStatus {
         at: 1_700_000_400,

@@ -48,6 +48,7 @@ fn tunnel_section_lists_peers_refusals_and_drops() {
         forward_filter: None,
         hub: None,
         via_hub: None,
+        resolved: None,
         zones: vec![crate::api::ZoneStatus {
             domain: "hoge-vpc.com".into(),
             queries: 7,
@@ -133,6 +134,7 @@ fn text_from_peers_cannot_add_lines_or_escape_sequences() {
         forward_filter: None,
         hub: None,
         via_hub: None,
+        resolved: None,
     };
     let mut out = String::new();
     render_tunnel(&mut out, &t, 0);
@@ -347,4 +349,48 @@ vpc-v6         fd00:128::/64       12   1248
 classifier packets: matched 17, unmatched 3
 ";
     assert_eq!(render_status(&s), expected);
+}
+
+#[test]
+fn a_client_says_what_systemd_resolved_sends_where_or_why_not() {
+    let line = |r: crate::api::ResolvedStatus| {
+        let mut out = String::new();
+        super::tunnel::render_resolved(&mut out, &r);
+        out
+    };
+    let on = crate::api::ResolvedStatus {
+        on: true,
+        reason: "client.dns = \"resolved\"".into(),
+        stub: Some("127.0.0.1:40053".into()),
+        domains: vec!["hoge-vpc.com".into(), "corp.example".into()],
+        skipped: vec![],
+        error: None,
+    };
+    assert_eq!(
+        line(on.clone()),
+        "systemd-resolved: ~hoge-vpc.com ~corp.example to 127.0.0.1:40053 (client.dns = \"resolved\")\n"
+    );
+    let failed = crate::api::ResolvedStatus {
+        domains: vec![],
+        skipped: vec!["x\u{1b}y: not a host name".into()],
+        error: Some("systemd-resolved is not running".into()),
+        ..on.clone()
+    };
+    assert_eq!(
+        line(failed),
+        "systemd-resolved: NOT SET: systemd-resolved is not running (stub 127.0.0.1:40053; \
+         client.dns = \"resolved\")\nsystemd-resolved: zones not set: x\\u{1b}y: not a host name\n"
+    );
+    let off = crate::api::ResolvedStatus {
+        on: false,
+        reason: "client.dns = \"none\"".into(),
+        stub: None,
+        domains: vec![],
+        skipped: vec![],
+        error: None,
+    };
+    assert_eq!(
+        line(off),
+        "systemd-resolved: not used (client.dns = \"none\")\n"
+    );
 }

@@ -173,4 +173,30 @@ pub(super) fn render_tunnel(out: &mut String, t: &crate::api::TunnelStatus, now:
             resolvers.join(", ")
         );
     }
+    if let Some(r) = &t.resolved {
+        render_resolved(out, r);
+    }
+}
+
+/// One line for `[client] dns`: what systemd-resolved sends where, or why it does not.
+pub(super) fn render_resolved(out: &mut String, r: &crate::api::ResolvedStatus) {
+    let stub = r.stub.as_deref().unwrap_or("-");
+    let line = match (&r.error, r.on, r.domains.is_empty()) {
+        (_, false, _) => format!("not used ({})", esc(&r.reason)),
+        (Some(e), true, _) => format!("NOT SET: {} (stub {stub}; {})", esc(e), esc(&r.reason)),
+        (None, true, true) => format!("no zones set yet (stub {stub}; {})", esc(&r.reason)),
+        (None, true, false) => {
+            let domains: Vec<String> = r.domains.iter().map(|d| format!("~{}", esc(d))).collect();
+            format!("{} to {stub} ({})", domains.join(" "), esc(&r.reason))
+        }
+    };
+    let _ = writeln!(out, "systemd-resolved: {line}");
+    if !r.skipped.is_empty() {
+        let skipped: Vec<String> = r.skipped.iter().map(|s| esc(s)).collect();
+        let _ = writeln!(
+            out,
+            "systemd-resolved: zones not set: {}",
+            skipped.join(", ")
+        );
+    }
 }

@@ -114,6 +114,9 @@ pub struct Tunnel {
     /// Client: uplinks at whose egress the host's own queries for the zones, sent to whatever
     /// resolver it uses, are steered into the tunnel.
     pub dns_intercept: Vec<String>,
+    /// Client: `[client] dns`, whether systemd-resolved is told to send the zones' names to
+    /// the stub.
+    pub dns: HostDns,
     /// Which transports to use: QUIC with the TLS-over-TCP fallback, or one of them only.
     pub transport: Transport,
     /// TCP port of the fallback when it is not the tunnel's port (443 for networks that only
@@ -124,6 +127,29 @@ pub struct Tunnel {
     /// `[tunnel] group`. Connector with hubs: the replica group it announces. Client: its
     /// `connect` targets are hubs, and it asks them for a connector of this group.
     pub group: Option<String>,
+}
+
+/// `[client] dns`: how the host's own resolver learns the connector's zones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostDns {
+    /// Unset: systemd-resolved when it is on the system bus at start, else nothing.
+    #[default]
+    Auto,
+    /// systemd-resolved, over D-Bus: per-link DNS server and `~zone` routing domains on the
+    /// TUN. Asked for and absent: the tunnel starts anyway and status says why it is not set.
+    Resolved,
+    /// Nothing: the operator routes names to `dns_stub` (or relies on eBPF steering).
+    None,
+}
+
+impl HostDns {
+    /// resolved's own listeners: its stub (127.0.0.53) and its proxy stub (127.0.0.54). A
+    /// link DNS server there would make resolved ask itself.
+    pub fn is_resolved_listener(ip: std::net::IpAddr) -> bool {
+        [[127, 0, 0, 53], [127, 0, 0, 54]]
+            .iter()
+            .any(|a| ip == std::net::IpAddr::from(*a))
+    }
 }
 
 /// `[tunnel] transport`.

@@ -99,6 +99,8 @@ pub(super) struct RawClient {
     #[serde(default)]
     pub(super) advertise: Vec<String>,
     pub(super) dns_stub: Option<String>,
+    /// `"resolved"` or `"none"`; unset: resolved when it runs.
+    pub(super) dns: Option<String>,
     #[serde(default)]
     pub(super) dns_intercept: Vec<String>,
     pub(super) table: Option<String>,

@@ -57,6 +57,7 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
             differs("egress", a.egress != b.egress);
             differs("client.dns_stub", a.dns_stub != b.dns_stub);
             differs("client.dns_intercept", a.dns_intercept != b.dns_intercept);
+            differs("client.dns", a.dns != b.dns);
             differs("tunnel.transport", a.transport != b.transport);
             differs("tunnel.fallback_port", a.fallback_port != b.fallback_port);
             differs("tunnel.quic_timeout_ms", a.quic_timeout != b.quic_timeout);

@@ -423,3 +423,49 @@ fn interface_names_follow_kernel_rules() {
     assert!(check_interface_name("..").is_err());
     assert!(check_interface_name("eth0:1").is_err());
 }
+
+#[test]
+fn client_dns_chooses_resolved_or_none_and_never_points_resolved_at_itself() {
+    let client = |lines: &str| {
+        format!("[node]\nname = \"c\"\n[tunnel]\nconnect = [\"gw:1\"]\n{TLS}[client]\n{lines}")
+    };
+    let dns_of = |lines: &str| {
+        parse_str(&client(lines))
+            .expect("valid")
+            .tunnel
+            .expect("t")
+            .dns
+    };
+    assert_eq!(dns_of(""), HostDns::Auto);
+    assert_eq!(dns_of("dns = \"resolved\"\n"), HostDns::Resolved);
+    assert_eq!(dns_of("dns = \"none\"\n"), HostDns::None);
+    // Without resolved the operator may put the stub anywhere, 127.0.0.53 included.
+    assert_eq!(
+        dns_of("dns = \"none\"\ndns_stub = \"127.0.0.53:53\"\n"),
+        HostDns::None
+    );
+    assert_eq!(
+        dns_of("dns_stub = \"127.0.0.2:53\"\ndns = \"resolved\"\n"),
+        HostDns::Resolved
+    );
+    for stub in ["127.0.0.53:53", "127.0.0.54:53", "127.0.0.53:5353"] {
+        let issue = only_issue(&client(&format!(
+            "dns = \"resolved\"\ndns_stub = \"{stub}\"\n"
+        )));
+        assert_eq!(issue.key, "client.dns_stub", "{stub}");
+        assert!(
+            issue.reason.contains("resolved would ask itself"),
+            "{issue}"
+        );
+    }
+    assert_eq!(only_issue(&client("dns = \"dnsmasq\"\n")).key, "client.dns");
+    let connector = format!(
+        "[node]\nname = \"gw\"\n[tunnel]\nlisten = \"0.0.0.0:7844\"\n{TLS}[client]\ndns = \"resolved\"\n"
+    );
+    assert_eq!(only_issue(&connector).key, "client.dns");
+
+    // A change takes a restart: resolved's link settings belong to the TUN the daemon made.
+    let old = parse_str(&client("")).expect("valid");
+    let new = parse_str(&client("dns = \"none\"\n")).expect("valid");
+    assert_eq!(reload_changes(&old, &new), Err(vec!["client.dns"]));
+}

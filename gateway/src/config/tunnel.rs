@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::names::{check_interface_name, check_table_name, default_table};
 use super::raw::{RawClient, RawDns, RawEgress, RawPolicy, RawTls, RawTunnel};
 use super::{
-    DEFAULT_QUIC_TIMEOUT_MS, Egress, PolicyEntry, Role, TlsPaths, Transport, Tunnel, Zone,
+    DEFAULT_QUIC_TIMEOUT_MS, Egress, HostDns, PolicyEntry, Role, TlsPaths, Transport, Tunnel, Zone,
 };
 use crate::core::cidr::{parse_cidr, parse_port_range};
 use crate::core::policy::Rule;
@@ -486,6 +486,38 @@ pub(super) fn validate_tunnel(
             }
         },
     };
+    let dns = match client.dns.as_deref() {
+        None => HostDns::Auto,
+        Some(_) if is_connector => {
+            bad("client.dns", "only for clients".into(), &mut ok);
+            HostDns::Auto
+        }
+        Some("resolved") => HostDns::Resolved,
+        Some("none") => HostDns::None,
+        Some(other) => {
+            bad(
+                "client.dns",
+                format!("{other:?} is not one of \"resolved\", \"none\""),
+                &mut ok,
+            );
+            HostDns::Auto
+        }
+    };
+    // resolved would ask itself: its own listeners are 127.0.0.53 and 127.0.0.54.
+    if let Some(stub) = dns_stub
+        && dns == HostDns::Resolved
+        && HostDns::is_resolved_listener(stub.ip())
+    {
+        bad(
+            "client.dns_stub",
+            format!(
+                "{stub} is systemd-resolved's own listener, so resolved would ask itself; leave \
+                 dns_stub out (resolved is pointed at a free port on 127.0.0.1) or use another \
+                 address, e.g. 127.0.0.2:53"
+            ),
+            &mut ok,
+        );
+    }
     let (Some(role), Some(overlay_v4), Some(overlay_v6), true) = (role, overlay_v4, overlay_v6, ok)
     else {
         return None;
@@ -509,6 +541,7 @@ pub(super) fn validate_tunnel(
         zones,
         dns_stub,
         dns_intercept: client.dns_intercept,
+        dns,
         transport,
         fallback_port: t.fallback_port,
         quic_timeout: std::time::Duration::from_millis(quic_timeout_ms),

@@ -45,6 +45,8 @@ pub struct Task {
     pub tun_index: u32,
     pub on_routes: super::RoutesHook,
     pub relays: Arc<Relays>,
+    /// systemd-resolved's routing domains follow the zones, when that is on.
+    pub resolved: Option<super::resolved::Zones>,
     pub current: watch::Sender<Option<Link>>,
     pub inbox: mpsc::Sender<Input>,
     pub events: mpsc::Sender<LinkEvent>,
@@ -289,6 +291,9 @@ impl Task {
             tracing::error!(error = %format!("{e:#}"), "loading routes into the classifier failed");
         }
         self.relays.set_zones(zones);
+        if let Some(r) = &self.resolved {
+            r.set(zones);
+        }
     }
 
     fn publish_view(&self) {

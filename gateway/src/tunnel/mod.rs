@@ -13,7 +13,8 @@
 //! over TCP (`reader`, `relay`); `dns` and `dns_serve` are the connector's forwarder, `stub`
 //! the client's relay; `access_server` the connector's side of `gatewayctl access` (`access`);
 //! `status` what `gatewayctl status` reads; `tls`, `nat`, `filter`, `nftdump`, `net`, `probe`,
-//! `peer_routes` the kernel and crypto around them.
+//! `peer_routes` the kernel and crypto around them; `resolved` tells systemd-resolved to
+//! send the zones' names to the stub.
 
 mod accept;
 pub mod access;
@@ -40,6 +41,7 @@ mod peer_routes;
 pub mod probe;
 mod reader;
 mod relay;
+mod resolved;
 mod slots;
 pub mod status;
 mod stub;

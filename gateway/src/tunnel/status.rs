@@ -85,6 +85,8 @@ pub struct Shared {
     pub hub: Mutex<Option<HubView>>,
     /// Client: its targets are hubs.
     pub through_hub: std::sync::atomic::AtomicBool,
+    /// Client: systemd-resolved's settings for the TUN, as `resolved` last made them.
+    pub resolved: Mutex<Option<crate::api::ResolvedStatus>>,
 }
 
 /// The hub's tables as status shows them.
@@ -124,6 +126,7 @@ impl Shared {
             pings: Mutex::new(HashMap::new()),
             hub: Mutex::new(None),
             through_hub: std::sync::atomic::AtomicBool::new(false),
+            resolved: Mutex::new(None),
         })
     }
 
@@ -267,6 +270,7 @@ impl Shared {
             access_streams_total: self.access_total.load(Ordering::Relaxed),
             limits: self.limits.by_name(),
             handshake_failures: self.failures.by_name(),
+            resolved: self.resolved.lock().ok().and_then(|r| r.clone()),
         }
     }
 

@@ -17,6 +17,15 @@ pub(super) async fn start(
     on_routes: crate::tunnel::RoutesHook,
 ) -> anyhow::Result<TunnelHandle> {
     let trust = tls::Trust::load(&cfg.tls)?;
+    // Asked before anything is set up; it changes nothing itself.
+    let choice = resolved::choose(cfg.dns, cfg.dns_stub).await;
+    // For resolved without a configured stub: loopback, a port the kernel picks (never
+    // resolved's 127.0.0.53, and one per daemon).
+    let stub_at = match cfg.dns_stub {
+        Some(a) => Some(a),
+        None if choice.on => Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))),
+        None => None,
+    };
     let mut sysctls = Vec::new();
     let mut client_filter = None;
     let result = async {
@@ -52,7 +61,7 @@ pub(super) async fn start(
             None
         };
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
-        let stub = match cfg.dns_stub {
+        let stub = match stub_at {
             Some(addr) => Some(
                 tokio::net::UdpSocket::bind(addr)
                     .await
@@ -91,8 +100,10 @@ pub(super) async fn start(
     let (current_tx, current_rx) = watch::channel(None);
     let relays = Relays::new(current_rx, shared.limits.clone(), shared.drops.clone());
     let mut tasks = JoinSet::new();
+    let stub_local = stub.as_ref().and_then(|s| s.local_addr().ok());
+    let resolved = resolved::Link::start(choice, index, stub_local, &shared);
     if let Some(socket) = stub {
-        tracing::info!(stub = ?cfg.dns_stub, "DNS stub listening for the connector's zones");
+        tracing::info!(stub = ?stub_local, "DNS stub listening for the connector's zones");
         tasks.spawn(stub::serve_stub(Arc::new(socket), relays.clone()));
     }
     let node = node::Client::new(
@@ -128,6 +139,7 @@ pub(super) async fn start(
         tun_index: index,
         on_routes,
         relays: relays.clone(),
+        resolved: resolved.as_ref().map(resolved::Link::zones),
         current: current_tx,
         inbox,
         events: events_tx,
@@ -160,6 +172,7 @@ pub(super) async fn start(
         nat_table: cfg.client_table.clone(),
         trust,
         connector: None,
+        resolved,
     })
 }
 

@@ -219,6 +219,7 @@ pub(super) async fn start(
             policy,
             forwarder,
         }),
+        resolved: None,
     })
 }
 

@@ -24,7 +24,7 @@ use super::peer_routes::Learned;
 use super::slots::{self, Slots};
 use super::status::{Role as StatusRole, Shared};
 use super::stub::{self, Relays};
-use super::{client, control, datapath, dns, nat, net, status, tls};
+use super::{client, control, datapath, dns, nat, net, resolved, status, tls};
 use crate::config::{PolicyEntry, Role, Tunnel};
 use crate::core::advertise::Grants;
 use crate::core::policy::Policy;
@@ -78,6 +78,8 @@ pub struct TunnelHandle {
     /// The verifiers every handshake asks; a reload swaps them (a new CRL).
     trust: Arc<tls::Trust>,
     connector: Option<ConnectorParts>,
+    /// Client: systemd-resolved's settings for the TUN, reverted first on stop.
+    resolved: Option<resolved::Link>,
 }
 
 struct ConnectorParts {
@@ -159,6 +161,10 @@ impl TunnelHandle {
     }
 
     pub async fn stop(mut self) {
+        // While the TUN is there: resolved reverts only links it knows.
+        if let Some(r) = self.resolved.take() {
+            r.stop().await;
+        }
         if let Some(e) = &self.endpoint {
             e.close(VarInt::from_u32(0), b"gatewayd stopping");
         }
