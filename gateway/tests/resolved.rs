@@ -319,3 +319,24 @@ fn a_client_run_as_the_units_user_sets_the_link_once_polkit_allows_it() {
         resolved.log()
     );
 }
+
+/// A link index names a link only in resolved's own network namespace: a client in another
+/// one (a lab, a container sharing the host's bus) leaves resolved alone and says why.
+#[test]
+fn resolved_in_another_network_namespace_is_left_alone() {
+    let t = tunnel();
+    let lab = &t.lab;
+    let text = std::fs::read_to_string(&t.client_config).expect("config");
+    std::fs::write(&t.client_config, text.replace("dns = \"resolved\"\n", "")).expect("config");
+    let mut resolved = Resolved::bus(lab);
+    resolved.start_in(lab, Host::VpcGateway);
+    let _client = start_client(&t, &resolved);
+    let r = resolved_status(&t, Duration::from_secs(10), |_| true);
+    assert!(!r.on, "{r:?}");
+    assert!(r.reason.contains("another network namespace"), "{r:?}");
+    assert!(
+        !resolved.log().contains("member=SetLinkDNSEx"),
+        "{}",
+        resolved.log()
+    );
+}

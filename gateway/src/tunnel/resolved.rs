@@ -161,13 +161,31 @@ async fn running() -> Result<Connection, String> {
             .await
             .and_then(|m| m.body().deserialize())
             .map_err(|e| format!("asking the system bus: {e}"))?;
-        if owned {
-            Ok(conn)
-        } else {
-            Err(format!(
+        if !owned {
+            return Err(format!(
                 "systemd-resolved is not running ({RESOLVE1} is not on the system bus)"
-            ))
+            ));
         }
+        // A link index means a link only in resolved's own network namespace: a daemon in
+        // another one (a lab, a container sharing the host's bus) would set some other link.
+        let pid: u32 = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "GetConnectionUnixProcessID",
+                &(RESOLVE1,),
+            )
+            .await
+            .and_then(|m| m.body().deserialize())
+            .map_err(|e| format!("asking the system bus for resolved's process: {e}"))?;
+        if same_network_namespace(pid) == Some(false) {
+            return Err(format!(
+                "systemd-resolved (pid {pid}) runs in another network namespace, where this \
+                 TUN's index names another link"
+            ));
+        }
+        Ok(conn)
     };
     tokio::time::timeout(CALL_TIMEOUT, step)
         .await
@@ -176,6 +194,15 @@ async fn running() -> Result<Connection, String> {
                 "the system bus did not answer within {CALL_TIMEOUT:?}"
             ))
         })
+}
+
+/// Whether process `pid` shares this process's network namespace; `None` when that cannot
+/// be told (another user's process, hidden by `ProtectProc=`): then it is taken to.
+fn same_network_namespace(pid: u32) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    Some((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
 }
 
 async fn call<B>(conn: &Connection, method: &str, body: &B) -> Result<(), String>

@@ -83,6 +83,11 @@ impl Resolved {
     /// systemd-resolved as `nobody` with the capabilities its unit gives it; no fallback or
     /// upstream servers, no LLMNR/mDNS: only what a link is told reaches anywhere.
     pub fn start(&mut self, lab: &Lab) {
+        self.start_in(lab, Host::Operator);
+    }
+
+    /// [`start`](Self::start) in `host`'s network namespace.
+    pub fn start_in(&mut self, lab: &Lab, host: Host) {
         let script = lab.dir().join("resolved.sh");
         let binary = package_dir().join("lib/systemd/systemd-resolved");
         std::fs::write(
@@ -108,11 +113,7 @@ impl Resolved {
         .expect("resolved script");
         let script = script.display().to_string();
         let daemon = lab
-            .spawn(
-                Host::Operator,
-                &["unshare", "-m", "sh", &script],
-                "resolved.log",
-            )
+            .spawn(host, &["unshare", "-m", "sh", &script], "resolved.log")
             .expect("systemd-resolved");
         self.daemon = Some(daemon);
         wait_for(Duration::from_secs(10), "resolved on the bus", || {
