@@ -18,6 +18,8 @@ pub use check::check;
 
 /// Where each generated asset goes in the package: (directory the binary writes, file name
 /// pattern's directory in the package).
+/// Where polkit reads rules shipped by packages.
+pub const POLKIT_RULE: &str = "usr/share/polkit-1/rules.d/50-gatewayd-resolved.rules";
 const COMPLETIONS: [(&str, &str); 3] = [
     ("bash", "usr/share/bash-completion/completions"),
     ("zsh", "usr/share/zsh/vendor-completions"),
@@ -129,6 +131,12 @@ pub fn build(
     put(
         "usr/lib/sysusers.d/gateway.conf",
         &read(&root.join("systemd/gateway.sysusers.conf"))?,
+        0o644,
+    )?;
+    // resolved obeys only root or what polkit allows: the unit's user sets the TUN's DNS.
+    put(
+        POLKIT_RULE,
+        &read(&root.join("systemd/gatewayd-resolved.rules"))?,
         0o644,
     )?;
     for example in ["connector.toml", "client.toml", "gateway.toml"] {

@@ -73,6 +73,12 @@ pub(crate) fn install(
         under(Path::new("/usr/lib/sysusers.d/gateway.conf")),
         0o644,
     )?;
+    put(
+        Some(&root.join("systemd/gatewayd-resolved.rules")),
+        None,
+        under(&Path::new("/").join(crate::deb::POLKIT_RULE)),
+        0o644,
+    )?;
     for example in ["connector.toml", "client.toml", "gateway.toml"] {
         put(
             Some(&root.join("gateway/examples").join(example)),
@@ -119,6 +125,7 @@ mod tests {
             "etc/systemd/system/gatewayd.service",
             "etc/systemd/system/gatewayd@.service",
             "usr/lib/sysusers.d/gateway.conf",
+            "usr/share/polkit-1/rules.d/50-gatewayd-resolved.rules",
             "etc/gateway/examples/connector.toml",
             "etc/gateway/examples/client.toml",
             "etc/gateway/examples/gateway.toml",

@@ -166,6 +166,7 @@ pub fn check(root: &Path, deb: &Path) -> anyhow::Result<()> {
         "./usr/lib/systemd/system/gatewayd.service",
         "./usr/lib/systemd/system/gatewayd@.service",
         "./usr/lib/sysusers.d/gateway.conf",
+        "./usr/share/polkit-1/rules.d/50-gatewayd-resolved.rules",
         "./usr/share/gateway/examples/connector.toml",
         "./usr/share/bash-completion/completions/gatewayctl",
         "./usr/share/zsh/vendor-completions/_gatewayctl",
