@@ -182,6 +182,9 @@ pub struct TunnelStatus {
     /// Client through a hub: the hub's address (its peer is the connector behind it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via_hub: Option<String>,
+    /// Client: whether systemd-resolved sends the zones' names to the DNS stub (`[client] dns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<ResolvedStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -217,9 +220,6 @@ pub struct HubClientStatus {
     pub since: u64,
     /// Bytes relayed both ways (sealed end to end; the hub reads none of them).
     pub bytes_relayed: u64,
-    /// Client: whether systemd-resolved sends the zones' names to the DNS stub (`[client] dns`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resolved: Option<ResolvedStatus>,
 }
 
 /// Client: systemd-resolved's settings for the TUN link, as this daemon last made them.

@@ -63,5 +63,6 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         nat_table: None,
         trust,
         connector: None,
+        resolved: None,
     })
 }
