@@ -2,7 +2,7 @@
 //! them: QUIC from the client's endpoint, or TLS over TCP from the same pinned source port, so
 //! a stateless ACL needs no ephemeral range.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +47,15 @@ impl Dialer {
         let addr = resolve(target).await?;
         let opened = tokio::time::timeout(timeout, async {
             match (&self.hub, kind) {
-                (Some(hub), _) => hub.open(self, target, addr, kind).await,
+                (Some(hub), _) => {
+                    let from = super::hub_dial::From {
+                        endpoint: self.endpoint.as_ref(),
+                        server_name: &self.server_name,
+                        source_port: self.source_port,
+                        fallback_port: self.fallback_port,
+                    };
+                    hub.open(&from, target, addr, kind).await
+                }
                 (None, LinkKind::Quic) => self.quic(addr).await,
                 (None, LinkKind::Tcp) => self.tcp(addr).await,
             }
@@ -79,7 +87,7 @@ impl Dialer {
 
     async fn tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {
         let addr = SocketAddr::new(addr.ip(), self.fallback_port.unwrap_or(addr.port()));
-        let stream = tcp_connect(addr, self.source_port).await?;
+        let stream = super::net::tcp_connect(addr, self.source_port).await?;
         let fd = stream.as_fd().try_clone_to_owned()?;
         let name = rustls_pki_types::ServerName::try_from(self.server_name.clone())
             .map_err(|e| anyhow!("server_name {:?}: {e}", self.server_name))?;
@@ -96,34 +104,4 @@ impl Dialer {
             self.limits.clone(),
         ))
     }
-}
-
-/// A TCP connection to `addr` from `source_port` (0: any), Nagle off.
-pub async fn tcp_connect(
-    addr: SocketAddr,
-    source_port: u16,
-) -> anyhow::Result<tokio::net::TcpStream> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    if source_port != 0 {
-        // Reuse lets a reconnect bind the port while the last connection is in TIME_WAIT.
-        socket.set_reuseaddr(true)?;
-        let any: IpAddr = if addr.is_ipv4() {
-            Ipv4Addr::UNSPECIFIED.into()
-        } else {
-            Ipv6Addr::UNSPECIFIED.into()
-        };
-        socket
-            .bind(SocketAddr::new(any, source_port))
-            .with_context(|| format!("binding TCP source port {source_port}"))?;
-    }
-    let stream = socket
-        .connect(addr)
-        .await
-        .with_context(|| format!("TCP connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }

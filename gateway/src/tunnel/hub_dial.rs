@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
-use super::dial::{Dialer, tcp_connect};
 use super::hub_wire::{self, HubMsg, In, OuterTx};
 use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side};
+use super::net::tcp_connect;
 use super::tls;
 use super::vsock::{Route, VirtualSocket};
 use crate::node::LinkKind;
@@ -25,6 +25,15 @@ pub struct ViaHub {
     pub outer_tcp: tokio_rustls::TlsConnector,
     /// The end-to-end session's QUIC settings (ALPN `gateway/1`, inner MTU).
     pub inner: quinn::ClientConfig,
+}
+
+/// What the client's dialler lends a dial through a hub.
+pub struct From<'a> {
+    pub endpoint: Option<&'a quinn::Endpoint>,
+    /// The name the connector's certificate must carry (the group's, by default).
+    pub server_name: &'a str,
+    pub source_port: u16,
+    pub fallback_port: Option<u16>,
 }
 
 /// Every datagram of the inner session goes to the one outer link.
@@ -47,7 +56,7 @@ fn host_of(target: &str) -> &str {
 impl ViaHub {
     pub async fn open(
         &self,
-        d: &Dialer,
+        d: &From<'_>,
         target: &str,
         addr: SocketAddr,
         kind: LinkKind,
@@ -57,7 +66,6 @@ impl ViaHub {
             LinkKind::Quic => {
                 let endpoint = d
                     .endpoint
-                    .as_ref()
                     .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
                 let conn = endpoint
                     .connect_with(self.outer_quic.clone(), addr, host)?
@@ -131,7 +139,7 @@ impl ViaHub {
         });
         let inner = async {
             let conn = endpoint
-                .connect_with(self.inner.clone(), remote, &d.server_name)?
+                .connect_with(self.inner.clone(), remote, d.server_name)?
                 .await
                 .context("the end-to-end handshake through the hub")?;
             // A hub's certificate can pass as a server's: the end to end session must be

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
-use super::dial::{resolve, tcp_connect};
+use super::dial::resolve;
 use super::hub_wire::{self, FLOW_ID, HubMsg, In, OuterTx};
+use super::net::tcp_connect;
 use super::vsock::{Route, VirtualSocket};
 use crate::config::Transport;
 use crate::node::LinkKind;

@@ -5,7 +5,7 @@
 //! ([`add_route`]: an existing route is an error, never replaced); only a route the daemon
 //! itself created before may be replaced ([`replace_route`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use futures::TryStreamExt;
@@ -298,4 +298,34 @@ pub async fn udp_dual_stack(port: u16) -> std::io::Result<tokio::net::UdpSocket>
 /// `a` with an IPv4-mapped IPv6 address written as the IPv4 address it is.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
     SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// A TCP connection to `addr` from `source_port` (0: any), Nagle off.
+pub async fn tcp_connect(
+    addr: SocketAddr,
+    source_port: u16,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if source_port != 0 {
+        // Reuse lets a reconnect bind the port while the last connection is in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        let any: IpAddr = if addr.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        };
+        socket
+            .bind(SocketAddr::new(any, source_port))
+            .map_err(|e| anyhow::anyhow!("binding TCP source port {source_port}: {e}"))?;
+    }
+    let stream = socket
+        .connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("TCP connect to {addr}: {e}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
