@@ -13,11 +13,15 @@ use tun_rs::AsyncDevice;
 use super::status::Shared;
 use super::stub::Relays;
 use crate::node::LinkId;
-use crate::node::datapath::{Datapath, FromTun, SendError};
+use crate::node::datapath::{Datapath, FromTun, PeerPath, SendError};
 use crate::node::drops::Drop;
 
 /// Largest IP packet the TUN can hand us; buffers are this big.
 pub const MAX_PACKET: usize = 65_535;
+/// How long the TUN reader waits for room in one peer's queue before dropping the packet: long
+/// enough for QUIC to send a few windows' worth, short enough that a stalled peer does not
+/// hold up the others for long.
+const SEND_WAIT: Duration = Duration::from_millis(10);
 /// How often each link's path is read for the node.
 const PATH_EVERY: Duration = Duration::from_millis(500);
 
@@ -42,7 +46,7 @@ pub async fn from_tun(
         let pkt = &mut buf[..n];
         let dp = datapath.load();
         match dp.from_tun(pkt, &mut reply) {
-            FromTun::Send(peer) => match peer.sink.0.send_packet(pkt) {
+            FromTun::Send(peer) => match send(&peer, pkt).await {
                 Ok(()) => peer.counters.sent(n),
                 Err(SendError::TooBig) => {
                     // The path shrank since the snapshot's size was read: answered alike.
@@ -51,7 +55,7 @@ pub async fn from_tun(
                         write(&tun, &reply[..m], &dp).await;
                     }
                 }
-                Err(SendError::Dropped) => dp.drops.count(Drop::SendFailed),
+                Err(SendError::Dropped | SendError::Full) => dp.drops.count(Drop::SendFailed),
             },
             FromTun::Reply(m) => write(&tun, &reply[..m], &dp).await,
             FromTun::Dns(_) => match &relays {
@@ -60,6 +64,16 @@ pub async fn from_tun(
             },
             FromTun::Drop(_) => {}
         }
+    }
+}
+
+/// Sends `pkt` on `peer`'s link, waiting up to [`SEND_WAIT`] for room in its queue.
+async fn send(peer: &PeerPath, pkt: &[u8]) -> Result<(), SendError> {
+    match peer.sink.0.send_packet(pkt) {
+        Err(SendError::Full) => tokio::time::timeout(SEND_WAIT, peer.sink.0.send_packet_wait(pkt))
+            .await
+            .unwrap_or(Err(SendError::Dropped)),
+        r => r,
     }
 }
 

@@ -33,7 +33,8 @@ pub(super) async fn start(
         net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
         let endpoint = match cfg.transport.uses_quic() {
             true => Some(
-                Endpoint::server(server, listen)
+                std::net::UdpSocket::bind(listen)
+                    .and_then(|socket| quic_endpoint(socket, Some(server)))
                     .with_context(|| format!("listening on UDP {listen}"))?,
             ),
             false => None,
