@@ -169,7 +169,7 @@ impl Datapath {
         }
     }
 
-    pub(super) fn build(
+    pub(crate) fn build(
         drops: Arc<Drops>,
         peers: Vec<Arc<PeerPath>>,
         routes: impl IntoIterator<Item = (ipnet::IpNet, usize)>,

@@ -287,6 +287,27 @@ impl Inbound {
                 .ok_or_else(|| anyhow!("the TCP link closed")),
         }
     }
+    /// A packet that has already arrived, without waiting: `None` when there is none yet.
+    pub fn try_packet(&mut self) -> Option<anyhow::Result<Bytes>> {
+        match self {
+            Inbound::Quic(c) => {
+                let mut read = std::pin::pin!(c.read_datagram());
+                let mut cx = Context::from_waker(Waker::noop());
+                match read.as_mut().poll(&mut cx) {
+                    Poll::Ready(r) => Some(r.map_err(Into::into)),
+                    Poll::Pending => None,
+                }
+            }
+            Inbound::Tcp(packets) => match packets.try_recv() {
+                Ok(pkt) => Some(Ok(pkt)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Some(Err(anyhow!("the TCP link closed")))
+                }
+            },
+        }
+    }
+
     /// Before the welcome: QUIC datagrams are read and dropped (counted) so none pile up;
     /// the TCP link reads nothing yet. Never returns.
     pub async fn discard(&mut self, counts: &Counts) -> std::convert::Infallible {
