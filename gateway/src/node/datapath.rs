@@ -43,14 +43,30 @@ impl Counters {
 pub enum SendError {
     /// Larger than one packet on this link: answered with ICMP "too big".
     TooBig,
-    /// Queue full or link closed.
+    /// The link's queue has no room right now; nothing was queued or dropped. The packet path
+    /// waits ([`PacketSink::send_packet_wait`]) rather than drop: a loss inside the tunnel
+    /// costs the inner TCP a retransmit and halves its window, a wait only slows the TUN
+    /// reader, and the kernel's queue in front of the TUN pushes back on local senders.
+    Full,
+    /// Link closed, or the wait for room ran out.
     Dropped,
 }
 
+/// A send that waits for room in the link's queue.
+pub type SendWait<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), SendError>> + Send + 'a>>;
+
 /// Where a peer's packets go: the driver's link. The node only carries it to the packet path,
-/// which hands it each packet; it never waits.
+/// which hands it each packet.
 pub trait PacketSink: Send + Sync {
+    /// Queues `pkt` if there is room now; never waits and never drops another packet.
     fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError>;
+
+    /// Queues `pkt`, waiting for room: called only after [`send_packet`](Self::send_packet)
+    /// said [`SendError::Full`], so the boxing is off the common path.
+    fn send_packet_wait<'a>(&'a self, pkt: &'a [u8]) -> SendWait<'a> {
+        Box::pin(async move { self.send_packet(pkt) })
+    }
 
     /// The largest packet the link carries right now, when it can tell (QUIC's path MTU
     /// discovery moves it between the node's readings).
@@ -153,7 +169,7 @@ impl Datapath {
         }
     }
 
-    pub(super) fn build(
+    pub(crate) fn build(
         drops: Arc<Drops>,
         peers: Vec<Arc<PeerPath>>,
         routes: impl IntoIterator<Item = (ipnet::IpNet, usize)>,

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -27,12 +28,13 @@ use super::reader::{Dispatch, PendingDns, ReadError, read_frames};
 pub use super::reader::{Side, TCP_MAX_PACKET};
 use crate::core::frame::{self, FrameType};
 pub use crate::node::datapath::SendError;
-use crate::node::datapath::{PacketSink, Sink};
+use crate::node::datapath::{PacketSink, SendWait, Sink};
 use crate::node::drops::{Limit, Limits as Counts};
 
 /// Bytes of frames queued towards the TCP socket: ~1,500 full packets, 4 ms at 3 Gbit/s and
-/// what a writer stalled by a slow peer may hold. Packets beyond it are dropped (and counted),
-/// as a full QUIC datagram queue would drop them; control and DNS wait for room.
+/// what a writer stalled by a slow peer may hold. The TUN reader waits for room (a bounded
+/// while, then drops and counts), as it does for a full QUIC datagram queue; control and DNS
+/// wait for room.
 const OUT_QUEUE_BYTES: usize = 2 << 20;
 /// Packets read from the socket and not yet handled: 1 MiB of the largest packet frames. The
 /// reader waits when it is full, which pushes back on the sender through TCP.
@@ -89,18 +91,39 @@ impl Link {
         }
     }
 
+    /// Queues `pkt` if the link has room now. QUIC: `send_datagram` would make room by dropping
+    /// the oldest queued datagram; polling `send_datagram_wait` once instead queues it only
+    /// when there is room, and otherwise leaves nothing behind.
     pub fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError> {
         match self {
-            Link::Quic(c) => match c.send_datagram(Bytes::copy_from_slice(pkt)) {
-                Ok(()) => Ok(()),
-                Err(quinn::SendDatagramError::TooLarge) => Err(SendError::TooBig),
-                Err(_) => Err(SendError::Dropped),
-            },
+            Link::Quic(c) => {
+                let mut send = std::pin::pin!(c.send_datagram_wait(Bytes::copy_from_slice(pkt)));
+                let mut cx = Context::from_waker(Waker::noop());
+                match send.as_mut().poll(&mut cx) {
+                    Poll::Ready(r) => datagram_sent(r),
+                    Poll::Pending => Err(SendError::Full),
+                }
+            }
             Link::Tcp(t) => {
                 if pkt.len() > TCP_MAX_PACKET {
                     return Err(SendError::TooBig);
                 }
                 t.try_send_frame(FrameType::Packet, pkt)
+            }
+        }
+    }
+
+    /// Queues `pkt`, waiting for room.
+    pub async fn send_packet_wait(&self, pkt: &[u8]) -> Result<(), SendError> {
+        match self {
+            Link::Quic(c) => datagram_sent(c.send_datagram_wait(Bytes::copy_from_slice(pkt)).await),
+            Link::Tcp(t) => {
+                if pkt.len() > TCP_MAX_PACKET {
+                    return Err(SendError::TooBig);
+                }
+                t.send_frame(FrameType::Packet, pkt)
+                    .await
+                    .map_err(|_| SendError::Dropped)
             }
         }
     }
@@ -141,9 +164,21 @@ impl Link {
     }
 }
 
+fn datagram_sent(r: Result<(), quinn::SendDatagramError>) -> Result<(), SendError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(quinn::SendDatagramError::TooLarge) => Err(SendError::TooBig),
+        Err(_) => Err(SendError::Dropped),
+    }
+}
+
 impl PacketSink for Link {
     fn send_packet(&self, pkt: &[u8]) -> Result<(), SendError> {
         Link::send_packet(self, pkt)
+    }
+
+    fn send_packet_wait<'a>(&'a self, pkt: &'a [u8]) -> SendWait<'a> {
+        Box::pin(Link::send_packet_wait(self, pkt))
     }
 
     fn max_packet(&self) -> Option<usize> {
@@ -252,6 +287,27 @@ impl Inbound {
                 .ok_or_else(|| anyhow!("the TCP link closed")),
         }
     }
+    /// A packet that has already arrived, without waiting: `None` when there is none yet.
+    pub fn try_packet(&mut self) -> Option<anyhow::Result<Bytes>> {
+        match self {
+            Inbound::Quic(c) => {
+                let mut read = std::pin::pin!(c.read_datagram());
+                let mut cx = Context::from_waker(Waker::noop());
+                match read.as_mut().poll(&mut cx) {
+                    Poll::Ready(r) => Some(r.map_err(Into::into)),
+                    Poll::Pending => None,
+                }
+            }
+            Inbound::Tcp(packets) => match packets.try_recv() {
+                Ok(pkt) => Some(Ok(pkt)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Some(Err(anyhow!("the TCP link closed")))
+                }
+            },
+        }
+    }
+
     /// Before the welcome: QUIC datagrams are read and dropped (counted) so none pile up;
     /// the TCP link reads nothing yet. Never returns.
     pub async fn discard(&mut self, counts: &Counts) -> std::convert::Infallible {
@@ -403,13 +459,16 @@ impl TcpLink {
             return Err(SendError::Dropped);
         }
         let f = Self::frame(kind, payload)?;
-        let permit = u32::try_from(f.len())
-            .ok()
-            .and_then(|n| self.budget.clone().try_acquire_many_owned(n).ok())
-            .ok_or(SendError::Dropped)?;
-        self.out
-            .try_send((f, permit))
-            .map_err(|_| SendError::Dropped)
+        let n = u32::try_from(f.len()).map_err(|_| SendError::TooBig)?;
+        let permit = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(SendError::Full),
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(SendError::Dropped),
+        };
+        self.out.try_send((f, permit)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::Full,
+            mpsc::error::TrySendError::Closed(_) => SendError::Dropped,
+        })
     }
 
     /// Waits for room in the queue: for control and DNS, which must not be dropped.

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tun_rs::AsyncDevice;
 
 use super::control::Control;
+use super::datapath::{BATCH, ToTun};
 use super::dns::Forwarder;
 use super::link::{ControlRx, ControlTx, Inbound, Link, Opened};
 use crate::node::LinkId;
@@ -145,7 +146,8 @@ async fn until_up(up: &mut watch::Receiver<bool>) -> bool {
 }
 
 /// Packets from the peer: before it is up, read and dropped (counted) so none pile up; after,
-/// each decided by the datapath snapshot and written into the TUN.
+/// each decided by the datapath snapshot, and what is let through written into the TUN a batch
+/// at a time: what has arrived by the time the first packet is handled, up to [`BATCH`].
 async fn pump(
     mut inbound: Inbound,
     id: LinkId,
@@ -157,8 +159,9 @@ async fn pump(
         never = inbound.discard(&p.limits) => match never {},
     }
     let mut cached: Option<(Arc<Datapath>, Arc<PeerPath>)> = None;
+    let mut batch = ToTun::default();
     loop {
-        let pkt = match inbound.packet().await {
+        let first = match inbound.packet().await {
             Ok(pkt) => pkt,
             Err(e) => return format!("{e:#}"),
         };
@@ -175,8 +178,28 @@ async fn pump(
             p.limits.count(Limit::PacketBeforeWelcome);
             continue;
         };
-        if dp.from_peer(peer, &pkt).is_ok() && p.tun.send(&pkt).await.is_err() {
+        let mut next = Some(Ok(first));
+        let mut ended = None;
+        // Bounded in reads too, so a flood of refused packets still yields.
+        for _ in 0..2 * BATCH {
+            match next {
+                Some(Ok(pkt)) => batch.admit(dp, peer, &pkt),
+                Some(Err(e)) => {
+                    ended = Some(e);
+                    break;
+                }
+                None => break,
+            }
+            if batch.is_full() {
+                break;
+            }
+            next = inbound.try_packet();
+        }
+        if batch.write(&p.tun).await.is_err() {
             dp.drops.count(Drop::TunWrite);
+        }
+        if let Some(e) = ended {
+            return format!("{e:#}");
         }
     }
 }

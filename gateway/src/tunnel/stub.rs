@@ -79,7 +79,7 @@ impl Relays {
             };
             match reply {
                 Some(r) => {
-                    let _ = tun.send(&r).await;
+                    let _ = super::datapath::write_one(&tun, &r).await;
                 }
                 None => me.drops.count(Drop::DnsRelayFailed),
             }

@@ -48,13 +48,8 @@ pub(super) async fn start(
             // Dual stack: connectors with IPv4 and IPv6 addresses alike, from one pinned port.
             let socket = net::udp_dual_stack_std(source_port)
                 .with_context(|| format!("binding UDP source port {source_port}"))?;
-            let mut endpoint = Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?;
+            let mut endpoint = quic_endpoint(socket, None)
+                .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?;
             endpoint.set_default_client_config(client);
             Some(endpoint)
         } else {

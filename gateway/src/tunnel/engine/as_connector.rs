@@ -36,7 +36,8 @@ pub(super) async fn start(
         net::add_address(&handle, index, own_v6.into(), cfg.overlay_v6.prefix_len()).await?;
         let endpoint = match (cfg.transport.uses_quic(), listen) {
             (true, Some(listen)) => Some(
-                Endpoint::server(server.clone(), listen)
+                std::net::UdpSocket::bind(listen)
+                    .and_then(|socket| quic_endpoint(socket, Some(server.clone())))
                     .with_context(|| format!("listening on UDP {listen}"))?,
             ),
             _ => None,

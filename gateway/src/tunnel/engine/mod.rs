@@ -234,9 +234,62 @@ fn transport(side: Side) -> TransportConfig {
     t
 }
 
+/// Kernel buffers of a QUIC socket, each way: a burst of GSO batches from the other end, or a
+/// runtime tick lost to the other tasks on a small machine, must not overflow them (an overflow
+/// is a loss inside the tunnel, which the inner TCP pays for with a retransmit).
+const UDP_BUFFER: usize = 7 << 20;
+
+/// Sizes a QUIC socket's kernel buffers: `SO_*BUFFORCE` past `net.core.[rw]mem_max` when the
+/// daemon may (CAP_NET_ADMIN), else as much as the limit allows. Too small a buffer costs speed
+/// only, so a refusal is logged and the socket used as it is.
+fn size_udp_buffers(socket: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size = libc::c_int::try_from(UDP_BUFFER).unwrap_or(libc::c_int::MAX);
+    let set = |opt: libc::c_int| {
+        // SAFETY: setsockopt with a c_int value of the size passed, on a socket we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        rc == 0
+    };
+    for (force, plain, name) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
+    ] {
+        if !set(force) && !set(plain) {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, "could not size the QUIC socket's {name} buffer");
+        }
+    }
+}
+
+/// A QUIC endpoint on `socket`, its buffers sized first.
+fn quic_endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<Endpoint> {
+    size_udp_buffers(&socket);
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
+    // Offload (IFF_VNET_HDR, TSO/USO): the kernel hands over super-packets and takes coalesced
+    // ones, so the stacks on both sides of the TUN handle one 64 KB packet where they would
+    // handle ~45 (`datapath` splits and coalesces).
     let dev = tun_rs::DeviceBuilder::new()
         .name(name)
+        .offload(true)
         .build_async()
         .with_context(|| format!("creating TUN device {name}"))?;
     let handle = net::connect()?;
@@ -246,6 +299,16 @@ async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetl
         tracing::warn!(error = %e, "could not disable IPv6 address generation on the TUN");
     }
     net::set_up(&handle, index, u32::from(INITIAL_MTU)).await?;
+    // A super-packet must split into at most one read's worth of segments: the kernel
+    // segments anything larger itself before it reaches the TUN (a LAN host's tiny MSS).
+    let segs = rtnetlink::LinkUnspec::new_with_index(index)
+        .append_extra_attribute(rtnetlink::packet_route::link::LinkAttribute::GsoMaxSegs(
+            datapath::BATCH as u32,
+        ))
+        .build();
+    if let Err(e) = handle.link().set(segs).execute().await {
+        tracing::warn!(error = %e, "could not bound the TUN's segments per super-packet");
+    }
     Ok((Arc::new(dev), index, handle))
 }
 
