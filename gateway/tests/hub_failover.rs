@@ -61,13 +61,20 @@ fn silence_across(lab: &Lab, kill: impl FnOnce()) -> f64 {
     longest_silence(&ping.log())
 }
 
+/// A new ssh session; the client's routes may land a moment after it says "connected".
 fn ssh_ok(lab: &Lab) {
     let argv = lab.ssh_argv(addr::VPC_HOST, "echo replica-ok");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    assert_eq!(
-        lab.run_ok(Host::Operator, &argv).expect("ssh").trim(),
-        "replica-ok"
-    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match lab.run_ok(Host::Operator, &argv) {
+            Ok(out) => return assert_eq!(out.trim(), "replica-ok"),
+            Err(e) if Instant::now() < deadline && format!("{e:#}").contains("unreachable") => {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("ssh: {e:#}"),
+        }
+    }
 }
 
 /// The connector serving the client now, by its status.
@@ -179,8 +186,8 @@ fn killing_the_serving_replica_moves_a_client_with_two_targets_within_5_s() {
     );
     let client_socket = socket_path(&lab, CLIENT);
     let client = start_daemon(&lab, Host::Operator, &config, &client_socket, "client.log");
-    ssh_ok(&lab);
     let first = serving(&lab, &client_socket);
+    ssh_ok(&lab);
     assert_eq!(first, GW_A, "the first target first");
     let started = Instant::now();
     let silence = silence_across(&lab, || kill_named(&mut connectors, &lab, &first));

@@ -183,7 +183,19 @@ impl HubLab {
             "client.log",
         );
         self.client = Some(d);
-        crate::pair::wait_connected(&self.lab, &self.client_socket, Duration::from_secs(15))
+        let status =
+            crate::pair::wait_connected(&self.lab, &self.client_socket, Duration::from_secs(15));
+        // "connected" is said a moment before the learned routes are in the kernel.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self
+            .lab
+            .run_ok(Host::Operator, &["ip", "route", "get", addr::VPC_HOST])
+            .is_ok_and(|r| r.contains("optun"))
+        {
+            assert!(Instant::now() < deadline, "no route into the tunnel");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        status
     }
 
     pub fn logs(&self) -> String {
