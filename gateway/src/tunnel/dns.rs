@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::link::TcpLink;
 use crate::api::{ResolverStatus, ZoneStatus};
@@ -34,6 +34,8 @@ const MAX_TCP_RETRIES: usize = 64;
 /// (resolver probes, pings), and at most how stale it gets while queries keep coming.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 const STATUS_UNDER_LOAD: Duration = Duration::from_millis(20);
+/// Queries and answers the task takes in one turn when more are waiting.
+const BATCH: usize = 64;
 
 /// Where an answer goes.
 pub enum Reply {
@@ -41,6 +43,10 @@ pub enum Reply {
     Waiter(oneshot::Sender<Vec<u8>>),
     /// A DnsAnswer frame with this request id on a client's TCP link.
     Frame(Arc<TcpLink>, u32),
+    /// An answer with this request id for a QUIC DNS channel's writer; the permit is the
+    /// query's share of the channel's bound, given back when the answer leaves (or the query
+    /// is dropped).
+    Channel(mpsc::Sender<(u32, Vec<u8>)>, u32, OwnedSemaphorePermit),
 }
 
 enum Request {
@@ -120,6 +126,8 @@ impl Forwarder {
             tcp_retries: 0,
             status: fwd.status.clone(),
             pings: pings.clone(),
+            zones_generation: 1,
+            published_generation: 0,
         };
         tasks.spawn(task.run(rx, answers));
         tasks.spawn(ping_resolvers(fwd.clone(), pings));
@@ -181,6 +189,10 @@ struct Task {
     tcp_retries: usize,
     status: Arc<Mutex<Vec<ZoneStatus>>>,
     pings: Arc<Mutex<HashMap<SocketAddr, Duration>>>,
+    /// Bumped when the zones change; status is rebuilt whole only then, and its figures
+    /// updated in place otherwise (it is published after nearly every answer).
+    zones_generation: u64,
+    published_generation: u64,
 }
 
 impl Task {
@@ -209,6 +221,22 @@ impl Task {
                 _ = sleep_until(wake) => self.f.handle_timeout(Instant::now()),
                 _ = status.tick() => self.publish(),
             }
+            // What else is waiting is taken in the same turn: one status update and one round
+            // of sends for the lot instead of one per message.
+            for _ in 0..BATCH {
+                let mut idle = true;
+                if let Ok(r) = requests.try_recv() {
+                    self.request(r);
+                    idle = false;
+                }
+                if let Ok((from, bytes)) = answers.try_recv() {
+                    self.f.handle_udp_answer(Instant::now(), from, &bytes);
+                    idle = false;
+                }
+                if idle {
+                    break;
+                }
+            }
             // Status is brought up to date before answers leave, so whoever got an answer sees
             // it counted; under load (queries waiting) at most every STATUS_UNDER_LOAD.
             if requests.is_empty() || published.elapsed() >= STATUS_UNDER_LOAD {
@@ -221,7 +249,10 @@ impl Task {
 
     fn request(&mut self, r: Request) {
         match r {
-            Request::Zones(z) => self.f.set_zones(z),
+            Request::Zones(z) => {
+                self.f.set_zones(z);
+                self.zones_generation += 1;
+            }
             Request::Query { peer, msg, reply } => {
                 let reply_to = self.next_reply;
                 self.next_reply += 1;
@@ -269,40 +300,62 @@ impl Task {
                     Some(Reply::Frame(link, id)) if link.try_answer_dns(id, &bytes).is_err() => {
                         self.f.limits().count(Limit::DnsAnswerQueueFull);
                     }
-                    Some(Reply::Frame(..)) => {}
+                    Some(Reply::Channel(tx, id, _)) if tx.try_send((id, bytes)).is_err() => {
+                        self.f.limits().count(Limit::DnsAnswerQueueFull);
+                    }
+                    Some(Reply::Frame(..) | Reply::Channel(..)) => {}
                     None => {}
                 },
             }
         }
     }
 
-    fn publish(&self) {
-        let pings = self.pings.lock().map(|p| p.clone()).unwrap_or_default();
-        let zones = self
-            .f
-            .zones()
-            .map(|z| ZoneStatus {
-                domain: z.spec.domain.clone(),
-                queries: z.stats.queries,
-                answers: z.stats.answers,
-                failovers: z.stats.failovers,
-                servfails: z.stats.servfails,
-                resolvers: z
-                    .spec
-                    .servers
-                    .iter()
-                    .zip(z.resolvers.health())
-                    .map(|(s, h)| ResolverStatus {
-                        address: s.ip().to_string(),
-                        up: h.up,
-                        latency_ms: h.latency.map(|l| l.as_secs_f64() * 1000.0),
-                        ping_ms: pings.get(s).map(|l| l.as_secs_f64() * 1000.0),
-                    })
-                    .collect(),
-            })
-            .collect();
-        if let Ok(mut s) = self.status.lock() {
-            *s = zones;
+    fn publish(&mut self) {
+        let (Ok(pings), Ok(mut status)) = (self.pings.lock(), self.status.lock()) else {
+            return;
+        };
+        if self.published_generation != self.zones_generation {
+            self.published_generation = self.zones_generation;
+            *status = self
+                .f
+                .zones()
+                .map(|z| ZoneStatus {
+                    domain: z.spec.domain.clone(),
+                    queries: 0,
+                    answers: 0,
+                    failovers: 0,
+                    servfails: 0,
+                    resolvers: z
+                        .spec
+                        .servers
+                        .iter()
+                        .map(|s| ResolverStatus {
+                            address: s.ip().to_string(),
+                            up: true,
+                            latency_ms: None,
+                            ping_ms: None,
+                        })
+                        .collect(),
+                })
+                .collect();
+        }
+        for (z, st) in self.f.zones().zip(status.iter_mut()) {
+            st.queries = z.stats.queries;
+            st.answers = z.stats.answers;
+            st.failovers = z.stats.failovers;
+            st.servfails = z.stats.servfails;
+            let health = z.resolvers.health();
+            for ((s, h), r) in z
+                .spec
+                .servers
+                .iter()
+                .zip(health)
+                .zip(st.resolvers.iter_mut())
+            {
+                r.up = h.up;
+                r.latency_ms = h.latency.map(|l| l.as_secs_f64() * 1000.0);
+                r.ping_ms = pings.get(s).map(|l| l.as_secs_f64() * 1000.0);
+            }
         }
     }
 }

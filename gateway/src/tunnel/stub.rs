@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, watch};
 use tun_rs::AsyncDevice;
 
 use super::link::Link;
-use super::relay::error_response;
+use super::relay::{Channel, error_response};
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
 use crate::node::drops::{Drop, Drops, Limit, Limits};
 
@@ -29,6 +29,18 @@ pub struct Relays {
     permits: Arc<Semaphore>,
     limits: Arc<Limits>,
     drops: Arc<Drops>,
+    /// The QUIC link's DNS channel, by link id.
+    channel: Arc<Mutex<(u64, Route)>>,
+}
+
+/// How queries reach the connector on the current QUIC link.
+#[derive(Clone)]
+enum Route {
+    /// A channel is being opened; queries take a stream each meanwhile.
+    Opening,
+    Channel(Arc<Channel>),
+    /// The connector does not take channels (an older one), or the channel broke.
+    Streams,
 }
 
 impl Relays {
@@ -43,7 +55,60 @@ impl Relays {
             permits: Arc::new(Semaphore::new(MAX_RELAYS)),
             limits,
             drops,
+            channel: Arc::new(Mutex::new((u64::MAX, Route::Streams))),
         })
+    }
+
+    /// Asks the connector over `link`: on QUIC through the link's DNS channel once it is open
+    /// (a stream per query before, or if the connector does not take channels).
+    async fn relay(&self, link: &Link, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+        if let Some(ch) = self.channel_of(link) {
+            match ch.ask(msg).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if !ch.is_closed() => return Err(e),
+                Err(_) => {
+                    if let Ok(mut c) = self.channel.lock()
+                        && c.0 == link.id()
+                    {
+                        c.1 = Route::Streams;
+                    }
+                }
+            }
+        }
+        link.relay_dns(msg).await
+    }
+
+    /// The channel to use on `link`, starting to open one on a QUIC link seen first.
+    fn channel_of(&self, link: &Link) -> Option<Arc<Channel>> {
+        let Link::Quic(conn) = link else {
+            return None;
+        };
+        let id = link.id();
+        let mut c = self.channel.lock().ok()?;
+        if c.0 != id {
+            *c = (id, Route::Opening);
+            let (conn, slot) = (conn.clone(), self.channel.clone());
+            tokio::spawn(async move {
+                let route = match Channel::open(&conn).await {
+                    Ok(ch) => Route::Channel(ch),
+                    Err(_) => Route::Streams,
+                };
+                if let Ok(mut c) = slot.lock()
+                    && c.0 == id
+                {
+                    c.1 = route;
+                }
+            });
+            return None;
+        }
+        match &c.1 {
+            Route::Channel(ch) if !ch.is_closed() => Some(ch.clone()),
+            Route::Channel(_) => {
+                c.1 = Route::Streams;
+                None
+            }
+            Route::Opening | Route::Streams => None,
+        }
     }
 
     pub fn set_zones(&self, zones: &[String]) {
@@ -73,7 +138,7 @@ impl Relays {
             let Some((msg, _)) = dns::udp_query(&query) else {
                 return;
             };
-            let reply = match link.relay_dns(msg).await {
+            let reply = match me.relay(&link, msg).await {
                 Ok(answer) => dns::udp_reply(&query, &answer),
                 Err(_) => None,
             };
@@ -109,11 +174,11 @@ pub async fn serve_stub(socket: Arc<UdpSocket>, relays: Arc<Relays>) {
             .map(|z| dns::matching_zone(&q.name, &z).is_some())
             .unwrap_or(false);
         let link = relays.current.borrow().clone();
-        let socket = socket.clone();
+        let (socket, relays) = (socket.clone(), relays.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let answer = match (in_zone, link) {
-                (true, Some(link)) => match link.relay_dns(&msg).await {
+                (true, Some(link)) => match relays.relay(&link, &msg).await {
                     Ok(a) => a,
                     Err(_) => error_response(&msg, q.question_end, RCODE_SERVFAIL),
                 },
