@@ -26,8 +26,6 @@ const MAX_MESSAGE: usize = 65_535;
 /// Queries waiting for the forwarder's task: a burst from every client at once; beyond it a
 /// query is dropped (and counted) rather than queued.
 const QUEUE: usize = 4096;
-/// Resolver answers waiting for the task.
-const ANSWERS: usize = 4096;
 /// TCP retries (truncated answers) at once: each holds a socket for up to 3 s.
 const MAX_TCP_RETRIES: usize = 64;
 /// How often status' copy of the zones' counters and health is refreshed when nothing happens
@@ -103,10 +101,6 @@ impl Forwarder {
             sockets.push(Arc::new(s));
         }
         let (requests, rx) = mpsc::channel(QUEUE);
-        let (answers_tx, answers) = mpsc::channel(ANSWERS);
-        for s in &sockets {
-            tasks.spawn(read_answers(s.clone(), answers_tx.clone()));
-        }
         let specs = specs(zones);
         let fwd = Arc::new(Forwarder {
             requests,
@@ -129,7 +123,7 @@ impl Forwarder {
             zones_generation: 1,
             published_generation: 0,
         };
-        tasks.spawn(task.run(rx, answers));
+        tasks.spawn(task.run(rx));
         tasks.spawn(ping_resolvers(fwd.clone(), pings));
         Ok(fwd)
     }
@@ -196,14 +190,14 @@ struct Task {
 }
 
 impl Task {
-    async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Request>,
-        mut answers: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-    ) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let (tcp_tx, mut tcp_done) = mpsc::channel::<(u64, Option<Vec<u8>>)>(MAX_TCP_RETRIES);
         let mut status = tokio::time::interval(STATUS_EVERY);
         let mut published = Instant::now();
+        // The task reads the pool itself: no task and no queue between an answer and the
+        // state machine.
+        let sockets = self.sockets.clone();
+        let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             let wake = self.f.poll_timeout();
             tokio::select! {
@@ -211,9 +205,7 @@ impl Task {
                     Some(r) => self.request(r),
                     None => return,
                 },
-                Some((from, bytes)) = answers.recv() => {
-                    self.f.handle_udp_answer(Instant::now(), from, &bytes);
-                }
+                i = recv_ready(&sockets) => self.read_answers(i, &mut buf),
                 Some((ticket, answer)) = tcp_done.recv() => {
                     self.tcp_retries = self.tcp_retries.saturating_sub(1);
                     self.f.handle_tcp_answer(Instant::now(), ticket, answer);
@@ -221,21 +213,13 @@ impl Task {
                 _ = sleep_until(wake) => self.f.handle_timeout(Instant::now()),
                 _ = status.tick() => self.publish(),
             }
-            // What else is waiting is taken in the same turn: one status update and one round
-            // of sends for the lot instead of one per message.
+            // The queries waiting too (answers are read until the socket is empty): one status
+            // update and one round of sends for the lot instead of one per message.
             for _ in 0..BATCH {
-                let mut idle = true;
-                if let Ok(r) = requests.try_recv() {
-                    self.request(r);
-                    idle = false;
-                }
-                if let Ok((from, bytes)) = answers.try_recv() {
-                    self.f.handle_udp_answer(Instant::now(), from, &bytes);
-                    idle = false;
-                }
-                if idle {
+                let Ok(r) = requests.try_recv() else {
                     break;
-                }
+                };
+                self.request(r);
             }
             // Status is brought up to date before answers leave, so whoever got an answer sees
             // it counted; under load (queries waiting) at most every STATUS_UNDER_LOAD.
@@ -244,6 +228,25 @@ impl Task {
                 published = Instant::now();
             }
             self.carry_out(&tcp_tx);
+        }
+    }
+
+    /// What pool socket `i` holds, up to a batch (the rest on the next turn).
+    fn read_answers(&mut self, i: usize, buf: &mut [u8]) {
+        let Some(socket) = self.sockets.get(i).cloned() else {
+            return;
+        };
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match socket.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    let from = super::net::canonical(from);
+                    self.f.handle_udp_answer(now, from, &buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // A socket error is reported once: like a datagram lost, the timeout moves on.
+                Err(_) => {}
+            }
         }
     }
 
@@ -367,18 +370,17 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-async fn read_answers(socket: Arc<UdpSocket>, to: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let from = super::net::canonical(from);
-        // Dropped when the task is behind: like a lost datagram, the timeout moves on.
-        if to.try_send((from, buf[..n].to_vec())).is_err() && to.is_closed() {
-            return;
+/// The index of a pool socket with something to read.
+async fn recv_ready(sockets: &[Arc<UdpSocket>]) -> usize {
+    std::future::poll_fn(|cx| {
+        for (i, s) in sockets.iter().enumerate() {
+            if s.poll_recv_ready(cx).is_ready() {
+                return std::task::Poll::Ready(i);
+            }
         }
-    }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// ICMP echo to every resolver, for status: whether the host answers at all, apart from its
@@ -430,4 +432,67 @@ async fn ask_tcp(
         anyhow::Ok(a)
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::dns::response_rcode;
+
+    /// A resolver on loopback that answers every query NOERROR, echoing its ID and question.
+    async fn resolver(ip: std::net::Ipv4Addr) -> tokio::task::JoinHandle<()> {
+        let s = UdpSocket::bind((ip, 53))
+            .await
+            .expect("bind the test resolver");
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let mut a = buf[..n].to_vec();
+                a[2] |= 0x80;
+                let _ = s.send_to(&a, from).await;
+            }
+        })
+    }
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x02db\x08hoge-vpc\x03com\x00\x00\x01\x00\x01");
+        q
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_queries_is_answered_each_to_its_asker_and_counted_in_status() {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, 201);
+        let _resolver = resolver(ip).await;
+        let zone = Zone {
+            domain: "hoge-vpc.com".into(),
+            servers: vec![ip.into()],
+            on_servfail: crate::core::resolver::OnServfail::Failover,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        let fwd = Forwarder::start(&[zone], None, &mut tasks, Arc::new(Limits::default()))
+            .await
+            .expect("forwarder");
+        let burst = 200u16;
+        let asks: Vec<_> = (0..burst)
+            .map(|i| {
+                let fwd = fwd.clone();
+                tokio::spawn(async move { (i, fwd.resolve(1, &query(i)).await) })
+            })
+            .collect();
+        for a in asks {
+            let (i, answer) = a.await.expect("task");
+            let answer = answer.expect("answered");
+            assert_eq!(answer[..2], i.to_be_bytes(), "the asker's own ID");
+            assert_eq!(response_rcode(&answer), Some(0), "NOERROR");
+        }
+        let status = fwd.status();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].domain, "hoge-vpc.com");
+        assert_eq!((status[0].queries, status[0].answers), (200, 200));
+        assert_eq!(status[0].resolvers[0].address, "127.0.0.201");
+        assert!(status[0].resolvers[0].up);
+        tasks.abort_all();
+    }
 }

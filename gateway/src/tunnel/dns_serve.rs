@@ -10,10 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::{Semaphore, mpsc};
 
 use super::dns::{Forwarder, Reply};
+use super::dns_channel;
 use super::link::Link;
-use super::relay::{
-    self, CHANNEL_MAGIC, MAX_QUERY, error_response, read_body, read_len, write_framed,
-};
+use super::relay::{CHANNEL_MAGIC, MAX_QUERY, error_response, read_body, read_len, write_framed};
 use crate::core::dns::{self, RCODE_SERVFAIL};
 use crate::node::drops::{Limit, Limits};
 
@@ -80,7 +79,7 @@ async fn serve_stream(
         let submit = |id, query, answers: &mpsc::Sender<(u32, Vec<u8>)>| {
             submit_on_channel(&bound, &fwd, peer, &limits, (id, query), answers);
         };
-        let _ = relay::serve_channel(recv, send, submit, &limits).await;
+        let _ = dns_channel::serve_channel(recv, send, submit, &limits).await;
         channel_open.store(false, Ordering::Release);
         return;
     }
@@ -151,7 +150,7 @@ mod tests {
             .await
             .expect("forwarder");
         let bound = Arc::new(Semaphore::new(CHANNEL_IN_FLIGHT));
-        let (answers, mut queued) = mpsc::channel(relay::CHANNEL_ANSWERS);
+        let (answers, mut queued) = mpsc::channel(dns_channel::CHANNEL_ANSWERS);
         let over = 10;
         for i in 0..CHANNEL_IN_FLIGHT + over {
             let id = i as u32;

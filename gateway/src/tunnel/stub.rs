@@ -10,8 +10,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
 use tun_rs::AsyncDevice;
 
+use super::dns_channel::Channel;
 use super::link::Link;
-use super::relay::{Channel, error_response};
+use super::relay::error_response;
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
 use crate::node::drops::{Drop, Drops, Limit, Limits};
 
@@ -133,6 +134,21 @@ impl Relays {
             return;
         };
         let (query, tun, me) = (pkt.to_vec(), tun.clone(), self.clone());
+        if let Some(ch) = self.channel_of(&link) {
+            let Some((msg, _)) = dns::udp_query(pkt) else {
+                return;
+            };
+            // Answered from the channel's reader: no task, no wake-up of one.
+            let then = move |answer: Option<Vec<u8>>| {
+                let _permit = permit;
+                match answer.and_then(|a| dns::udp_reply(&query, &a)) {
+                    Some(r) => me.write_answer(&tun, r),
+                    None => me.drops.count(Drop::DnsRelayFailed),
+                }
+            };
+            ch.ask_then(msg, Box::new(then));
+            return;
+        }
         tokio::spawn(async move {
             let _permit = permit;
             let Some((msg, _)) = dns::udp_query(&query) else {
@@ -149,6 +165,24 @@ impl Relays {
                 None => me.drops.count(Drop::DnsRelayFailed),
             }
         });
+    }
+}
+
+impl Relays {
+    /// Writes a steered query's answer into the TUN, waiting only when the TUN is full.
+    fn write_answer(&self, tun: &Arc<AsyncDevice>, reply: Vec<u8>) {
+        match tun.try_send(&reply) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let (tun, drops) = (tun.clone(), self.drops.clone());
+                tokio::spawn(async move {
+                    if tun.send(&reply).await.is_err() {
+                        drops.count(Drop::TunWrite);
+                    }
+                });
+            }
+            Err(_) => self.drops.count(Drop::TunWrite),
+        }
     }
 }
 
