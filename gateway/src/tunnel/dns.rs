@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use super::link::TcpLink;
 use crate::api::{ResolverStatus, ZoneStatus};
@@ -26,14 +26,14 @@ const MAX_MESSAGE: usize = 65_535;
 /// Queries waiting for the forwarder's task: a burst from every client at once; beyond it a
 /// query is dropped (and counted) rather than queued.
 const QUEUE: usize = 4096;
-/// Resolver answers waiting for the task.
-const ANSWERS: usize = 4096;
 /// TCP retries (truncated answers) at once: each holds a socket for up to 3 s.
 const MAX_TCP_RETRIES: usize = 64;
 /// How often status' copy of the zones' counters and health is refreshed when nothing happens
 /// (resolver probes, pings), and at most how stale it gets while queries keep coming.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
 const STATUS_UNDER_LOAD: Duration = Duration::from_millis(20);
+/// Queries and answers the task takes in one turn when more are waiting.
+const BATCH: usize = 64;
 
 /// Where an answer goes.
 pub enum Reply {
@@ -41,6 +41,10 @@ pub enum Reply {
     Waiter(oneshot::Sender<Vec<u8>>),
     /// A DnsAnswer frame with this request id on a client's TCP link.
     Frame(Arc<TcpLink>, u32),
+    /// An answer with this request id for a QUIC DNS channel's writer; the permit is the
+    /// query's share of the channel's bound, given back when the answer leaves (or the query
+    /// is dropped).
+    Channel(mpsc::Sender<(u32, Vec<u8>)>, u32, OwnedSemaphorePermit),
 }
 
 enum Request {
@@ -97,10 +101,6 @@ impl Forwarder {
             sockets.push(Arc::new(s));
         }
         let (requests, rx) = mpsc::channel(QUEUE);
-        let (answers_tx, answers) = mpsc::channel(ANSWERS);
-        for s in &sockets {
-            tasks.spawn(read_answers(s.clone(), answers_tx.clone()));
-        }
         let specs = specs(zones);
         let fwd = Arc::new(Forwarder {
             requests,
@@ -120,8 +120,10 @@ impl Forwarder {
             tcp_retries: 0,
             status: fwd.status.clone(),
             pings: pings.clone(),
+            zones_generation: 1,
+            published_generation: 0,
         };
-        tasks.spawn(task.run(rx, answers));
+        tasks.spawn(task.run(rx));
         tasks.spawn(ping_resolvers(fwd.clone(), pings));
         Ok(fwd)
     }
@@ -181,17 +183,21 @@ struct Task {
     tcp_retries: usize,
     status: Arc<Mutex<Vec<ZoneStatus>>>,
     pings: Arc<Mutex<HashMap<SocketAddr, Duration>>>,
+    /// Bumped when the zones change; status is rebuilt whole only then, and its figures
+    /// updated in place otherwise (it is published after nearly every answer).
+    zones_generation: u64,
+    published_generation: u64,
 }
 
 impl Task {
-    async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Request>,
-        mut answers: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
-    ) {
+    async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
         let (tcp_tx, mut tcp_done) = mpsc::channel::<(u64, Option<Vec<u8>>)>(MAX_TCP_RETRIES);
         let mut status = tokio::time::interval(STATUS_EVERY);
         let mut published = Instant::now();
+        // The task reads the pool itself: no task and no queue between an answer and the
+        // state machine.
+        let sockets = self.sockets.clone();
+        let mut buf = vec![0u8; MAX_MESSAGE];
         loop {
             let wake = self.f.poll_timeout();
             tokio::select! {
@@ -199,15 +205,21 @@ impl Task {
                     Some(r) => self.request(r),
                     None => return,
                 },
-                Some((from, bytes)) = answers.recv() => {
-                    self.f.handle_udp_answer(Instant::now(), from, &bytes);
-                }
+                i = recv_ready(&sockets) => self.read_answers(i, &mut buf),
                 Some((ticket, answer)) = tcp_done.recv() => {
                     self.tcp_retries = self.tcp_retries.saturating_sub(1);
                     self.f.handle_tcp_answer(Instant::now(), ticket, answer);
                 }
                 _ = sleep_until(wake) => self.f.handle_timeout(Instant::now()),
                 _ = status.tick() => self.publish(),
+            }
+            // The queries waiting too (answers are read until the socket is empty): one status
+            // update and one round of sends for the lot instead of one per message.
+            for _ in 0..BATCH {
+                let Ok(r) = requests.try_recv() else {
+                    break;
+                };
+                self.request(r);
             }
             // Status is brought up to date before answers leave, so whoever got an answer sees
             // it counted; under load (queries waiting) at most every STATUS_UNDER_LOAD.
@@ -219,9 +231,31 @@ impl Task {
         }
     }
 
+    /// What pool socket `i` holds, up to a batch (the rest on the next turn).
+    fn read_answers(&mut self, i: usize, buf: &mut [u8]) {
+        let Some(socket) = self.sockets.get(i).cloned() else {
+            return;
+        };
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match socket.try_recv_from(buf) {
+                Ok((n, from)) => {
+                    let from = super::net::canonical(from);
+                    self.f.handle_udp_answer(now, from, &buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                // A socket error is reported once: like a datagram lost, the timeout moves on.
+                Err(_) => {}
+            }
+        }
+    }
+
     fn request(&mut self, r: Request) {
         match r {
-            Request::Zones(z) => self.f.set_zones(z),
+            Request::Zones(z) => {
+                self.f.set_zones(z);
+                self.zones_generation += 1;
+            }
             Request::Query { peer, msg, reply } => {
                 let reply_to = self.next_reply;
                 self.next_reply += 1;
@@ -269,40 +303,62 @@ impl Task {
                     Some(Reply::Frame(link, id)) if link.try_answer_dns(id, &bytes).is_err() => {
                         self.f.limits().count(Limit::DnsAnswerQueueFull);
                     }
-                    Some(Reply::Frame(..)) => {}
+                    Some(Reply::Channel(tx, id, _)) if tx.try_send((id, bytes)).is_err() => {
+                        self.f.limits().count(Limit::DnsAnswerQueueFull);
+                    }
+                    Some(Reply::Frame(..) | Reply::Channel(..)) => {}
                     None => {}
                 },
             }
         }
     }
 
-    fn publish(&self) {
-        let pings = self.pings.lock().map(|p| p.clone()).unwrap_or_default();
-        let zones = self
-            .f
-            .zones()
-            .map(|z| ZoneStatus {
-                domain: z.spec.domain.clone(),
-                queries: z.stats.queries,
-                answers: z.stats.answers,
-                failovers: z.stats.failovers,
-                servfails: z.stats.servfails,
-                resolvers: z
-                    .spec
-                    .servers
-                    .iter()
-                    .zip(z.resolvers.health())
-                    .map(|(s, h)| ResolverStatus {
-                        address: s.ip().to_string(),
-                        up: h.up,
-                        latency_ms: h.latency.map(|l| l.as_secs_f64() * 1000.0),
-                        ping_ms: pings.get(s).map(|l| l.as_secs_f64() * 1000.0),
-                    })
-                    .collect(),
-            })
-            .collect();
-        if let Ok(mut s) = self.status.lock() {
-            *s = zones;
+    fn publish(&mut self) {
+        let (Ok(pings), Ok(mut status)) = (self.pings.lock(), self.status.lock()) else {
+            return;
+        };
+        if self.published_generation != self.zones_generation {
+            self.published_generation = self.zones_generation;
+            *status = self
+                .f
+                .zones()
+                .map(|z| ZoneStatus {
+                    domain: z.spec.domain.clone(),
+                    queries: 0,
+                    answers: 0,
+                    failovers: 0,
+                    servfails: 0,
+                    resolvers: z
+                        .spec
+                        .servers
+                        .iter()
+                        .map(|s| ResolverStatus {
+                            address: s.ip().to_string(),
+                            up: true,
+                            latency_ms: None,
+                            ping_ms: None,
+                        })
+                        .collect(),
+                })
+                .collect();
+        }
+        for (z, st) in self.f.zones().zip(status.iter_mut()) {
+            st.queries = z.stats.queries;
+            st.answers = z.stats.answers;
+            st.failovers = z.stats.failovers;
+            st.servfails = z.stats.servfails;
+            let health = z.resolvers.health();
+            for ((s, h), r) in z
+                .spec
+                .servers
+                .iter()
+                .zip(health)
+                .zip(st.resolvers.iter_mut())
+            {
+                r.up = h.up;
+                r.latency_ms = h.latency.map(|l| l.as_secs_f64() * 1000.0);
+                r.ping_ms = pings.get(s).map(|l| l.as_secs_f64() * 1000.0);
+            }
         }
     }
 }
@@ -314,18 +370,17 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-async fn read_answers(socket: Arc<UdpSocket>, to: mpsc::Sender<(SocketAddr, Vec<u8>)>) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    loop {
-        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
-            continue;
-        };
-        let from = super::net::canonical(from);
-        // Dropped when the task is behind: like a lost datagram, the timeout moves on.
-        if to.try_send((from, buf[..n].to_vec())).is_err() && to.is_closed() {
-            return;
+/// The index of a pool socket with something to read.
+async fn recv_ready(sockets: &[Arc<UdpSocket>]) -> usize {
+    std::future::poll_fn(|cx| {
+        for (i, s) in sockets.iter().enumerate() {
+            if s.poll_recv_ready(cx).is_ready() {
+                return std::task::Poll::Ready(i);
+            }
         }
-    }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// ICMP echo to every resolver, for status: whether the host answers at all, apart from its
@@ -377,4 +432,67 @@ async fn ask_tcp(
         anyhow::Ok(a)
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::dns::response_rcode;
+
+    /// A resolver on loopback that answers every query NOERROR, echoing its ID and question.
+    async fn resolver(ip: std::net::Ipv4Addr) -> tokio::task::JoinHandle<()> {
+        let s = UdpSocket::bind((ip, 53))
+            .await
+            .expect("bind the test resolver");
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let mut a = buf[..n].to_vec();
+                a[2] |= 0x80;
+                let _ = s.send_to(&a, from).await;
+            }
+        })
+    }
+
+    fn query(id: u16) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+        q.extend_from_slice(b"\x02db\x08hoge-vpc\x03com\x00\x00\x01\x00\x01");
+        q
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_queries_is_answered_each_to_its_asker_and_counted_in_status() {
+        let ip = std::net::Ipv4Addr::new(127, 0, 0, 201);
+        let _resolver = resolver(ip).await;
+        let zone = Zone {
+            domain: "hoge-vpc.com".into(),
+            servers: vec![ip.into()],
+            on_servfail: crate::core::resolver::OnServfail::Failover,
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        let fwd = Forwarder::start(&[zone], None, &mut tasks, Arc::new(Limits::default()))
+            .await
+            .expect("forwarder");
+        let burst = 200u16;
+        let asks: Vec<_> = (0..burst)
+            .map(|i| {
+                let fwd = fwd.clone();
+                tokio::spawn(async move { (i, fwd.resolve(1, &query(i)).await) })
+            })
+            .collect();
+        for a in asks {
+            let (i, answer) = a.await.expect("task");
+            let answer = answer.expect("answered");
+            assert_eq!(answer[..2], i.to_be_bytes(), "the asker's own ID");
+            assert_eq!(response_rcode(&answer), Some(0), "NOERROR");
+        }
+        let status = fwd.status();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].domain, "hoge-vpc.com");
+        assert_eq!((status[0].queries, status[0].answers), (200, 200));
+        assert_eq!(status[0].resolvers[0].address, "127.0.0.201");
+        assert!(status[0].resolvers[0].up);
+        tasks.abort_all();
+    }
 }

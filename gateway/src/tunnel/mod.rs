@@ -25,6 +25,7 @@ pub mod control;
 mod datapath;
 mod dial;
 pub mod dns;
+mod dns_channel;
 mod dns_serve;
 pub mod engine;
 pub mod filter;

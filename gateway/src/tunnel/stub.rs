@@ -10,6 +10,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, watch};
 use tun_rs::AsyncDevice;
 
+use super::dns_channel::Channel;
 use super::link::Link;
 use super::relay::error_response;
 use crate::core::dns::{self, RCODE_REFUSED, RCODE_SERVFAIL};
@@ -29,6 +30,18 @@ pub struct Relays {
     permits: Arc<Semaphore>,
     limits: Arc<Limits>,
     drops: Arc<Drops>,
+    /// The QUIC link's DNS channel, by link id.
+    channel: Arc<Mutex<(u64, Route)>>,
+}
+
+/// How queries reach the connector on the current QUIC link.
+#[derive(Clone)]
+enum Route {
+    /// A channel is being opened; queries take a stream each meanwhile.
+    Opening,
+    Channel(Arc<Channel>),
+    /// The connector does not take channels (an older one), or the channel broke.
+    Streams,
 }
 
 impl Relays {
@@ -43,7 +56,60 @@ impl Relays {
             permits: Arc::new(Semaphore::new(MAX_RELAYS)),
             limits,
             drops,
+            channel: Arc::new(Mutex::new((u64::MAX, Route::Streams))),
         })
+    }
+
+    /// Asks the connector over `link`: on QUIC through the link's DNS channel once it is open
+    /// (a stream per query before, or if the connector does not take channels).
+    async fn relay(&self, link: &Link, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
+        if let Some(ch) = self.channel_of(link) {
+            match ch.ask(msg).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if !ch.is_closed() => return Err(e),
+                Err(_) => {
+                    if let Ok(mut c) = self.channel.lock()
+                        && c.0 == link.id()
+                    {
+                        c.1 = Route::Streams;
+                    }
+                }
+            }
+        }
+        link.relay_dns(msg).await
+    }
+
+    /// The channel to use on `link`, starting to open one on a QUIC link seen first.
+    fn channel_of(&self, link: &Link) -> Option<Arc<Channel>> {
+        let Link::Quic(conn) = link else {
+            return None;
+        };
+        let id = link.id();
+        let mut c = self.channel.lock().ok()?;
+        if c.0 != id {
+            *c = (id, Route::Opening);
+            let (conn, slot) = (conn.clone(), self.channel.clone());
+            tokio::spawn(async move {
+                let route = match Channel::open(&conn).await {
+                    Ok(ch) => Route::Channel(ch),
+                    Err(_) => Route::Streams,
+                };
+                if let Ok(mut c) = slot.lock()
+                    && c.0 == id
+                {
+                    c.1 = route;
+                }
+            });
+            return None;
+        }
+        match &c.1 {
+            Route::Channel(ch) if !ch.is_closed() => Some(ch.clone()),
+            Route::Channel(_) => {
+                c.1 = Route::Streams;
+                None
+            }
+            Route::Opening | Route::Streams => None,
+        }
     }
 
     pub fn set_zones(&self, zones: &[String]) {
@@ -68,12 +134,27 @@ impl Relays {
             return;
         };
         let (query, tun, me) = (pkt.to_vec(), tun.clone(), self.clone());
+        if let Some(ch) = self.channel_of(&link) {
+            let Some((msg, _)) = dns::udp_query(pkt) else {
+                return;
+            };
+            // Answered from the channel's reader: no task, no wake-up of one.
+            let then = move |answer: Option<Vec<u8>>| {
+                let _permit = permit;
+                match answer.and_then(|a| dns::udp_reply(&query, &a)) {
+                    Some(r) => me.write_answer(&tun, r),
+                    None => me.drops.count(Drop::DnsRelayFailed),
+                }
+            };
+            ch.ask_then(msg, Box::new(then));
+            return;
+        }
         tokio::spawn(async move {
             let _permit = permit;
             let Some((msg, _)) = dns::udp_query(&query) else {
                 return;
             };
-            let reply = match link.relay_dns(msg).await {
+            let reply = match me.relay(&link, msg).await {
                 Ok(answer) => dns::udp_reply(&query, &answer),
                 Err(_) => None,
             };
@@ -84,6 +165,24 @@ impl Relays {
                 None => me.drops.count(Drop::DnsRelayFailed),
             }
         });
+    }
+}
+
+impl Relays {
+    /// Writes a steered query's answer into the TUN, waiting only when the TUN is full.
+    fn write_answer(&self, tun: &Arc<AsyncDevice>, reply: Vec<u8>) {
+        match tun.try_send(&reply) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let (tun, drops) = (tun.clone(), self.drops.clone());
+                tokio::spawn(async move {
+                    if tun.send(&reply).await.is_err() {
+                        drops.count(Drop::TunWrite);
+                    }
+                });
+            }
+            Err(_) => self.drops.count(Drop::TunWrite),
+        }
     }
 }
 
@@ -109,11 +208,11 @@ pub async fn serve_stub(socket: Arc<UdpSocket>, relays: Arc<Relays>) {
             .map(|z| dns::matching_zone(&q.name, &z).is_some())
             .unwrap_or(false);
         let link = relays.current.borrow().clone();
-        let socket = socket.clone();
+        let (socket, relays) = (socket.clone(), relays.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let answer = match (in_zone, link) {
-                (true, Some(link)) => match link.relay_dns(&msg).await {
+                (true, Some(link)) => match relays.relay(&link, &msg).await {
                     Ok(a) => a,
                     Err(_) => error_response(&msg, q.question_end, RCODE_SERVFAIL),
                 },
