@@ -207,7 +207,8 @@ fn connector_config(
 }
 
 /// QUIC settings for `side`: what the protocol needs from the other end and no more. A client
-/// opens one control stream and one stream per DNS query, never a unidirectional one; a
+/// opens one control stream and one DNS channel (or, towards an older connector, a stream per
+/// DNS query), never a unidirectional one; a
 /// connector opens no streams at all.
 fn transport(side: Side) -> TransportConfig {
     let mut t = TransportConfig::default();
