@@ -154,13 +154,26 @@ async fn write(tun: &AsyncDevice, pkt: &[u8], dp: &Datapath) {
 /// answers and DNS replies.
 pub async fn write_one(tun: &AsyncDevice, pkt: &[u8]) -> std::io::Result<()> {
     if tun.tcp_gso() {
-        let mut framed = Vec::with_capacity(HEADROOM + pkt.len());
-        framed.resize(HEADROOM, 0);
-        framed.extend_from_slice(pkt);
-        tun.send(&framed).await.map(|_| ())
+        tun.send(&framed(pkt)).await.map(|_| ())
     } else {
         tun.send(pkt).await.map(|_| ())
     }
+}
+
+/// `pkt` as a TUN with offload takes one packet: behind an empty virtio-net header (no GSO,
+/// no checksum to finish), which the kernel would otherwise read the packet's first bytes as.
+pub fn for_tun(tun: &AsyncDevice, pkt: Vec<u8>) -> Vec<u8> {
+    match tun.tcp_gso() {
+        true => framed(&pkt),
+        false => pkt,
+    }
+}
+
+fn framed(pkt: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(HEADROOM + pkt.len());
+    framed.resize(HEADROOM, 0);
+    framed.extend_from_slice(pkt);
+    framed
 }
 
 /// Packets gathered for the TUN, each behind [`HEADROOM`] bytes, written with one

@@ -171,6 +171,7 @@ impl Relays {
 impl Relays {
     /// Writes a steered query's answer into the TUN, waiting only when the TUN is full.
     fn write_answer(&self, tun: &Arc<AsyncDevice>, reply: Vec<u8>) {
+        let reply = super::datapath::for_tun(tun, reply);
         match tun.try_send(&reply) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
