@@ -270,13 +270,8 @@ fn uplink(
         let socket = net::udp_dual_stack_std(source_port)
             .with_context(|| format!("binding UDP source port {source_port}"))?;
         Some(
-            Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?,
+            quic_endpoint(socket, None)
+                .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?,
         )
     } else {
         None

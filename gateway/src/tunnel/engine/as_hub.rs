@@ -19,7 +19,9 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         server.transport_config(Arc::new(outer_transport()));
         server.max_incoming(2 * slots::MAX_PENDING);
         Some(
-            Endpoint::server(server, listen)
+            // Big socket buffers as on the tunnel's ends: every relayed packet crosses twice.
+            std::net::UdpSocket::bind(listen)
+                .and_then(|socket| quic_endpoint(socket, Some(server)))
                 .with_context(|| format!("listening on UDP {listen}"))?,
         )
     } else {
