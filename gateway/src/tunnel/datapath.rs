@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
-use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE};
 
 use super::status::Shared;
 use super::stub::Relays;
@@ -21,9 +21,7 @@ use crate::node::drops::Drop;
 /// Largest IP packet the TUN can hand us, and the largest super-packet an offloading TUN hands
 /// in one read.
 pub const MAX_PACKET: usize = 65_535;
-/// Room in front of every packet written into the TUN: the virtio-net header a TUN with offload
-/// expects, which tun-rs's GRO fills in when it coalesces a batch into super-packets.
-pub const HEADROOM: usize = VIRTIO_NET_HDR_LEN;
+pub use super::tun_write::{HEADROOM, write_one};
 /// Packets handled per wake-up, each way: tun-rs's (and wireguard-go's) batch size. A 64 KB
 /// super-packet split into ~1.4 KB segments fills under half of it.
 pub const BATCH: usize = IDEAL_BATCH_SIZE;
@@ -147,33 +145,6 @@ async fn write(tun: &AsyncDevice, pkt: &[u8], dp: &Datapath) {
     if write_one(tun, pkt).await.is_err() {
         dp.drops.count(Drop::TunWrite);
     }
-}
-
-/// Writes one packet into the TUN, behind an empty virtio-net header when the TUN has offload
-/// on (no segmentation, checksums already complete): for the rare packets written alone, ICMP
-/// answers and DNS replies.
-pub async fn write_one(tun: &AsyncDevice, pkt: &[u8]) -> std::io::Result<()> {
-    if tun.tcp_gso() {
-        tun.send(&framed(pkt)).await.map(|_| ())
-    } else {
-        tun.send(pkt).await.map(|_| ())
-    }
-}
-
-/// `pkt` as a TUN with offload takes one packet: behind an empty virtio-net header (no GSO,
-/// no checksum to finish), which the kernel would otherwise read the packet's first bytes as.
-pub fn for_tun(tun: &AsyncDevice, pkt: Vec<u8>) -> Vec<u8> {
-    match tun.tcp_gso() {
-        true => framed(&pkt),
-        false => pkt,
-    }
-}
-
-fn framed(pkt: &[u8]) -> Vec<u8> {
-    let mut framed = Vec::with_capacity(HEADROOM + pkt.len());
-    framed.resize(HEADROOM, 0);
-    framed.extend_from_slice(pkt);
-    framed
 }
 
 /// Packets gathered for the TUN, each behind [`HEADROOM`] bytes, written with one

@@ -47,6 +47,7 @@ mod slots;
 pub mod status;
 mod stub;
 pub mod tls;
+mod tun_write;
 pub mod vsock;
 
 pub use engine::{TunnelHandle, start};

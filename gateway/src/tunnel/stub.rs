@@ -160,7 +160,7 @@ impl Relays {
             };
             match reply {
                 Some(r) => {
-                    let _ = super::datapath::write_one(&tun, &r).await;
+                    let _ = super::tun_write::write_one(&tun, &r).await;
                 }
                 None => me.drops.count(Drop::DnsRelayFailed),
             }
@@ -171,7 +171,7 @@ impl Relays {
 impl Relays {
     /// Writes a steered query's answer into the TUN, waiting only when the TUN is full.
     fn write_answer(&self, tun: &Arc<AsyncDevice>, reply: Vec<u8>) {
-        let reply = super::datapath::for_tun(tun, reply);
+        let reply = super::tun_write::for_tun(tun, reply);
         match tun.try_send(&reply) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
