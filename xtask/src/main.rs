@@ -98,6 +98,8 @@ const PACKAGES: &[&str] = &[
     "tcpdump",
     // A private bus for the lab's systemd-resolved (which setup extracts, never installs).
     "dbus-daemon",
+    // The lab's resolved asks polkit about callers that are not root (the unit's user).
+    "polkitd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
