@@ -64,30 +64,8 @@ pub fn start(policy: &str, client: &str) -> Pair {
 
 /// Like [`start`], in a lab the caller prepared (sysctls, say).
 pub fn start_in(lab: Lab, policy: &str, client: &str) -> Pair {
-    let pki = lab.dir().join("pki");
-    let d = pki.to_str().expect("utf-8");
-    for args in [
-        vec!["pki", "init", "--dir", d],
-        vec![
-            "pki",
-            "issue",
-            CONNECTOR,
-            "--dir",
-            d,
-            "--profile",
-            "connector",
-        ],
-        vec!["pki", "issue", CLIENT, "--dir", d],
-    ] {
-        let out = gatewayctl(&lab, Host::Operator, &args);
-        assert!(out.status.success(), "{}", stderr_of(&out));
-    }
-    let tls = |name: &str| {
-        format!(
-            "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
-            pki.display()
-        )
-    };
+    let pki = issue_pki(&lab);
+    let tls = |name: &str| tls_section(&pki, name);
     let connector_config = write_config(
         &lab,
         CONNECTOR,
@@ -292,4 +270,36 @@ impl Drop for Listener {
             let _ = t.join();
         }
     }
+}
+
+/// A CA, the connector's certificate (connector profile) and the client's, under the lab's
+/// `pki/`.
+pub fn issue_pki(lab: &Lab) -> std::path::PathBuf {
+    let pki = lab.dir().join("pki");
+    let d = pki.to_str().expect("utf-8");
+    for args in [
+        vec!["pki", "init", "--dir", d],
+        vec![
+            "pki",
+            "issue",
+            CONNECTOR,
+            "--dir",
+            d,
+            "--profile",
+            "connector",
+        ],
+        vec!["pki", "issue", CLIENT, "--dir", d],
+    ] {
+        let out = gatewayctl(lab, Host::Operator, &args);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    pki
+}
+
+/// The `[tls]` section for `name`'s certificate from [`issue_pki`].
+pub fn tls_section(pki: &std::path::Path, name: &str) -> String {
+    format!(
+        "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
+        pki.display()
+    )
 }

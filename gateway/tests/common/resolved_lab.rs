@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use crate::pair::{CLIENT, CONNECTOR, POLICY, wait_connected};
+use crate::pair::{CLIENT, CONNECTOR, POLICY, issue_pki, tls_section, wait_connected};
 use gateway_lab::{Host, Lab, LabOptions, Spawned, addr, zone};
 
 /// The extracted package of the installed systemd's version (see xtask/src/resolved.rs).
@@ -280,30 +280,8 @@ pub fn tunnel() -> Tunnel {
         servers: true,
     })
     .expect("lab");
-    let pki = lab.dir().join("pki");
-    let d = pki.to_str().expect("utf-8");
-    for args in [
-        vec!["pki", "init", "--dir", d],
-        vec![
-            "pki",
-            "issue",
-            CONNECTOR,
-            "--dir",
-            d,
-            "--profile",
-            "connector",
-        ],
-        vec!["pki", "issue", CLIENT, "--dir", d],
-    ] {
-        let out = gatewayctl(&lab, Host::Operator, &args);
-        assert!(out.status.success(), "{}", stderr_of(&out));
-    }
-    let tls = |name: &str| {
-        format!(
-            "[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/{name}.pem\"\nkey = \"{0}/{name}.key\"\n",
-            pki.display()
-        )
-    };
+    let pki = issue_pki(&lab);
+    let tls = |name: &str| tls_section(&pki, name);
     let connector_config = write_config(
         &lab,
         CONNECTOR,
