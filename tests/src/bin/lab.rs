@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use gateway_lab::{Host, Lab, LabOptions, addr, zone};
 
-const USAGE: &str =
-    "usage: lab up | lab sweep | lab demo --bin-dir DIR | lab bench --bin-dir DIR [...]";
+const USAGE: &str = "usage: lab up [--bin-dir DIR [--transport quic|tcp|hub] | --boringtun PEER_BIN_DIR] | lab sweep | \
+                     lab demo --bin-dir DIR | lab bench --bin-dir DIR [...]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("up") => up(),
+        Some("up") => up(&args[1..]),
         Some("sweep") => {
             gateway_lab::sweep();
             Ok(())
@@ -34,8 +34,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn up() -> anyhow::Result<()> {
-    let lab = Lab::start(LabOptions::default())?;
+/// Builds the lab and, given a bin dir, the gateway's tunnel across it (as the bench starts
+/// it), then waits: for looking at a running tunnel by hand (`perf`, `ss`, `gatewayctl status`).
+fn up(args: &[String]) -> anyhow::Result<()> {
+    let (mut bin_dir, mut transport, mut boringtun) = (None, "quic".to_string(), None);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--bin-dir", Some(d)) => bin_dir = Some(PathBuf::from(d)),
+            ("--boringtun", Some(d)) => boringtun = Some(PathBuf::from(d)),
+            ("--transport", Some(t)) if ["quic", "tcp", "hub"].contains(&t.as_str()) => {
+                transport = t.clone()
+            }
+            _ => bail!("{USAGE}"),
+        }
+    }
+    let mut lab = Lab::start(LabOptions::default())?;
+    if transport == "hub" {
+        lab.add_hub()?;
+    }
+    let _tunnel = match &bin_dir {
+        Some(d) => Some(start_tunnel(
+            &lab,
+            path_str(&d.join("gatewayd"))?,
+            path_str(&d.join("gatewayctl"))?,
+            false,
+            &transport,
+        )?),
+        None => None,
+    };
+    let _peer = match &boringtun {
+        Some(d) => Some(gateway_lab::bench::peers::start_boringtun(&lab, d)?),
+        None => None,
+    };
     println!("lab is up; logs and configs in {}", lab.dir().display());
     for h in Host::ALL {
         println!("  {:?}: ip netns exec {} bash", h, lab.ns(h));
