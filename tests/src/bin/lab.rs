@@ -68,7 +68,8 @@ fn up(args: &[String]) -> anyhow::Result<()> {
         None => None,
     };
     println!("lab is up; logs and configs in {}", lab.dir().display());
-    for h in Host::ALL {
+    let hub = (transport == "hub").then_some(Host::Hub);
+    for h in Host::ALL.into_iter().chain(hub) {
         println!("  {:?}: ip netns exec {} bash", h, lab.ns(h));
     }
     println!("Ctrl-C (or SIGTERM) tears it down.");
