@@ -54,11 +54,7 @@ fn main() -> ExitCode {
         tracing::warn!("config: {warning}");
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_for(&config).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("gatewayd: cannot start the async runtime: {e}");
@@ -71,6 +67,21 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             eprintln!("gatewayd: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client carries one tunnel: on one thread a packet goes from socket to QUIC to TUN without
+/// waking another thread (each wake-up costs a context switch, the larger part of a ping's
+/// time through the tunnel). A connector or a hub serves many peers at once: two workers.
+fn runtime_for(config: &gateway::config::Config) -> tokio::runtime::Builder {
+    use gateway::config::Role;
+    match config.tunnel.as_ref().map(|t| &t.role) {
+        Some(Role::Client { .. }) => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
         }
     }
 }
