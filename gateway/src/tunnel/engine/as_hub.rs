@@ -12,6 +12,9 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     rustls.alpn_protocols = vec![HUB_ALPN.to_vec()];
     let rustls = Arc::new(rustls);
     let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
+    let relay = relay_runtime()?;
+    // Sockets, quinn's drivers and the relay tasks all on the relay's thread.
+    let entered = relay.handle.enter();
     let endpoint = if cfg.transport.uses_quic() {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls.clone())
             .map_err(|e| anyhow!("QUIC crypto: {e}"))?;
@@ -29,13 +32,17 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     };
     let tcp = if cfg.transport.uses_tcp() {
         Some(
-            tokio::net::TcpListener::bind(tcp_listen)
-                .await
+            std::net::TcpListener::bind(tcp_listen)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
                 .with_context(|| format!("listening on TCP {tcp_listen}"))?,
         )
     } else {
         None
     };
+    drop(entered);
     let listening = crate::tunnel::hub_server::describe(listen, tcp_listen);
     let shared = Shared::new(StatusRole::Hub, "", &listening);
     let hub = HubServer::new(shared.clone());
@@ -46,16 +53,27 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
             view.upgrade().map(|h| h.status()).unwrap_or_default()
         }));
     }
-    let mut tasks = JoinSet::new();
+    let mut relayed = Vec::new();
     if let Some(ep) = endpoint.clone() {
-        tasks.spawn(hub.clone().accept_quic(ep));
+        relayed.push(relay.handle.spawn(hub.clone().accept_quic(ep)));
     }
     if let Some(l) = tcp {
-        tasks.spawn(
-            hub.clone()
-                .accept_tcp(l, tokio_rustls::TlsAcceptor::from(rustls)),
+        relayed.push(
+            relay.handle.spawn(
+                hub.clone()
+                    .accept_tcp(l, tokio_rustls::TlsAcceptor::from(rustls)),
+            ),
         );
     }
+    let mut tasks = JoinSet::new();
+    // Ending this task (the handle stops its tasks) ends the relay's thread and all on it.
+    let stop = relay.stop;
+    tasks.spawn(async move {
+        let _stop = stop;
+        for t in relayed {
+            let _ = t.await;
+        }
+    });
     tracing::info!(%listening, "hub up");
     Ok(TunnelHandle {
         shared,
@@ -67,4 +85,41 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         connector: None,
         resolved: None,
     })
+}
+
+/// The hub's own runtime: one thread that runs every relayed packet from socket to socket, so
+/// a packet never waits for a wake-up on another thread, and quinn's drivers find several
+/// datagrams queued at once (one send for a batch). Dropping `stop` ends it.
+struct Relay {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn relay_runtime() -> anyhow::Result<Relay> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("hub-relay".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => {
+                    let _ = ready_tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(async {
+                        let _ = stopped.await;
+                    });
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        })
+        .context("starting the hub's relay thread")?;
+    let handle = ready
+        .recv()
+        .context("the hub's relay thread")?
+        .context("the hub's relay runtime")?;
+    Ok(Relay { handle, stop })
 }
