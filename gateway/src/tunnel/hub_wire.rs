@@ -384,6 +384,56 @@ pub fn outer_transport() -> quinn::TransportConfig {
     t
 }
 
+/// A thread of its own for relaying: sockets, quinn's drivers and the relay loops created on
+/// it share one thread, so a relayed packet never waits for a wake-up on another thread and
+/// quinn finds several datagrams queued per send (one batch, one system call). Measured on the
+/// hub (docs/hub.md): about 15 % less CPU per byte than on the daemon's shared runtime.
+pub struct RelayThread {
+    pub handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl RelayThread {
+    pub fn start(name: &str) -> anyhow::Result<RelayThread> {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => {
+                        let _ = ready_tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(async {
+                            let _ = stopped.await;
+                        });
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| anyhow!("starting the relay thread: {e}"))?;
+        let handle = ready
+            .recv()
+            .map_err(|_| anyhow!("the relay thread ended"))?
+            .map_err(|e| anyhow!("the relay runtime: {e}"))?;
+        Ok(RelayThread { handle, stop })
+    }
+
+    /// Ends the thread, and everything still on it, when `tasks` drops or aborts the task
+    /// this adds (the tunnel handle's stop does).
+    pub fn keep_in(self, tasks: &mut tokio::task::JoinSet<()>) {
+        let stop = self.stop;
+        tasks.spawn(async move {
+            let _stop = stop;
+            std::future::pending::<()>().await;
+        });
+    }
+}
+
 /// Shared byte counter for status.
 pub type Counter = Arc<std::sync::atomic::AtomicU64>;
 

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::tunnel::hub_server::HubServer;
-use crate::tunnel::hub_wire::{HUB_ALPN, outer_transport};
+use crate::tunnel::hub_wire::{HUB_ALPN, RelayThread, outer_transport};
 
 pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<TunnelHandle> {
     let trust = tls::Trust::load(&cfg.tls)?;
@@ -12,7 +12,7 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     rustls.alpn_protocols = vec![HUB_ALPN.to_vec()];
     let rustls = Arc::new(rustls);
     let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
-    let relay = relay_runtime()?;
+    let relay = RelayThread::start("hub-relay")?;
     // Sockets, quinn's drivers and the relay tasks all on the relay's thread.
     let entered = relay.handle.enter();
     let endpoint = if cfg.transport.uses_quic() {
@@ -53,27 +53,18 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
             view.upgrade().map(|h| h.status()).unwrap_or_default()
         }));
     }
-    let mut relayed = Vec::new();
+    let mut tasks = JoinSet::new();
     if let Some(ep) = endpoint.clone() {
-        relayed.push(relay.handle.spawn(hub.clone().accept_quic(ep)));
+        tasks.spawn_on(hub.clone().accept_quic(ep), &relay.handle);
     }
     if let Some(l) = tcp {
-        relayed.push(
-            relay.handle.spawn(
-                hub.clone()
-                    .accept_tcp(l, tokio_rustls::TlsAcceptor::from(rustls)),
-            ),
+        tasks.spawn_on(
+            hub.clone()
+                .accept_tcp(l, tokio_rustls::TlsAcceptor::from(rustls)),
+            &relay.handle,
         );
     }
-    let mut tasks = JoinSet::new();
-    // Ending this task (the handle stops its tasks) ends the relay's thread and all on it.
-    let stop = relay.stop;
-    tasks.spawn(async move {
-        let _stop = stop;
-        for t in relayed {
-            let _ = t.await;
-        }
-    });
+    relay.keep_in(&mut tasks);
     tracing::info!(%listening, "hub up");
     Ok(TunnelHandle {
         shared,
@@ -85,41 +76,4 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         connector: None,
         resolved: None,
     })
-}
-
-/// The hub's own runtime: one thread that runs every relayed packet from socket to socket, so
-/// a packet never waits for a wake-up on another thread, and quinn's drivers find several
-/// datagrams queued at once (one send for a batch). Dropping `stop` ends it.
-struct Relay {
-    handle: tokio::runtime::Handle,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-fn relay_runtime() -> anyhow::Result<Relay> {
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("hub-relay".into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => {
-                    let _ = ready_tx.send(Ok(rt.handle().clone()));
-                    rt.block_on(async {
-                        let _ = stopped.await;
-                    });
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            }
-        })
-        .context("starting the hub's relay thread")?;
-    let handle = ready
-        .recv()
-        .context("the hub's relay thread")?
-        .context("the hub's relay runtime")?;
-    Ok(Relay { handle, stop })
 }
