@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::hub_wire::{self, Counter, FLOW_ID, HubMsg, In, OuterTx};
+use super::hub_wire::{self, Counter, FLOW_ID, HubMsg, In, OuterRx, OuterTx};
 use super::status::Shared;
 use super::tls;
 use crate::core::text::{PEER_NAME, PEER_TEXT, clean, is_clean};
@@ -224,7 +223,7 @@ impl HubServer {
             .refuse(identity.map(str::to_string), tx.remote, reason);
     }
 
-    async fn serve(&self, tx: OuterTx, mut rx: mpsc::Receiver<In>, chain: &[CertificateDer<'_>]) {
+    async fn serve(&self, tx: OuterTx, mut rx: OuterRx, chain: &[CertificateDer<'_>]) {
         let remote = tx.remote;
         let identity = match tls::identity_of_chain(chain) {
             Some(n) if is_clean(&n, PEER_NAME) => n,
@@ -270,7 +269,7 @@ impl HubServer {
         group: String,
         routes: Vec<String>,
         tx: OuterTx,
-        mut rx: mpsc::Receiver<In>,
+        mut rx: OuterRx,
     ) {
         let info = ConnectorInfo {
             identity: identity.clone(),
@@ -302,7 +301,7 @@ impl HubServer {
             let flow = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
             let to = self.flows.read().ok().and_then(|f| f.get(&flow).cloned());
             if let Some((client, bytes)) = to
-                && client.send_datagram(&[], &d[FLOW_ID..])
+                && client.send_bytes(d.slice(FLOW_ID..))
             {
                 bytes.fetch_add((d.len() - FLOW_ID) as u64, Ordering::Relaxed);
             }
@@ -323,7 +322,7 @@ impl HubServer {
         identity: String,
         group: Option<String>,
         tx: OuterTx,
-        mut rx: mpsc::Receiver<In>,
+        mut rx: OuterRx,
     ) {
         let assigned = self
             .state

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 
 use super::dial::resolve;
-use super::hub_wire::{self, FLOW_ID, HubMsg, In, OuterTx};
+use super::hub_wire::{self, FLOW_ID, HubMsg, In, OuterRx, OuterTx};
 use super::net::tcp_connect;
 use super::vsock::{Route, VirtualSocket};
 use crate::config::Transport;
@@ -127,7 +127,7 @@ async fn keep_up(
 }
 
 /// Datagrams from the hub into the inner endpoint, each under its flow's address.
-async fn relay(mut rx: tokio::sync::mpsc::Receiver<In>, index: u16, socket: &VirtualSocket) {
+async fn relay(mut rx: OuterRx, index: u16, socket: &VirtualSocket) {
     while let Some(item) = rx.recv().await {
         match item {
             In::Datagram(d) if d.len() > FLOW_ID => {
@@ -142,10 +142,7 @@ async fn relay(mut rx: tokio::sync::mpsc::Receiver<In>, index: u16, socket: &Vir
 }
 
 /// One outer link to `hub`, the dial plan's steps in turn, announced and welcomed.
-async fn dial(
-    u: &Uplinks,
-    hub: &str,
-) -> anyhow::Result<(OuterTx, tokio::sync::mpsc::Receiver<In>, LinkKind)> {
+async fn dial(u: &Uplinks, hub: &str) -> anyhow::Result<(OuterTx, OuterRx, LinkKind)> {
     let addr = resolve(hub).await?;
     let host = hub
         .rsplit_once(':')

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::tunnel::hub_server::HubServer;
-use crate::tunnel::hub_wire::{HUB_ALPN, outer_transport};
+use crate::tunnel::hub_wire::{HUB_ALPN, RelayThread, outer_transport};
 
 pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<TunnelHandle> {
     let trust = tls::Trust::load(&cfg.tls)?;
@@ -12,6 +12,9 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     rustls.alpn_protocols = vec![HUB_ALPN.to_vec()];
     let rustls = Arc::new(rustls);
     let tcp_listen = SocketAddr::new(listen.ip(), cfg.fallback_port.unwrap_or(listen.port()));
+    let relay = RelayThread::start("hub-relay")?;
+    // Sockets, quinn's drivers and the relay tasks all on the relay's thread.
+    let entered = relay.handle.enter();
     let endpoint = if cfg.transport.uses_quic() {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(rustls.clone())
             .map_err(|e| anyhow!("QUIC crypto: {e}"))?;
@@ -29,13 +32,17 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     };
     let tcp = if cfg.transport.uses_tcp() {
         Some(
-            tokio::net::TcpListener::bind(tcp_listen)
-                .await
+            std::net::TcpListener::bind(tcp_listen)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
                 .with_context(|| format!("listening on TCP {tcp_listen}"))?,
         )
     } else {
         None
     };
+    drop(entered);
     let listening = crate::tunnel::hub_server::describe(listen, tcp_listen);
     let shared = Shared::new(StatusRole::Hub, "", &listening);
     let hub = HubServer::new(shared.clone());
@@ -48,14 +55,16 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     }
     let mut tasks = JoinSet::new();
     if let Some(ep) = endpoint.clone() {
-        tasks.spawn(hub.clone().accept_quic(ep));
+        tasks.spawn_on(hub.clone().accept_quic(ep), &relay.handle);
     }
     if let Some(l) = tcp {
-        tasks.spawn(
+        tasks.spawn_on(
             hub.clone()
                 .accept_tcp(l, tokio_rustls::TlsAcceptor::from(rustls)),
+            &relay.handle,
         );
     }
+    relay.keep_in(&mut tasks);
     tracing::info!(%listening, "hub up");
     Ok(TunnelHandle {
         shared,
