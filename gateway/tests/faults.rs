@@ -247,15 +247,18 @@ fn works(t: &Pair) {
     .expect("ping6");
 }
 
-/// The client's current connection to the connector, if connected.
-fn connection_id(lab: &Lab, socket: &std::path::Path) -> Option<u64> {
+/// The client's current connection to the connector (its id and when it connected), if
+/// connected.
+fn connection(lab: &Lab, socket: &std::path::Path) -> Option<(u64, u64)> {
     std::os::unix::net::UnixStream::connect(socket).ok()?;
     let s = status_json(lab, Host::Operator, socket);
     let t = s.tunnel?;
     if !t.state.starts_with("connected") {
         return None;
     }
-    t.peers.first().map(|p| p.connection_id)
+    t.peers
+        .first()
+        .map(|p| (p.connection_id, p.connected_since))
 }
 
 #[test]
@@ -275,7 +278,7 @@ fn sigkill_of_either_daemon_and_a_restart_leave_nothing_twice_and_nothing_missin
             "connector" => (&mut t.connector, &t.connector_config, &t.connector_socket),
             _ => (&mut t.client, &t.client_config, &t.client_socket),
         };
-        let old = connection_id(&t.lab, &t.client_socket);
+        let old = connection(&t.lab, &t.client_socket);
         daemon.kill().expect("SIGKILL");
         daemon.wait_timeout(Duration::from_secs(5)).expect("killed");
         let (config, socket) = (config.clone(), socket.clone());
@@ -287,9 +290,15 @@ fn sigkill_of_either_daemon_and_a_restart_leave_nothing_twice_and_nothing_missin
             &format!("{which}-restarted.log"),
         );
         // A client that outlives its connector notices by the idle timeout: wait for the new
-        // connection, not the old one it still reports for a few seconds.
+        // connection, not the old one it still reports for a few seconds. The id alone cannot
+        // tell (a restarted daemon counts from the start again), nor can "not connected" (a
+        // restarted client has no status socket yet): the id with the time it connected can.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while connection_id(&t.lab, &t.client_socket) == old {
+        loop {
+            match connection(&t.lab, &t.client_socket) {
+                Some(now) if Some(now) != old => break,
+                _ => {}
+            }
             assert!(
                 Instant::now() < deadline,
                 "no new connection after the {which} restart"
