@@ -193,22 +193,25 @@ pub const RCODE_SERVFAIL: u8 = 2;
 pub const RCODE_NXDOMAIN: u8 = 3;
 pub const RCODE_REFUSED: u8 = 5;
 
+/// A query for `name` (dotted) with type A, as dig sends it (without EDNS): the one the
+/// tests of every DNS path ask.
+#[cfg(test)]
+pub fn test_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        m.push(label.len() as u8);
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.push(0);
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    m
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_query as query;
     use super::*;
-
-    /// A query for `name` (dotted) with type A, as dig sends it (without EDNS).
-    fn query(id: u16, name: &str) -> Vec<u8> {
-        let mut m = id.to_be_bytes().to_vec();
-        m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-        for label in name.split('.').filter(|l| !l.is_empty()) {
-            m.push(label.len() as u8);
-            m.extend_from_slice(label.as_bytes());
-        }
-        m.push(0);
-        m.extend_from_slice(&[0, 1, 0, 1]);
-        m
-    }
 
     #[test]
     fn parses_a_query_lowercasing_the_name() {

@@ -28,11 +28,7 @@ fn zone(domain: &str, servers: &[&str], on_servfail: OnServfail) -> ZoneSpec {
 }
 
 fn query(id: u16, name: &str) -> Vec<u8> {
-    let mut q = vec![0, 0, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    q[..2].copy_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&dns::wire_name(name).expect("name"));
-    q.extend_from_slice(&[0, 1, 0, 1]);
-    q
+    dns::test_query(id, name)
 }
 
 /// What a resolver would answer to `q`: the question echoed, `rcode`, TC when `truncated`.

@@ -455,10 +455,7 @@ mod tests {
     }
 
     fn query(id: u16) -> Vec<u8> {
-        let mut q = id.to_be_bytes().to_vec();
-        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
-        q.extend_from_slice(b"\x02db\x08hoge-vpc\x03com\x00\x00\x01\x00\x01");
-        q
+        crate::core::dns::test_query(id, "db.hoge-vpc.com")
     }
 
     #[tokio::test]
