@@ -170,7 +170,7 @@ fn killing_the_serving_replica_moves_a_client_with_two_targets_within_5_s() {
         );
         let socket = socket_path(&lab, name);
         let daemon = start_daemon(&lab, host, &config, &socket, &format!("{name}.log"));
-        wait_listening(&lab, &socket);
+        pair::wait_listening(&lab, &socket, Duration::from_secs(10));
         connectors.push((host, daemon, socket));
     }
     let config = write_config(
@@ -203,26 +203,4 @@ fn killing_the_serving_replica_moves_a_client_with_two_targets_within_5_s() {
         "direct: {silence:.1} s without replies ({:?} in all)",
         started.elapsed()
     );
-}
-
-/// Waits (bounded) until a connector says it listens: its status socket answers a moment
-/// before its QUIC socket is bound, and a client dialling in that moment rightly moves on to
-/// its next target.
-fn wait_listening(lab: &Lab, socket: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let s = status_json(lab, Host::Operator, socket);
-        if s.tunnel
-            .as_ref()
-            .is_some_and(|t| t.state.starts_with("listening"))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connector not listening: {:?}",
-            s.tunnel
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }

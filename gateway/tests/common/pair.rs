@@ -122,18 +122,38 @@ pub fn start_in(lab: Lab, policy: &str, client: &str) -> Pair {
 
 /// Waits (bounded) until the client says it is connected; its status then.
 pub fn wait_connected(lab: &Lab, socket: &Path, within: Duration) -> gateway::api::Status {
+    wait_tunnel(lab, socket, within, "client not connected", |t| {
+        t.state.starts_with("connected") && !t.peers.is_empty()
+    })
+}
+
+/// Waits (bounded) until a connector says it listens: its status socket answers a moment
+/// before its QUIC socket is bound, and a client dialling in that moment rightly moves on to
+/// its next target.
+pub fn wait_listening(lab: &Lab, socket: &Path, within: Duration) -> gateway::api::Status {
+    wait_tunnel(lab, socket, within, "connector not listening", |t| {
+        t.state.starts_with("listening")
+    })
+}
+
+/// Polls the node at `socket` until its tunnel status satisfies `ok`, failing with `what`
+/// and the last status after `within`.
+fn wait_tunnel(
+    lab: &Lab,
+    socket: &Path,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&gateway::api::TunnelStatus) -> bool,
+) -> gateway::api::Status {
     let deadline = Instant::now() + within;
     loop {
         let s = status_json(lab, Host::Operator, socket);
-        if let Some(t) = &s.tunnel
-            && t.state.starts_with("connected")
-            && !t.peers.is_empty()
-        {
+        if s.tunnel.as_ref().is_some_and(&ok) {
             return s;
         }
         assert!(
             Instant::now() < deadline,
-            "client not connected within {within:?}: {:?}",
+            "{what} within {within:?}: {:?}",
             s.tunnel
         );
         std::thread::sleep(Duration::from_millis(100));
