@@ -135,13 +135,17 @@ impl Task {
     }
 
     /// The node's outputs, in its order: the datapath first (so a welcomed peer's packets find
-    /// it), control messages, effects, then which links are up.
+    /// it), status (so a client told it is welcome finds itself there), control messages,
+    /// effects, then which links are up.
     async fn carry_out(&mut self) {
         let changed = self.node.datapath_version() != self.version;
         if changed {
             self.version = self.node.datapath_version();
             self.datapath.store(self.node.datapath());
         }
+        // Nothing below changes what the view shows; the effects await the kernel, and a
+        // client could hear its welcome and ask before they end.
+        self.publish_view();
         while let Some(t) = self.node.poll_transmit() {
             if let Some(out) = self.outs.get(&t.link)
                 && out.try_send(Outgoing::Control(t.msg)).is_err()
@@ -165,7 +169,6 @@ impl Task {
             }
             self.sync_filter();
         }
-        self.publish_view();
     }
 
     async fn event(&mut self, e: ConnectorEvent) {
