@@ -414,3 +414,111 @@ fn policy_holds_through_the_hub_and_a_foreign_ca_gets_no_relay() {
         h.logs()
     );
 }
+
+/// The hub's refusals and relay tables now.
+fn hub_now(h: &HubLab) -> gateway::api::TunnelStatus {
+    status_json(&h.lab, Host::Hub, &h.hub_socket)
+        .tunnel
+        .expect("tunnel")
+}
+
+/// Waits (bounded) until the hub's status satisfies `ok`.
+fn wait_hub(
+    h: &HubLab,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&gateway::api::TunnelStatus) -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let t = hub_now(h);
+        if ok(&t) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}: {t:?}\n{}",
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_crl_reload_on_the_hub_cuts_the_live_links_of_a_revoked_client_and_connector() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "");
+    h.start_client("");
+    let ping = ["ping", "-c", "2", "-i", "0.2", "-W", "2", addr::VPC_HOST];
+    h.lab
+        .run_ok(Host::Operator, &ping)
+        .expect("ping through the hub");
+    let revoked = |h: &HubLab, name: &str| {
+        pki_issue(
+            &h.lab,
+            &h.pki,
+            &["revoke", name, "--reason", "key-compromise"],
+        );
+        h.hub
+            .as_ref()
+            .expect("hub")
+            .signal(libc::SIGHUP)
+            .expect("SIGHUP");
+    };
+    let listed = |t: &gateway::api::TunnelStatus, name: &str| {
+        t.refusals.iter().any(|r| {
+            r.identity.as_deref() == Some(name)
+                && r.reason == "certificate revoked (key-compromise)"
+        })
+    };
+
+    // Only the hub reads the new CRL: the connector still admits the client, so what ends its
+    // session is the hub closing the live outer link.
+    revoked(&h, CLIENT);
+    wait_hub(
+        &h,
+        Duration::from_secs(2),
+        "the client's relay closed",
+        |t| listed(t, CLIENT) && t.hub.as_ref().is_some_and(|r| r.clients.is_empty()),
+    );
+    let hub = status_json(&h.lab, Host::Hub, &h.hub_socket);
+    let reload = hub.last_reload.expect("reload reported");
+    assert!(
+        reload.ok
+            && reload
+                .message
+                .contains(&format!("closed the session(s) of {CLIENT}")),
+        "{reload:?}"
+    );
+    // It dials again at once and is refused in the handshake; nothing is relayed for it.
+    wait_hub(
+        &h,
+        Duration::from_secs(15),
+        "the client's redial refused",
+        |t| {
+            t.refusals
+                .iter()
+                .any(|r| r.remote.starts_with(addr::OP_WAN) && r.reason.contains("Revoked"))
+        },
+    );
+    assert!(
+        hub_now(&h).hub.is_some_and(|r| r.clients.is_empty()),
+        "{}",
+        h.logs()
+    );
+    assert!(
+        h.lab.run_ok(Host::Operator, &ping).is_err(),
+        "ping after revocation"
+    );
+
+    // A revoked connector leaves the hub's table, and its redial is refused too.
+    revoked(&h, GW_A);
+    wait_hub(
+        &h,
+        Duration::from_secs(2),
+        "the connector's link closed",
+        |t| listed(t, GW_A) && t.hub.as_ref().is_some_and(|r| r.connectors.is_empty()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!h.hub_lists(GW_A), "{}", h.logs());
+}

@@ -35,9 +35,17 @@ pub struct Relayed {
     pub bytes: Counter,
 }
 
+/// A live outer link's certificate, kept so a reload can check it against a new CRL.
+struct Live {
+    identity: String,
+    chain: Vec<CertificateDer<'static>>,
+    tx: OuterTx,
+}
+
 pub struct HubServer {
     pub shared: Arc<Shared>,
     state: Mutex<Hub>,
+    live: Mutex<HashMap<LinkId, Live>>,
     connectors: Mutex<HashMap<LinkId, OuterTx>>,
     clients: Mutex<HashMap<LinkId, OuterTx>>,
     /// Flow id → the client's link and its byte counter: the connector→client direction.
@@ -57,6 +65,7 @@ impl HubServer {
         Arc::new(HubServer {
             shared,
             state: Mutex::new(Hub::new()),
+            live: Mutex::new(HashMap::new()),
             connectors: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             flows: RwLock::new(HashMap::new()),
@@ -151,7 +160,7 @@ impl HubServer {
                     };
                 let (tx, rx) = hub_wire::start_quic(conn, send, recv);
                 drop(permit);
-                me.serve(tx, rx, &chain).await;
+                me.serve(tx, rx, chain).await;
             });
             while tasks.try_join_next().is_some() {}
         }
@@ -203,7 +212,7 @@ impl HubServer {
                     .unwrap_or_default();
                 let (tx, rx) = hub_wire::start_tcp(tls, remote);
                 drop(permit);
-                me.serve(tx, rx, &chain).await;
+                me.serve(tx, rx, chain).await;
             });
             while tasks.try_join_next().is_some() {}
         }
@@ -223,7 +232,61 @@ impl HubServer {
             .refuse(identity.map(str::to_string), tx.remote, reason);
     }
 
-    async fn serve(&self, tx: OuterTx, mut rx: OuterRx, chain: &[CertificateDer<'_>]) {
+    /// Closes every live outer link whose certificate `check` now refuses (a reload brought a
+    /// CRL that revokes it), lists it as a refusal and returns the identities closed. A closed
+    /// connector takes its relayed clients with it, as when it goes away.
+    pub fn recheck(
+        &self,
+        check: impl Fn(&[CertificateDer<'static>]) -> Result<(), String>,
+    ) -> Vec<String> {
+        let refused: Vec<(String, OuterTx, String)> = match self.live.lock() {
+            Ok(l) => l
+                .values()
+                .filter_map(|l| {
+                    let reason = check(&l.chain).err()?;
+                    Some((l.identity.clone(), l.tx.clone(), reason))
+                })
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        refused
+            .into_iter()
+            .map(|(identity, tx, reason)| {
+                tx.close(&reason);
+                self.shared
+                    .refuse(Some(identity.clone()), tx.remote, reason);
+                identity
+            })
+            .collect()
+    }
+
+    async fn serve(&self, tx: OuterTx, rx: OuterRx, chain: Vec<CertificateDer<'static>>) {
+        let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
+        let identity = tls::identity_of_chain(&chain).unwrap_or_default();
+        if let Ok(mut l) = self.live.lock() {
+            let tx = tx.clone();
+            l.insert(
+                id,
+                Live {
+                    identity,
+                    chain: chain.clone(),
+                    tx,
+                },
+            );
+        }
+        self.serve_link(id, tx, rx, &chain).await;
+        if let Ok(mut l) = self.live.lock() {
+            l.remove(&id);
+        }
+    }
+
+    async fn serve_link(
+        &self,
+        id: LinkId,
+        tx: OuterTx,
+        mut rx: OuterRx,
+        chain: &[CertificateDer<'_>],
+    ) {
         let remote = tx.remote;
         let identity = match tls::identity_of_chain(chain) {
             Some(n) if is_clean(&n, PEER_NAME) => n,
@@ -241,7 +304,6 @@ impl HubServer {
                 return tx.close("no hello");
             }
         };
-        let id = LinkId(self.next_link.fetch_add(1, Ordering::Relaxed));
         match (profile_of(chain), first) {
             (Some(Profile::Connector), HubMsg::Connector { group, routes }) => {
                 let group = clean(&group, 64);

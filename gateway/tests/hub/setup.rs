@@ -45,7 +45,8 @@ pub fn tls(pki: &Path, name: &str) -> String {
     )
 }
 
-fn pki_issue(lab: &Lab, pki: &Path, args: &[&str]) {
+/// `gatewayctl pki ARGS --dir PKI`, which must succeed.
+pub fn pki_issue(lab: &Lab, pki: &Path, args: &[&str]) {
     let d = pki.to_str().expect("utf-8");
     let mut argv = vec!["pki"];
     argv.extend_from_slice(args);
@@ -55,7 +56,8 @@ fn pki_issue(lab: &Lab, pki: &Path, args: &[&str]) {
 }
 
 /// The lab, its PKI (a hub certificate for the hub's address, two connectors that both carry
-/// the group's name, a client), the inbound filter on both VPC gateways, and a hub running.
+/// the group's name, a client), the inbound filter on both VPC gateways, and a hub running
+/// with the PKI's CRL (empty until a test revokes).
 pub fn start_hub() -> HubLab {
     let mut lab = Lab::start(LabOptions {
         direct_vpc_route: false,
@@ -85,9 +87,10 @@ pub fn start_hub() -> HubLab {
         HUB,
         &[],
         &format!(
-            "[tunnel]\nrole = \"hub\"\nlisten = \"0.0.0.0:{}\"\n\n{}",
+            "[tunnel]\nrole = \"hub\"\nlisten = \"0.0.0.0:{}\"\n\n{}crl = \"{}/crl.pem\"\n",
             hub_addr::PORT,
-            tls(&pki, HUB)
+            tls(&pki, HUB),
+            pki.display()
         ),
     );
     let hub_socket = socket_path(&lab, HUB);

@@ -168,6 +168,7 @@ pub(super) async fn start(
         trust,
         connector: None,
         resolved,
+        hub: None,
     })
 }
 

@@ -221,6 +221,7 @@ pub(super) async fn start(
             forwarder,
         }),
         resolved: None,
+        hub: None,
     })
 }
 

@@ -75,5 +75,6 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         trust,
         connector: None,
         resolved: None,
+        hub: Some(hub),
     })
 }

@@ -85,6 +85,8 @@ pub struct TunnelHandle {
     connector: Option<ConnectorParts>,
     /// Client: systemd-resolved's settings for the TUN, reverted first on stop.
     resolved: Option<resolved::Link>,
+    /// Hub: its outer links, checked again when a reload brings a new CRL.
+    hub: Option<Arc<super::hub_server::HubServer>>,
 }
 
 struct ConnectorParts {
@@ -125,6 +127,9 @@ impl TunnelHandle {
                     .refuse(Some(identity.clone()), link.remote(), reason);
                 closed.push(identity);
             }
+        }
+        if let Some(hub) = &self.hub {
+            closed.extend(hub.recheck(|chain| self.trust.check_client(chain)));
         }
         closed
     }
