@@ -177,9 +177,49 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
     let relay = hub.hub.expect("hub tables");
     assert_eq!(relay.connectors[0].transport, "tcp", "{relay:?}");
     assert_eq!(relay.clients[0].transport, "tcp", "{relay:?}");
+    // The client says what the network carries: TCP to the hub, though the session inside is
+    // QUIC; and, as on a direct link, it looks for QUIC again.
+    let client = status_json(&h.lab, Host::Operator, &h.client_socket)
+        .tunnel
+        .expect("tunnel");
+    assert_eq!(client.peers[0].transport, "tcp", "{client:?}");
+    assert!(client.state.contains("over TCP"), "{}", client.state);
     reaches_the_vpc(&h.lab, Host::Operator);
     reaches_the_vpc(&h.lab, Host::Office);
     connector_takes_no_inbound(&h.lab);
+
+    h.lab
+        .run_ok(
+            Host::Underlay,
+            &["nft", "delete", "table", "inet", "block_udp"],
+        )
+        .expect("unblock udp");
+    let back = wait_transport(
+        &h.lab,
+        &h.client_socket,
+        Some("quic"),
+        std::time::Instant::now(),
+        20,
+        h.client.as_ref().expect("client"),
+    );
+    let relay = status_json(&h.lab, Host::Hub, &h.hub_socket)
+        .tunnel
+        .and_then(|t| t.hub)
+        .expect("hub tables");
+    assert!(
+        relay.clients.len() == 1 && relay.clients[0].transport == "quic",
+        "{relay:?}"
+    );
+    assert_eq!(
+        back.address_v4, client.peers[0].address_v4,
+        "the overlay address stays"
+    );
+    let argv = h.lab.ssh_argv(addr::VPC_HOST, "echo back-on-quic");
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    assert_eq!(
+        h.lab.run_ok(Host::Operator, &argv).expect("ssh").trim(),
+        "back-on-quic"
+    );
 }
 
 /// Whether `needle` occurs in `hay`.

@@ -159,6 +159,7 @@ impl Accept {
                     control_rx: ControlRx::quic(recv, Side::Connector),
                     inbound: Inbound::Quic(conn.clone()),
                     dns_queries: None,
+                    outer: None,
                 };
                 self.up(opened, identity, LinkKind::Quic, slot).await;
             }

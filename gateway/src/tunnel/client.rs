@@ -97,9 +97,10 @@ impl Task {
             .and_then(|c| tls::identity_of_chain(&c))
             .unwrap_or_else(|| self.dialer.server_name.clone());
         let info = LinkInfo {
-            kind: match &link {
-                Link::Quic(_) => crate::node::LinkKind::Quic,
-                Link::Tcp(_) => crate::node::LinkKind::Tcp,
+            kind: match (&link, opened.outer) {
+                (_, Some(outer)) => outer,
+                (Link::Quic(_), None) => crate::node::LinkKind::Quic,
+                (Link::Tcp(_), None) => crate::node::LinkKind::Tcp,
             },
             remote: link.remote(),
             identity: clean(&identity, PEER_TEXT),

@@ -82,6 +82,7 @@ impl Dialer {
             control_rx: ControlRx::quic(recv, Side::Client),
             inbound: Inbound::Quic(conn),
             dns_queries: None,
+            outer: None,
         })
     }
 

@@ -183,6 +183,7 @@ impl ViaHub {
             control_rx: ControlRx::quic(recv, Side::Client),
             inbound: Inbound::Quic(conn),
             dns_queries: None,
+            outer: Some(kind),
         })
     }
 }

@@ -329,6 +329,9 @@ pub struct Opened {
     /// TCP: DNS queries (request id, message) for the connector's forwarder. QUIC brings each
     /// query on its own stream instead.
     pub dns_queries: Option<mpsc::Receiver<(u32, Vec<u8>)>>,
+    /// Through a hub: how the outer link travels, which is what the network sees and what a
+    /// move back to QUIC changes (the inner session is QUIC either way).
+    pub outer: Option<crate::node::LinkKind>,
 }
 
 /// The TLS-over-TCP link: a reader task that decodes frames and dispatches them, a writer task
@@ -425,6 +428,7 @@ impl TcpLink {
             control_rx: ControlRx::Tcp(control_rx),
             inbound: Inbound::Tcp(packets_rx),
             dns_queries: (side == Side::Connector).then_some(dns_rx),
+            outer: None,
         }
     }
 

@@ -81,6 +81,7 @@ async fn run(
         control_rx,
         inbound,
         dns_queries,
+        outer: _,
     } = opened;
     let (up_tx, up_rx) = watch::channel(false);
     let reason = tokio::select! {

@@ -267,3 +267,39 @@ pub fn attached_via(iface: &gateway::api::InterfaceStatus) -> gateway::api::Atta
     assert_eq!(iface.attach, Some(mode), "{iface:?}");
     mode
 }
+
+/// The client's peer while it says it is connected.
+pub fn client_peer(lab: &Lab, socket: &Path) -> Option<gateway::api::PeerStatus> {
+    let s = status_json(lab, Host::Operator, socket);
+    let t = s.tunnel?;
+    if !t.state.starts_with("connected") {
+        return None;
+    }
+    t.peers.into_iter().next()
+}
+
+/// Waits until the client is connected (over `transport`, when given) and returns its peer;
+/// fails the test if that takes more than `within` seconds from `since`.
+pub fn wait_transport(
+    lab: &Lab,
+    socket: &Path,
+    transport: Option<&str>,
+    since: Instant,
+    within: u64,
+    client: &Spawned,
+) -> gateway::api::PeerStatus {
+    loop {
+        if let Some(p) = client_peer(lab, socket)
+            && transport.is_none_or(|t| p.transport == t)
+        {
+            eprintln!("connected over {} after {:?}", p.transport, since.elapsed());
+            return p;
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(within),
+            "not connected over {transport:?} within {within} s; client log:\n{}",
+            client.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -180,41 +180,6 @@ impl Drop for UdpBlocked<'_> {
     }
 }
 
-pub(crate) fn client_peer(lab: &Lab, socket: &std::path::Path) -> Option<gateway::api::PeerStatus> {
-    let s = status_json(lab, Host::Operator, socket);
-    let t = s.tunnel?;
-    if !t.state.starts_with("connected") {
-        return None;
-    }
-    t.peers.into_iter().next()
-}
-
-/// Waits until the client is connected (over `transport`, when given) and returns its peer;
-/// fails the test if that takes more than `within` seconds from `since`.
-pub(crate) fn wait_transport(
-    lab: &Lab,
-    socket: &std::path::Path,
-    transport: Option<&str>,
-    since: Instant,
-    within: u64,
-    client: &Spawned,
-) -> gateway::api::PeerStatus {
-    loop {
-        if let Some(p) = client_peer(lab, socket)
-            && transport.is_none_or(|t| p.transport == t)
-        {
-            eprintln!("connected over {} after {:?}", p.transport, since.elapsed());
-            return p;
-        }
-        assert!(
-            since.elapsed() < Duration::from_secs(within),
-            "not connected over {transport:?} within {within} s; client log:\n{}",
-            client.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     let ConnectorOnly {
