@@ -16,6 +16,10 @@ use super::{LinkId, LinkKind};
 pub const MAX_FLOWS: usize = 65_536;
 /// Connectors one hub keeps links with.
 pub const MAX_CONNECTORS: usize = 1024;
+/// Sessions one client identity holds at once: one per connect target, and an old and a new
+/// one for a moment while it moves. An identity that opens more (a stolen key, a runaway
+/// script) is refused before it takes the hub's table.
+pub const MAX_FLOWS_PER_IDENTITY: usize = 8;
 
 /// A connector's link as the hub knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +124,17 @@ impl Hub {
         }
         if self.flows.len() >= MAX_FLOWS {
             return Err(format!("the hub relays {MAX_FLOWS} sessions already"));
+        }
+        if self
+            .flows
+            .values()
+            .filter(|f| f.identity == identity)
+            .count()
+            >= MAX_FLOWS_PER_IDENTITY
+        {
+            return Err(format!(
+                "this identity holds {MAX_FLOWS_PER_IDENTITY} sessions through the hub already"
+            ));
         }
         let candidates: Vec<(LinkId, usize)> = self
             .connectors
@@ -327,5 +342,36 @@ mod tests {
             hub.handle_client(now, LinkId(10), "x".into(), LinkKind::Quic, None)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn one_identity_holds_a_bounded_number_of_sessions_and_others_are_not_affected() {
+        let now = Instant::now();
+        let mut hub = Hub::new();
+        hub.handle_connector_up(LinkId(1), info("gw-a", "vpc", now))
+            .expect("up");
+        let open = |hub: &mut Hub, link: u64, who: &str| {
+            hub.handle_client(now, LinkId(link), who.into(), LinkKind::Quic, Some("vpc"))
+        };
+        for l in 0..MAX_FLOWS_PER_IDENTITY as u64 {
+            open(&mut hub, 100 + l, "ops-mallory").expect("within the bound");
+        }
+        let over = open(&mut hub, 200, "ops-mallory").expect_err("one too many");
+        assert_eq!(
+            over,
+            format!(
+                "this identity holds {MAX_FLOWS_PER_IDENTITY} sessions through the hub already"
+            )
+        );
+        open(&mut hub, 201, "ops-alice").expect("another identity is not affected");
+        // One ends: room for one more, and no more.
+        hub.handle_client_down(LinkId(100));
+        open(&mut hub, 202, "ops-mallory").expect("room again");
+        assert!(open(&mut hub, 203, "ops-mallory").is_err());
+        // A replica that goes takes them all: the bound counts live sessions only.
+        hub.handle_connector_down(LinkId(1));
+        hub.handle_connector_up(LinkId(2), info("gw-b", "vpc", now))
+            .expect("up");
+        open(&mut hub, 204, "ops-mallory").expect("nothing left over");
     }
 }
