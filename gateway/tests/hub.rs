@@ -562,3 +562,52 @@ fn a_crl_reload_on_the_hub_cuts_the_live_links_of_a_revoked_client_and_connector
     std::thread::sleep(Duration::from_secs(2));
     assert!(!h.hub_lists(GW_A), "{}", h.logs());
 }
+
+#[test]
+fn access_reaches_ssh_through_the_hub_with_no_tunnel_on_the_host() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "");
+    // No client daemon, no TUN, no route: only `gatewayctl access` and a config whose targets
+    // are the hub.
+    let config = write_config(
+        &h.lab,
+        "access",
+        &[],
+        &format!(
+            "[tunnel]\nconnect = [\"{}\"]\ngroup = \"{GROUP}\"\n\n{}",
+            hub_target(),
+            tls(&h.pki, CLIENT)
+        ),
+    );
+    let ping = ["ping", "-c", "1", "-W", "1", addr::VPC_HOST];
+    assert!(
+        h.lab.run_ok(Host::Operator, &ping).is_err(),
+        "a path of its own"
+    );
+    let proxy = format!("ProxyCommand={GATEWAYCTL} access ssh --hostname %h --port %p");
+    let env = format!("GATEWAY_CONFIG={}", config.display());
+    let argv = gateway_lab::ssh_argv_with(
+        h.lab.ssh_key(),
+        &["-o", &proxy, "-o", "ConnectTimeout=10"],
+        addr::VPC_HOST,
+        "echo via-hub-$((6*7))",
+    );
+    let mut full = vec!["env", env.as_str()];
+    full.extend(argv.iter().map(String::as_str));
+    let out = h.lab.run(Host::Operator, &full).expect("ssh");
+    assert!(
+        out.status.success(),
+        "ssh through access and the hub: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.logs()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-hub-42");
+    // The hub relayed it as a session of the user's identity (there is no other path).
+    let hub_log = h.hub.as_ref().expect("hub").log();
+    assert!(
+        hub_log
+            .lines()
+            .any(|l| l.contains("client relayed") && l.contains(CLIENT)),
+        "{hub_log}"
+    );
+}

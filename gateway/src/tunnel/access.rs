@@ -6,7 +6,9 @@
 //! tunnel. It sends one [`Control::Open`]; the connector resolves the host (an address, or a
 //! name under one of its private zones), checks the identity's policy for `tcp/PORT`, connects
 //! from the pinned egress range, answers [`Control::Opened`] or [`Control::Refused`], and then
-//! copies bytes both ways.
+//! copies bytes both ways. With `[tunnel] group` the targets are hubs: the same request rides
+//! an end-to-end QUIC session through the hub (its outer link QUIC, else TLS over TCP), as the
+//! tunnel's does.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -72,12 +74,23 @@ pub async fn open(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<Stream>
                 continue;
             }
         };
+        let quic_timeout = match cfg.transport {
+            Transport::Auto => cfg.quic_timeout,
+            _ => HANDSHAKE_TIMEOUT,
+        };
+        if let Some(group) = &cfg.group {
+            match open_via_hub(cfg, group, server_name, target, addr, quic_timeout).await {
+                Ok((r, w, keep, transport)) => {
+                    return request(server_name, r, w, Some(keep), transport, host, port).await;
+                }
+                Err(e) => {
+                    errors.push(format!("{target} (hub): {e:#}"));
+                    continue;
+                }
+            }
+        }
         let quic = if cfg.transport.uses_quic() {
-            let timeout = match cfg.transport {
-                Transport::Auto => cfg.quic_timeout,
-                _ => HANDSHAKE_TIMEOUT,
-            };
-            match open_quic(cfg, server_name, addr, timeout).await {
+            match open_quic(cfg, server_name, addr, quic_timeout).await {
                 Ok((r, w, keep)) => Some((r, w, Some(keep), "quic")),
                 Err(e) => {
                     errors.push(format!("{target} (QUIC): {e:#}"));
@@ -101,37 +114,122 @@ pub async fn open(cfg: &Tunnel, host: &str, port: u16) -> anyhow::Result<Stream>
             }
             None => None,
         };
-        let Some((mut reader, mut writer, keep, transport)) = opened else {
+        let Some((reader, writer, keep, transport)) = opened else {
             continue;
         };
-        control::send_io(
-            &mut writer,
-            &Control::Open {
-                version: PROTOCOL_VERSION,
-                host: host.to_string(),
-                port,
-            },
-        )
-        .await?;
-        let answer = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT * 2,
-            control::recv_io(&mut reader, control::MAX_MESSAGE),
-        )
-        .await
-        .map_err(|_| anyhow!("{server_name} did not answer the request"))??;
-        return match answer {
-            Control::Opened { address } => Ok(Stream {
-                reader,
-                writer,
-                address,
-                transport,
-                _keep: keep,
-            }),
-            Control::Refused { reason } => Err(anyhow!("refused by {server_name}: {reason}")),
-            other => Err(anyhow!("unexpected answer from {server_name}: {other:?}")),
-        };
+        return request(server_name, reader, writer, keep, transport, host, port).await;
     }
     Err(anyhow!("no connector reachable: {}", errors.join("; ")))
+}
+
+/// Asks the connector for `host:port` on an open access connection; the stream on `Opened`.
+async fn request(
+    server_name: &str,
+    mut reader: Reader,
+    mut writer: Writer,
+    keep: Option<(quinn::Endpoint, quinn::Connection)>,
+    transport: &'static str,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<Stream> {
+    let open = Control::Open {
+        version: PROTOCOL_VERSION,
+        host: host.to_string(),
+        port,
+    };
+    control::send_io(&mut writer, &open).await?;
+    let answer = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT * 2,
+        control::recv_io(&mut reader, control::MAX_MESSAGE),
+    )
+    .await
+    .map_err(|_| anyhow!("{server_name} did not answer the request"))??;
+    match answer {
+        Control::Opened { address } => Ok(Stream {
+            reader,
+            writer,
+            address,
+            transport,
+            _keep: keep,
+        }),
+        Control::Refused { reason } => Err(anyhow!("refused by {server_name}: {reason}")),
+        other => Err(anyhow!("unexpected answer from {server_name}: {other:?}")),
+    }
+}
+
+/// An access connection through the hub at `target`: its outer link over QUIC within
+/// `quic_timeout` when the config allows, else TLS over TCP; inside, the end-to-end session
+/// with ALPN access. Kept: the outer endpoint, and the inner connection to close.
+async fn open_via_hub(
+    cfg: &Tunnel,
+    group: &str,
+    server_name: &str,
+    target: &str,
+    addr: SocketAddr,
+    quic_timeout: Duration,
+) -> anyhow::Result<(
+    Reader,
+    Writer,
+    (quinn::Endpoint, quinn::Connection),
+    &'static str,
+)> {
+    use super::hub_dial::{From, ViaHub};
+    use super::hub_wire::{HUB_ALPN, INNER_MAX_UDP, outer_transport};
+    use crate::node::LinkKind;
+    let trust = tls::Trust::load(&cfg.tls)?;
+    let mut outer_quic = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, HUB_ALPN)?));
+    outer_quic.transport_config(Arc::new(outer_transport()));
+    let mut inner =
+        quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, tls::ALPN_ACCESS)?));
+    let mut t = quinn::TransportConfig::default();
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(INNER_MAX_UDP);
+    t.mtu_discovery_config(Some(mtud));
+    inner.transport_config(Arc::new(t));
+    let via = ViaHub {
+        group: Some(group.to_string()),
+        outer_quic,
+        outer_tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
+        inner,
+    };
+    let bind: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let endpoint = quinn::Endpoint::client(bind).context("binding a UDP socket")?;
+    let from = From {
+        endpoint: cfg.transport.uses_quic().then_some(&endpoint),
+        server_name,
+        // An unprivileged user's stream: any source port, as a direct access stream has.
+        source_port: 0,
+        fallback_port: cfg.fallback_port,
+    };
+    let mut errors = Vec::new();
+    let mut plan = Vec::new();
+    if cfg.transport.uses_quic() {
+        plan.push((LinkKind::Quic, quic_timeout));
+    }
+    if cfg.transport.uses_tcp() {
+        plan.push((LinkKind::Tcp, HANDSHAKE_TIMEOUT * 2));
+    }
+    for (kind, within) in plan {
+        let session = tokio::time::timeout(within, async {
+            let conn = via.session(&from, target, addr, kind).await?;
+            let (send, recv) = conn.open_bi().await?;
+            anyhow::Ok((conn, send, recv))
+        })
+        .await;
+        match session {
+            Ok(Ok((conn, send, recv))) => {
+                let reader: Reader = Box::pin(recv);
+                let writer: Writer = Box::pin(send);
+                return Ok((reader, writer, (endpoint, conn), kind.name()));
+            }
+            Ok(Err(e)) => errors.push(format!("{}: {e:#}", kind.name())),
+            Err(_) => errors.push(format!("{}: no session in {within:?}", kind.name())),
+        }
+    }
+    Err(anyhow!("{}", errors.join("; ")))
 }
 
 async fn open_quic(

@@ -54,6 +54,7 @@ fn host_of(target: &str) -> &str {
 }
 
 impl ViaHub {
+    /// A tunnel link through the hub at `target`: the session, and its control stream.
     pub async fn open(
         &self,
         d: &From<'_>,
@@ -61,6 +62,33 @@ impl ViaHub {
         addr: SocketAddr,
         kind: LinkKind,
     ) -> anyhow::Result<Opened> {
+        let conn = self.session(d, target, addr, kind).await?;
+        let (send, recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                conn.close(1u32.into(), b"no control stream");
+                return Err(e.into());
+            }
+        };
+        Ok(Opened {
+            link: Link::Quic(conn.clone()),
+            control_tx: ControlTx::Quic(send),
+            control_rx: ControlRx::quic(recv, Side::Client),
+            inbound: Inbound::Quic(conn),
+            dns_queries: None,
+            outer: Some(kind),
+        })
+    }
+
+    /// The end-to-end QUIC session (with `self.inner`'s ALPN) with the connector the hub at
+    /// `target` assigns, checked to be a connector. The outer link lives as long as it does.
+    pub async fn session(
+        &self,
+        d: &From<'_>,
+        target: &str,
+        addr: SocketAddr,
+        kind: LinkKind,
+    ) -> anyhow::Result<quinn::Connection> {
         let host = host_of(target);
         let (tx, mut rx) = match kind {
             LinkKind::Quic => {
@@ -153,11 +181,10 @@ impl ViaHub {
                 conn.close(1u32.into(), b"not a connector");
                 bail!("the peer through the hub is not a connector");
             }
-            let (send, recv) = conn.open_bi().await?;
-            anyhow::Ok((conn, send, recv))
+            anyhow::Ok(conn)
         }
         .await;
-        let (conn, send, recv) = match inner {
+        let conn = match inner {
             Ok(v) => v,
             Err(e) => {
                 pump.abort();
@@ -177,13 +204,6 @@ impl ViaHub {
             }
             tx.close("session ended");
         });
-        Ok(Opened {
-            link: Link::Quic(conn.clone()),
-            control_tx: ControlTx::Quic(send),
-            control_rx: ControlRx::quic(recv, Side::Client),
-            inbound: Inbound::Quic(conn),
-            dns_queries: None,
-            outer: Some(kind),
-        })
+        Ok(conn)
     }
 }
