@@ -16,10 +16,10 @@ use super::{LinkId, LinkKind};
 pub const MAX_FLOWS: usize = 65_536;
 /// Connectors one hub keeps links with.
 pub const MAX_CONNECTORS: usize = 1024;
-/// Sessions one client identity holds at once: one per connect target, and an old and a new
-/// one for a moment while it moves. An identity that opens more (a stolen key, a runaway
-/// script) is refused before it takes the hub's table.
-pub const MAX_FLOWS_PER_IDENTITY: usize = 8;
+/// Sessions one client identity holds at once: its tunnel's (two for a moment while it
+/// moves) and one per `gatewayctl access` stream. An identity that opens more (a stolen key, a
+/// runaway script) is refused before it takes the hub's table.
+pub const MAX_FLOWS_PER_IDENTITY: usize = 64;
 
 /// A connector's link as the hub knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
