@@ -214,6 +214,31 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
         back.address_v4, client.peers[0].address_v4,
         "the overlay address stays"
     );
+    // The connector's uplink moves back to QUIC too; the client's session moves with it.
+    wait_hub(
+        &h,
+        Duration::from_secs(20),
+        "the connector's uplink on QUIC",
+        |t| {
+            t.hub.as_ref().is_some_and(|r| {
+                r.connectors.len() == 1
+                    && r.connectors[0].transport == "quic"
+                    && r.clients.len() == 1
+            })
+        },
+    );
+    let again = wait_transport(
+        &h.lab,
+        &h.client_socket,
+        Some("quic"),
+        std::time::Instant::now(),
+        10,
+        h.client.as_ref().expect("client"),
+    );
+    assert_eq!(
+        again.address_v4, back.address_v4,
+        "the overlay address stays"
+    );
     let argv = h.lab.ssh_argv(addr::VPC_HOST, "echo back-on-quic");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     assert_eq!(

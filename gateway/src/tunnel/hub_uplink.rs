@@ -1,6 +1,7 @@
 //! A connector behind hubs: one outbound link to each hub, from the pinned source port, kept
 //! up for good (QUIC, else TLS over TCP, as the dial plan says; again after a short backoff
-//! when it drops), and one [`VirtualSocket`] under a second QUIC endpoint that accepts the
+//! when it drops; a link on TLS over TCP tries QUIC again every few seconds, as a client does,
+//! and moves there when it answers), and one [`VirtualSocket`] under a second QUIC endpoint that accepts the
 //! clients the hubs relay. Each relayed session shows to that endpoint as its own synthetic
 //! address, `fd68:<hub>:<flow high>:<flow low>::1`, computed from the hub and flow id alone,
 //! so the socket keeps no table of sessions that a hub could fill. Each flow is its own /64,
@@ -99,19 +100,36 @@ async fn keep_up(
     socket: Arc<VirtualSocket>,
 ) {
     let mut failures = 0u32;
+    let plan = crate::node::dial::plan(u.transport, u.quic_timeout);
     loop {
-        match dial(&u, &hub).await {
-            Ok((tx, rx, kind)) => {
+        match dial(&u, &hub, &plan).await {
+            Ok(mut link) => {
                 failures = 0;
-                tracing::info!(%hub, transport = kind.name(), "linked to the hub");
-                if let Ok(mut l) = links.write() {
-                    l.insert(index, tx.clone());
+                loop {
+                    let (tx, rx, kind) = link;
+                    tracing::info!(%hub, transport = kind.name(), "linked to the hub");
+                    if let Ok(mut l) = links.write() {
+                        l.insert(index, tx.clone());
+                    }
+                    let moved = tokio::select! {
+                        () = relay(rx, index, &socket) => None,
+                        quic = probe_quic(&u, &hub, kind) => Some(quic),
+                    };
+                    // The sessions on the old link end with it; their clients dial again at
+                    // once and find this connector on its new link, with their addresses.
+                    tx.close(if moved.is_some() {
+                        "moved to QUIC"
+                    } else {
+                        "link ended"
+                    });
+                    match moved {
+                        Some(quic) => link = quic,
+                        None => break,
+                    }
                 }
-                relay(rx, index, &socket).await;
                 if let Ok(mut l) = links.write() {
                     l.remove(&index);
                 }
-                tx.close("link ended");
                 tracing::warn!(%hub, "the link to the hub ended; dialling again");
             }
             Err(e) => {
@@ -123,6 +141,28 @@ async fn keep_up(
             .saturating_mul(1 << failures.min(3))
             .min(BACKOFF_MAX);
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// A link on TLS over TCP under `transport = "auto"`: QUIC tried again every few seconds
+/// (jittered), returned once it is up and welcomed. Never returns otherwise.
+async fn probe_quic(u: &Uplinks, hub: &str, kind: LinkKind) -> (OuterTx, OuterRx, LinkKind) {
+    use crate::node::client::QUIC_PROBE_EVERY;
+    use rand::Rng;
+    if kind != LinkKind::Tcp || u.transport != Transport::Auto || u.endpoint.is_none() {
+        return std::future::pending().await;
+    }
+    let quic = [crate::node::dial::Step {
+        kind: LinkKind::Quic,
+        timeout: u.quic_timeout,
+    }];
+    loop {
+        let jitter = rand::rng().random_range(0..=QUIC_PROBE_EVERY.as_millis() as u64 / 5);
+        tokio::time::sleep(QUIC_PROBE_EVERY + Duration::from_millis(jitter)).await;
+        match dial(u, hub, &quic).await {
+            Ok(link) => return link,
+            Err(e) => tracing::debug!(%hub, error = %format!("{e:#}"), "QUIC to the hub: not yet"),
+        }
     }
 }
 
@@ -141,8 +181,12 @@ async fn relay(mut rx: OuterRx, index: u16, socket: &VirtualSocket) {
     }
 }
 
-/// One outer link to `hub`, the dial plan's steps in turn, announced and welcomed.
-async fn dial(u: &Uplinks, hub: &str) -> anyhow::Result<(OuterTx, OuterRx, LinkKind)> {
+/// One outer link to `hub`, the steps of `plan` in turn, announced and welcomed.
+async fn dial(
+    u: &Uplinks,
+    hub: &str,
+    plan: &[crate::node::dial::Step],
+) -> anyhow::Result<(OuterTx, OuterRx, LinkKind)> {
     let addr = resolve(hub).await?;
     let host = hub
         .rsplit_once(':')
@@ -150,7 +194,7 @@ async fn dial(u: &Uplinks, hub: &str) -> anyhow::Result<(OuterTx, OuterRx, LinkK
         .trim_matches(['[', ']'])
         .to_string();
     let mut errors = Vec::new();
-    for step in crate::node::dial::plan(u.transport, u.quic_timeout) {
+    for &step in plan {
         let attempt = async {
             match step.kind {
                 LinkKind::Quic => {
