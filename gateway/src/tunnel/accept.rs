@@ -228,13 +228,10 @@ impl Accept {
         if let Ok(mut l) = self.shared.links.lock() {
             l.insert(id, LinkRecord { identity, link });
         }
-        let out = links::spawn(
-            opened,
-            id,
-            self.events.clone(),
-            self.packets.clone(),
-            self.forwarder.clone(),
-        );
+        // The node hears of the link before the link's task exists: a hello it reads at once
+        // must not reach the node ahead of the link (it would be dropped, and the client
+        // would wait out its hello timeout). The node's task takes inputs first.
+        let (out, rx) = links::channel();
         let _ = self
             .inbox
             .send(Input::LinkUp {
@@ -244,5 +241,13 @@ impl Accept {
                 slot,
             })
             .await;
+        links::spawn(
+            opened,
+            id,
+            self.events.clone(),
+            rx,
+            self.packets.clone(),
+            self.forwarder.clone(),
+        );
     }
 }

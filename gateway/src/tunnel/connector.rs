@@ -65,7 +65,10 @@ impl Task {
     ) {
         loop {
             let wake = self.node.poll_timeout();
+            // Inputs first: a link's LinkUp is queued before its task starts, so its first
+            // control message can never be taken before it.
             tokio::select! {
+                biased;
                 i = inputs.recv() => match i {
                     Some(i) => self.input(i).await,
                     None => return,

@@ -54,17 +54,22 @@ pub struct Packets {
     pub limits: Arc<Limits>,
 }
 
-/// Starts the task of `opened` (numbered `id`); returns where to send its control.
+/// Where a link's control will be sent, and its task's end of it. Made before the task is
+/// started, so the node can be told of the link before the link can tell it anything.
+pub fn channel() -> (mpsc::Sender<Outgoing>, mpsc::Receiver<Outgoing>) {
+    mpsc::channel(OUT_QUEUE)
+}
+
+/// Starts the task of `opened` (numbered `id`), taking what arrives on `out`.
 pub fn spawn(
     opened: Opened,
     id: LinkId,
     events: mpsc::Sender<LinkEvent>,
+    out: mpsc::Receiver<Outgoing>,
     packets: Packets,
     dns: Option<Arc<Forwarder>>,
-) -> mpsc::Sender<Outgoing> {
-    let (tx, rx) = mpsc::channel(OUT_QUEUE);
-    tokio::spawn(run(opened, id, events, rx, packets, dns));
-    tx
+) {
+    tokio::spawn(run(opened, id, events, out, packets, dns));
 }
 
 async fn run(
