@@ -190,26 +190,7 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
 
     // An ssh session open across both moves back to QUIC keeps going: same connector, same
     // overlay address, same NAT state.
-    let stop = h.lab.dir().join("stop-ticking");
-    let remote = format!(
-        "while [ ! -e {} ]; do echo tick; sleep 0.2; done; echo finished",
-        stop.display()
-    );
-    let argv = h.lab.ssh_argv(addr::VPC_HOST, &remote);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut session = h
-        .lab
-        .spawn(Host::Operator, &argv, "long-ssh.log")
-        .expect("ssh");
-    let ticks = |s: &gateway_lab::Spawned| s.log().matches("tick").count();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while ticks(&session) < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ssh session never started"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let session = Ticking::start(&h.lab, Host::Operator, addr::VPC_HOST);
     h.lab
         .run_ok(
             Host::Underlay,
@@ -261,22 +242,8 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
         again.address_v4, back.address_v4,
         "the overlay address stays"
     );
-    let before = ticks(&session);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while ticks(&session) < before + 5 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ssh session stalled after the moves:\n{}",
-            session.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::fs::write(&stop, "").expect("stop file");
-    let status = session
-        .wait_timeout(Duration::from_secs(10))
-        .expect("ssh ends");
-    assert!(status.success(), "ssh: {status}\n{}", session.log());
-    assert!(session.log().contains("finished"), "{}", session.log());
+    session.ticks_on(5, "the ssh session stalled after the moves");
+    session.finish();
     let argv = h.lab.ssh_argv(addr::VPC_HOST, "echo back-on-quic");
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     assert_eq!(

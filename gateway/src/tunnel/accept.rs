@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 use super::access_server::AccessServer;
 use super::connector::Input;
 use super::dns::Forwarder;
-use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, PeerCertificates, Side, TcpLink};
+use super::link::{Opened, PeerCertificates, Side, TcpLink};
 use super::links::{self, LinkEvent, Packets};
 use super::slots::{Slot, Slots};
 use super::status::{LinkRecord, Shared};
@@ -152,15 +152,8 @@ impl Accept {
             return;
         }
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi()).await {
-            Ok(Ok((send, recv))) => {
-                let opened = Opened {
-                    link: Link::Quic(conn.clone()),
-                    control_tx: ControlTx::Quic(send),
-                    control_rx: ControlRx::quic(recv, Side::Connector),
-                    inbound: Inbound::Quic(conn.clone()),
-                    dns_queries: None,
-                    outer: None,
-                };
+            Ok(Ok(control)) => {
+                let opened = Opened::quic(conn.clone(), control, Side::Connector, None);
                 self.up(opened, identity, LinkKind::Quic, slot).await;
             }
             _ => {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use quinn::Endpoint;
 
-use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side, TcpLink};
+use super::link::{Opened, Side, TcpLink};
 use crate::node::LinkKind;
 use crate::node::drops::Limits;
 
@@ -75,15 +75,8 @@ impl Dialer {
             .as_ref()
             .ok_or_else(|| anyhow!("QUIC is off (transport = \"tcp\")"))?;
         let conn = endpoint.connect(addr, &self.server_name)?.await?;
-        let (send, recv) = conn.open_bi().await?;
-        Ok(Opened {
-            link: Link::Quic(conn.clone()),
-            control_tx: ControlTx::Quic(send),
-            control_rx: ControlRx::quic(recv, Side::Client),
-            inbound: Inbound::Quic(conn),
-            dns_queries: None,
-            outer: None,
-        })
+        let control = conn.open_bi().await?;
+        Ok(Opened::quic(conn, control, Side::Client, None))
     }
 
     async fn tcp(&self, addr: SocketAddr) -> anyhow::Result<Opened> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 
 use super::hub_wire::{self, HubMsg, In, OuterTx};
-use super::link::{ControlRx, ControlTx, Inbound, Link, Opened, Side};
+use super::link::{Opened, Side};
 use super::net::tcp_connect;
 use super::tls;
 use super::vsock::{Route, VirtualSocket};
@@ -63,21 +63,14 @@ impl ViaHub {
         kind: LinkKind,
     ) -> anyhow::Result<Opened> {
         let conn = self.session(d, target, addr, kind).await?;
-        let (send, recv) = match conn.open_bi().await {
+        let control = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
                 conn.close(1u32.into(), b"no control stream");
                 return Err(e.into());
             }
         };
-        Ok(Opened {
-            link: Link::Quic(conn.clone()),
-            control_tx: ControlTx::Quic(send),
-            control_rx: ControlRx::quic(recv, Side::Client),
-            inbound: Inbound::Quic(conn),
-            dns_queries: None,
-            outer: Some(kind),
-        })
+        Ok(Opened::quic(conn, control, Side::Client, Some(kind)))
     }
 
     /// The end-to-end QUIC session (with `self.inner`'s ALPN) with the connector the hub at

@@ -334,6 +334,26 @@ pub struct Opened {
     pub outer: Option<crate::node::LinkKind>,
 }
 
+impl Opened {
+    /// A QUIC link whose control stream `side` opened or accepted: packets and DNS on the
+    /// connection itself.
+    pub fn quic(
+        conn: quinn::Connection,
+        (send, recv): (quinn::SendStream, quinn::RecvStream),
+        side: Side,
+        outer: Option<crate::node::LinkKind>,
+    ) -> Opened {
+        Opened {
+            link: Link::Quic(conn.clone()),
+            control_tx: ControlTx::Quic(send),
+            control_rx: ControlRx::quic(recv, side),
+            inbound: Inbound::Quic(conn),
+            dns_queries: None,
+            outer,
+        }
+    }
+}
+
 /// The TLS-over-TCP link: a reader task that decodes frames and dispatches them, a writer task
 /// that gathers queued frames into few writes.
 pub struct TcpLink {

@@ -303,3 +303,53 @@ pub fn wait_transport(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A long ssh session that prints a tick every 0.2 s until told to stop: a session that must
+/// survive a move shows it by ticking on, then ending cleanly.
+pub struct Ticking {
+    session: Spawned,
+    stop: PathBuf,
+}
+
+impl Ticking {
+    /// Opens it from `host` to `target` and waits (bounded) for its first ticks.
+    pub fn start(lab: &Lab, host: Host, target: &str) -> Ticking {
+        let stop = lab.dir().join("stop-ticking");
+        let remote = format!(
+            "while [ ! -e {} ]; do echo tick; sleep 0.2; done; echo finished",
+            stop.display()
+        );
+        let argv = lab.ssh_argv(target, &remote);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let session = lab.spawn(host, &argv, "long-ssh.log").expect("ssh");
+        let t = Ticking { session, stop };
+        t.ticks_on(3, "ssh session never started");
+        t
+    }
+
+    fn ticks(&self) -> usize {
+        self.session.log().matches("tick").count()
+    }
+
+    /// Waits up to 10 s for `more` ticks than now; fails the test with `what` otherwise.
+    pub fn ticks_on(&self, more: usize, what: &str) {
+        let want = self.ticks() + more;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ticks() < want {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.session.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Tells it to stop; it must end by itself, cleanly, within 10 s.
+    pub fn finish(mut self) {
+        std::fs::write(&self.stop, "").expect("stop file");
+        let status = self
+            .session
+            .wait_timeout(Duration::from_secs(10))
+            .expect("ssh ends");
+        let log = self.session.log();
+        assert!(status.success(), "ssh: {status}\n{log}");
+        assert!(log.contains("finished"), "{log}");
+    }
+}

@@ -271,22 +271,7 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     }
 
     // 2. An ssh session opened on TCP survives the move back to QUIC.
-    let stop = lab.dir().join("stop-ticking");
-    let remote = format!(
-        "while [ ! -e {} ]; do echo tick; sleep 0.2; done; echo finished",
-        stop.display()
-    );
-    let argv = lab.ssh_argv(addr::VPC_HOST, &remote);
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let mut session = lab
-        .spawn(Host::Operator, &argv, "long-ssh.log")
-        .expect("ssh");
-    let ticks = |s: &gateway_lab::Spawned| s.log().matches("tick").count();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ticks(&session) < 3 {
-        assert!(Instant::now() < deadline, "ssh session never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let session = Ticking::start(&lab, Host::Operator, addr::VPC_HOST);
     blocked.lift();
     let lifted = Instant::now();
     let back = wait_transport(&lab, &client_socket, Some("quic"), lifted, 30, &client);
@@ -301,22 +286,8 @@ fn falls_back_to_tcp_when_udp_is_blocked_and_moves_back_to_quic_keeping_ssh() {
     assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
     assert_eq!(on_connector.peers[0].transport, "quic");
     // The session keeps ticking over QUIC, then ends by itself, cleanly.
-    let before = ticks(&session);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ticks(&session) < before + 5 {
-        assert!(
-            Instant::now() < deadline,
-            "the ssh session stalled after the move to QUIC:\n{}",
-            session.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::fs::write(&stop, "").expect("stop file");
-    let status = session
-        .wait_timeout(Duration::from_secs(10))
-        .expect("ssh ends");
-    assert!(status.success(), "ssh: {status}\n{}", session.log());
-    assert!(session.log().contains("finished"), "{}", session.log());
+    session.ticks_on(5, "the ssh session stalled after the move to QUIC");
+    session.finish();
     assert_eq!(ssh_ok(&lab, Host::Operator, addr::VPC_HOST), "tunnelled-42");
 
     // 3. QUIC lost mid-session (UDP blocked again): the client is back on TCP by itself.
