@@ -1,5 +1,5 @@
-//! Floods: DNS queries over the TCP fallback towards a silent resolver, and frames and idle
-//! connections before any hello. Every flood is bounded in count and time.
+//! Floods: DNS queries over the TCP fallback and on the QUIC DNS channel towards a silent
+//! resolver, and frames and idle connections before any hello. Every flood is bounded in count and time.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,37 @@ const MIB: u64 = 1024;
 const FLOOD_QPS: u64 = 100_000;
 const FLOOD_FOR: Duration = Duration::from_secs(4);
 
+/// `per_tick` queries for the silent zone as DnsQuery frames (request id first), numbered on
+/// from `sent`.
+fn query_batch(sent: &mut u64, per_tick: u64) -> Vec<u8> {
+    let mut batch = Vec::with_capacity(per_tick as usize * 48);
+    for _ in 0..per_tick {
+        *sent += 1;
+        let mut payload = (*sent as u32).to_be_bytes().to_vec();
+        payload.extend(peer::dns_query(
+            *sent as u16,
+            &format!("q{}.{SILENT_ZONE}", *sent),
+        ));
+        batch.extend(peer::frame_of(FrameType::DnsQuery, &payload));
+    }
+    batch
+}
+
+/// Writes the flood to `w` at [`FLOOD_QPS`] for [`FLOOD_FOR`], at most; returns how many.
+async fn flood_into(w: &mut (impl tokio::io::AsyncWrite + Unpin)) -> u64 {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    while start.elapsed() < FLOOD_FOR && sent < FLOOD_QPS * FLOOD_FOR.as_secs() {
+        tick.tick().await;
+        let batch = query_batch(&mut sent, FLOOD_QPS / 100);
+        if w.write_all(&batch).await.is_err() {
+            break;
+        }
+    }
+    sent
+}
+
 #[test]
 fn a_dns_flood_over_tcp_towards_a_silent_resolver_starves_nobody() {
     let h = start(Some(false), &[]);
@@ -29,31 +60,51 @@ fn a_dns_flood_over_tcp_towards_a_silent_resolver_starves_nobody() {
         assert!(matches!(answer, Control::Welcome { .. }), "{answer:?}");
         let (r, mut w) = tokio::io::split(tls);
         let answers = peer::drain(r);
-        let start = Instant::now();
-        let mut sent = 0u64;
-        let per_tick = FLOOD_QPS / 100;
-        let mut tick = tokio::time::interval(Duration::from_millis(10));
-        while start.elapsed() < FLOOD_FOR && sent < FLOOD_QPS * FLOOD_FOR.as_secs() {
-            tick.tick().await;
-            let mut batch = Vec::with_capacity(per_tick as usize * 48);
-            for _ in 0..per_tick {
-                sent += 1;
-                let mut payload = (sent as u32).to_be_bytes().to_vec();
-                payload.extend(peer::dns_query(
-                    sent as u16,
-                    &format!("q{sent}.{SILENT_ZONE}"),
-                ));
-                batch.extend(peer::frame_of(FrameType::DnsQuery, &payload));
-            }
-            if w.write_all(&batch).await.is_err() {
-                break;
-            }
-        }
+        let sent = flood_into(&mut w).await;
         let _ = w.shutdown().await;
         drop(w);
         answers.abort();
         sent
     });
+    starves_nobody(&h, flood);
+}
+
+/// The same flood on the QUIC connection's DNS channel (the stream that opens with the
+/// channel's magic), which is what a client on QUIC uses.
+#[test]
+fn a_dns_flood_on_the_quic_dns_channel_towards_a_silent_resolver_starves_nobody() {
+    let h = start(Some(false), &[]);
+    let t = h.target("ops-mallory");
+    let flood = peer::spawn_in_ns(&t.ns.clone(), move || async move {
+        let (answer, session) = peer::open_quic_session(&t, &peer::hello(&[], None))
+            .await
+            .expect("session");
+        assert!(matches!(answer, Control::Welcome { .. }), "{answer:?}");
+        let (mut w, mut r) = session.1.open_bi().await.expect("channel");
+        // The DNS channel's magic (`tunnel::relay::CHANNEL_MAGIC`), echoed by the connector.
+        w.write_all(&[0xff, 0xff]).await.expect("magic");
+        let mut echo = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), r.read_exact(&mut echo))
+            .await
+            .expect("magic echoed in time")
+            .expect("magic echoed");
+        assert_eq!(echo, [0xff, 0xff]);
+        let answers = tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Some(_)) = r.read(&mut buf).await {}
+        });
+        let sent = flood_into(&mut w).await;
+        let _ = w.finish();
+        answers.abort();
+        drop(session);
+        sent
+    });
+    starves_nobody(&h, flood);
+}
+
+/// While `flood` runs, and after: the connector's status answers within 1 s, its RSS stays
+/// under 100 MiB, another client's ping and private DNS work, and a bound was met and counted.
+fn starves_nobody(h: &super::Hostile, flood: std::thread::JoinHandle<u64>) {
     let flood_started = Instant::now();
     let mut worst_status = Duration::ZERO;
     let mut max_rss = 0;

@@ -92,6 +92,42 @@ pub async fn connect(t: &Target, alpn: &[u8]) -> anyhow::Result<TlsStream<TcpStr
     Ok(tls)
 }
 
+/// What keeps a QUIC session open: its endpoint, connection and control stream.
+pub type QuicSession = (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+);
+
+/// A session over QUIC, as gatewayd opens it: the hello on the control stream, the first
+/// control message back, and the session, still open.
+pub async fn open_quic_session(
+    t: &Target,
+    hello: &Control,
+) -> anyhow::Result<(Control, QuicSession)> {
+    let config = quinn::ClientConfig::new(std::sync::Arc::new(tls::client_config(
+        &t.paths,
+        tls::ALPN,
+    )?));
+    let ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect_with(config, t.addr, "lab-gw")?,
+    )
+    .await
+    .context("QUIC handshake timed out")??;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    control::send(&mut send, hello).await?;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        control::recv(&mut recv, control::MAX_MESSAGE),
+    )
+    .await
+    .context("no answer to the hello")??;
+    Ok((answer, (ep, conn, send, recv)))
+}
+
 /// One frame as it goes on the wire; `len` may lie about the payload that follows.
 pub fn raw_frame(kind: u8, len: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![kind];
