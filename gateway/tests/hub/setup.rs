@@ -215,3 +215,32 @@ impl HubLab {
         s
     }
 }
+
+/// The hub's refusals and relay tables now.
+pub fn hub_now(h: &HubLab) -> gateway::api::TunnelStatus {
+    status_json(&h.lab, Host::Hub, &h.hub_socket)
+        .tunnel
+        .expect("tunnel")
+}
+
+/// Waits (bounded) until the hub's status satisfies `ok`.
+pub fn wait_hub(
+    h: &HubLab,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&gateway::api::TunnelStatus) -> bool,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let t = hub_now(h);
+        if ok(&t) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {within:?}: {t:?}\n{}",
+            h.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
