@@ -174,24 +174,15 @@ async fn open_via_hub(
     &'static str,
 )> {
     use super::hub_dial::{From, ViaHub};
-    use super::hub_wire::{HUB_ALPN, INNER_MAX_UDP, outer_transport};
     use crate::node::LinkKind;
     let trust = tls::Trust::load(&cfg.tls)?;
-    let mut outer_quic = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, HUB_ALPN)?));
-    outer_quic.transport_config(Arc::new(outer_transport()));
-    let mut inner =
-        quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, tls::ALPN_ACCESS)?));
-    let mut t = quinn::TransportConfig::default();
-    let mut mtud = quinn::MtuDiscoveryConfig::default();
-    mtud.upper_bound(INNER_MAX_UDP);
-    t.mtu_discovery_config(Some(mtud));
-    inner.transport_config(Arc::new(t));
-    let via = ViaHub {
-        group: Some(group.to_string()),
-        outer_quic,
-        outer_tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
-        inner,
-    };
+    let via = ViaHub::new(
+        &trust,
+        &cfg.tls,
+        group,
+        tls::ALPN_ACCESS,
+        quinn::TransportConfig::default(),
+    )?;
     let bind: SocketAddr = match addr {
         SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
         SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),

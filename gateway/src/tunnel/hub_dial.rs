@@ -54,6 +54,34 @@ fn host_of(target: &str) -> &str {
 }
 
 impl ViaHub {
+    /// Through the hubs of `group`: the outer link's TLS and QUIC (ALPN `gateway-hub/1`), and
+    /// the end-to-end session's with `inner_alpn` and transport `inner`, whose packets must fit
+    /// an outer datagram (its MTU search stops at [`hub_wire::INNER_MAX_UDP`]).
+    pub fn new(
+        trust: &Arc<tls::Trust>,
+        paths: &crate::config::TlsPaths,
+        group: &str,
+        inner_alpn: &[u8],
+        mut inner: quinn::TransportConfig,
+    ) -> Result<ViaHub, tls::TlsError> {
+        use hub_wire::{HUB_ALPN, INNER_MAX_UDP, outer_transport};
+        let mut outer_quic =
+            quinn::ClientConfig::new(Arc::new(trust.quic_client(paths, HUB_ALPN)?));
+        outer_quic.transport_config(Arc::new(outer_transport()));
+        let mut mtud = quinn::MtuDiscoveryConfig::default();
+        mtud.upper_bound(INNER_MAX_UDP);
+        inner.mtu_discovery_config(Some(mtud));
+        let mut inner_quic =
+            quinn::ClientConfig::new(Arc::new(trust.quic_client(paths, inner_alpn)?));
+        inner_quic.transport_config(Arc::new(inner));
+        Ok(ViaHub {
+            group: Some(group.to_string()),
+            outer_quic,
+            outer_tcp: tokio_rustls::TlsConnector::from(trust.client_config(paths, HUB_ALPN)?),
+            inner: inner_quic,
+        })
+    }
+
     /// A tunnel link through the hub at `target`: the session, and its control stream.
     pub async fn open(
         &self,

@@ -172,28 +172,21 @@ pub(super) async fn start(
     })
 }
 
-/// A client whose targets are hubs: the outer link's TLS (ALPN `gateway-hub/1`) and QUIC
-/// settings, and the inner session's, whose packets must fit an outer datagram.
+/// A client whose targets are hubs: the tunnel's own session inside, with the replica idle
+/// timeout.
 fn via_hub(
     cfg: &Tunnel,
     trust: &Arc<tls::Trust>,
     group: &str,
 ) -> anyhow::Result<crate::tunnel::hub_dial::ViaHub> {
-    use crate::tunnel::hub_wire::{HUB_ALPN, INNER_MAX_UDP, outer_transport};
-    let mut outer_quic = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, HUB_ALPN)?));
-    outer_quic.transport_config(Arc::new(outer_transport()));
-    let mut inner = quinn::ClientConfig::new(Arc::new(trust.quic_client(&cfg.tls, tls::ALPN)?));
     let mut t = transport(Side::Client);
     t.max_idle_timeout(REPLICA_IDLE.try_into().ok());
     t.initial_mtu(INITIAL_MTU);
-    let mut mtud = quinn::MtuDiscoveryConfig::default();
-    mtud.upper_bound(INNER_MAX_UDP);
-    t.mtu_discovery_config(Some(mtud));
-    inner.transport_config(Arc::new(t));
-    Ok(crate::tunnel::hub_dial::ViaHub {
-        group: Some(group.to_string()),
-        outer_quic,
-        outer_tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
-        inner,
-    })
+    Ok(crate::tunnel::hub_dial::ViaHub::new(
+        trust,
+        &cfg.tls,
+        group,
+        tls::ALPN,
+        t,
+    )?)
 }
