@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use quinn::Endpoint;
 
+use super::link::TcpLink;
 use super::link::{Opened, Side};
-use super::tcp_link::TcpLink;
 use crate::node::LinkKind;
 use crate::node::drops::Limits;
 

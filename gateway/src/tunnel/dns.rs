@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::tcp_link::TcpLink;
+use super::link::TcpLink;
 use crate::api::{ResolverStatus, ZoneStatus};
 use crate::config::Zone;
 use crate::node::drops::{Limit, Limits};

@@ -46,7 +46,6 @@ mod resolved;
 mod slots;
 pub mod status;
 mod stub;
-mod tcp_link;
 pub mod tls;
 mod tun_write;
 pub mod vsock;

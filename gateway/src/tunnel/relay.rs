@@ -3,7 +3,7 @@
 //! query then the answer, or a DNS channel (newer nodes, `dns_channel`): the stream opens with
 //! [`CHANNEL_MAGIC`] instead of a length. A connector that predates channels reads the magic as
 //! a length above [`MAX_QUERY`] and refuses the stream; the client then keeps one stream per
-//! query. The TCP fallback carries DNS as frames on its one stream (`tcp_link::TcpLink`).
+//! query. The TCP fallback carries DNS as frames on its one stream (`link::TcpLink`).
 
 use std::time::Duration;
 

@@ -19,13 +19,13 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::control::ControlError;
-use super::link::{ControlRx, ControlTx, Inbound, Link, Opened};
-use super::reader::{Dispatch, PendingDns, ReadError, read_frames};
-use super::reader::{Side, TCP_MAX_PACKET};
+use super::{ControlRx, ControlTx, Inbound, Link, Opened};
 use crate::core::frame::{self, FrameType};
 use crate::node::datapath::SendError;
 use crate::node::drops::{Limit, Limits as Counts};
+use crate::tunnel::control::ControlError;
+use crate::tunnel::reader::{Dispatch, PendingDns, ReadError, read_frames};
+use crate::tunnel::reader::{Side, TCP_MAX_PACKET};
 
 /// Bytes of frames queued towards the TCP socket: ~1,500 full packets, 4 ms at 3 Gbit/s and
 /// what a writer stalled by a slow peer may hold. The TUN reader waits for room (a bounded
@@ -258,7 +258,7 @@ impl TcpLink {
     }
 
     pub(super) async fn relay_dns(&self, msg: &[u8]) -> anyhow::Result<Vec<u8>> {
-        if msg.len() > super::relay::MAX_QUERY {
+        if msg.len() > crate::tunnel::relay::MAX_QUERY {
             bail!("a {}-byte query is above what a connector takes", msg.len());
         }
         let id = self.next_dns.fetch_add(1, Ordering::Relaxed);

@@ -2,7 +2,10 @@
 //! control and DNS on streams) or the TLS-over-TCP fallback (everything as `core::frame`s on
 //! one byte stream). The engine sees only [`Link`], [`ControlTx`]/[`ControlRx`] and
 //! [`Inbound`], so every feature works the same over both. The TCP side is
-//! [`TcpLink`](super::tcp_link::TcpLink).
+//! [`TcpLink`] (`link/tcp.rs`).
+
+mod tcp;
+pub use tcp::{PeerCertificates, TcpLink};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +20,6 @@ use tokio::sync::mpsc;
 
 use super::control::{self, Control, ControlError};
 pub use super::reader::{Side, TCP_MAX_PACKET};
-use super::tcp_link::TcpLink;
 use crate::core::frame::FrameType;
 pub use crate::node::datapath::SendError;
 use crate::node::datapath::{PacketSink, SendWait, Sink};
