@@ -98,6 +98,11 @@ fn ssh_ping_dig_and_iperf_through_the_hub_over_quic_with_no_inbound_to_the_conne
     assert_eq!(relay.clients[0].identity, CLIENT);
     assert_eq!(relay.clients[0].connector, GW_A);
     assert!(relay.clients[0].bytes_relayed > 100_000, "{relay:?}");
+    // Both ends' packets travel beside their outer QUIC links, as relayed UDP.
+    assert!(
+        relay.clients[0].relayed && relay.connectors[0].relayed,
+        "{relay:?}"
+    );
     let on_connector = status_json(&h.lab, Host::VpcGateway, &h.connectors[0].2)
         .tunnel
         .expect("tunnel");
@@ -177,6 +182,10 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
     let relay = hub.hub.expect("hub tables");
     assert_eq!(relay.connectors[0].transport, "tcp", "{relay:?}");
     assert_eq!(relay.clients[0].transport, "tcp", "{relay:?}");
+    assert!(
+        !relay.clients[0].relayed && !relay.connectors[0].relayed,
+        "no relayed UDP where UDP does not pass: {relay:?}"
+    );
     // The client says what the network carries: TCP to the hub, though the session inside is
     // QUIC; and, as on a direct link, it looks for QUIC again.
     let client = status_json(&h.lab, Host::Operator, &h.client_socket)
@@ -209,8 +218,12 @@ fn with_udp_blocked_everything_goes_over_tcp_through_the_hub() {
         .tunnel
         .and_then(|t| t.hub)
         .expect("hub tables");
+    // The client's packets are relayed UDP again; the hub hands them to the connector over
+    // its TLS link until that moves too (the mixed path, which the ticking ssh crosses).
     assert!(
-        relay.clients.len() == 1 && relay.clients[0].transport == "quic",
+        relay.clients.len() == 1
+            && relay.clients[0].transport == "quic"
+            && relay.clients[0].relayed,
         "{relay:?}"
     );
     assert_eq!(

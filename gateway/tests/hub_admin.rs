@@ -12,6 +12,7 @@ mod setup;
 use std::time::Duration;
 
 use common::*;
+use gateway_lab::hub::addr as hub_addr;
 use gateway_lab::{Host, addr};
 use setup::*;
 
@@ -140,5 +141,98 @@ fn access_reaches_ssh_through_the_hub_with_no_tunnel_on_the_host() {
             .lines()
             .any(|l| l.contains("client relayed") && l.contains(CLIENT)),
         "{hub_log}"
+    );
+}
+
+/// Relayed packets pass the hub outside any QUIC, so the hub checks each: a flow it never
+/// opened, an open flow with a guessed token, and a packet too short to be one go nowhere and
+/// are counted by their reason; the session they aimed at carries on.
+#[test]
+fn forged_relayed_packets_go_nowhere_and_the_session_carries_on() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "");
+    let before = h.start_client("");
+    let since = before.tunnel.as_ref().map(|t| t.peers[0].connected_since);
+    let ping = ["ping", "-c", "3", "-i", "0.2", "-W", "2", addr::VPC_HOST];
+    h.lab
+        .run_ok(Host::Operator, &ping)
+        .expect("ping through the hub");
+    let hub =
+        std::net::SocketAddr::new(hub_addr::HUB.parse().expect("hub address"), hub_addr::PORT);
+    // From the operator host (another port than the client's), as an attacker there could:
+    // 64 flows (the client's is among them: the hub numbers flows from 1) × 8 guessed tokens.
+    let sent = crate::pair::in_ns(&h.lab, Host::Operator, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let mut sent = 0u64;
+        for flow in 1..=64u32 {
+            for _ in 0..8 {
+                let mut d = vec![0x2a];
+                d.extend_from_slice(&flow.to_be_bytes());
+                d.extend_from_slice(&rand::random::<u64>().to_be_bytes());
+                d.extend_from_slice(&[0x55; 1200]);
+                sent += u64::from(s.send_to(&d, hub).is_ok());
+            }
+        }
+        for short in [&[0x2a, 0, 0, 0, 1][..], &[0u8; 13][..]] {
+            sent += u64::from(s.send_to(short, hub).is_ok());
+        }
+        sent
+    });
+    assert_eq!(sent, 64 * 8 + 2);
+    let drops = |t: &gateway::api::TunnelStatus, name: &str| t.drops.get(name).copied();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let hub_status = loop {
+        let t = status_json(&h.lab, Host::Hub, &h.hub_socket)
+            .tunnel
+            .expect("tunnel");
+        let counted = ["relay_bad_token", "relay_unknown_flow", "relay_malformed"]
+            .iter()
+            .map(|n| drops(&t, n).unwrap_or(0))
+            .sum::<u64>();
+        if counted == sent || std::time::Instant::now() > deadline {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        drops(&hub_status, "relay_bad_token"),
+        Some(8),
+        "{:?}",
+        hub_status.drops
+    );
+    assert_eq!(
+        drops(&hub_status, "relay_unknown_flow"),
+        Some(63 * 8),
+        "{:?}",
+        hub_status.drops
+    );
+    assert_eq!(
+        drops(&hub_status, "relay_malformed"),
+        Some(2),
+        "{:?}",
+        hub_status.drops
+    );
+    let relay = hub_status.hub.expect("hub tables");
+    assert!(
+        relay.clients.len() == 1 && relay.clients[0].relayed,
+        "{relay:?}"
+    );
+    // Nothing reached the connector, and the session is the one from before.
+    let on_connector = status_json(&h.lab, Host::VpcGateway, &h.connectors[0].2)
+        .tunnel
+        .expect("tunnel");
+    assert!(
+        !on_connector.drops.keys().any(|k| k.starts_with("relay_")),
+        "{:?}",
+        on_connector.drops
+    );
+    h.lab
+        .run_ok(Host::Operator, &ping)
+        .expect("ping through the hub after the forgeries");
+    let after = status_json(&h.lab, Host::Operator, &h.client_socket).tunnel;
+    assert_eq!(
+        after.map(|t| t.peers[0].connected_since),
+        since,
+        "the same session"
     );
 }

@@ -65,8 +65,11 @@ async fn session(
     let conn = outer_ep.connect_with(outer, hub, hub_addr::HUB)?.await?;
     let (s, r) = conn.open_bi().await?;
     let (tx, mut rx) = hub_wire::start_quic(conn, s, r);
+    // Not relayed: these sessions ride the outer link, and the hub relays them on to a
+    // connector that takes relayed packets (the mixed path).
     tx.send_control(&HubMsg::Client {
         group: Some(GROUP.into()),
+        raw: false,
     })
     .await?;
     match hub_wire::first_control(&mut rx, Duration::from_secs(10)).await? {

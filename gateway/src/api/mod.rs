@@ -208,6 +208,9 @@ pub struct HubConnectorStatus {
     pub since: u64,
     /// Client sessions relayed to it now.
     pub sessions: u64,
+    /// Its packets travel beside the outer link as relayed UDP (docs/hub.md), not inside it.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +223,9 @@ pub struct HubClientStatus {
     pub since: u64,
     /// Bytes relayed both ways (sealed end to end; the hub reads none of them).
     pub bytes_relayed: u64,
+    /// As for a connector: packets beside the outer link, not inside it.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// Client: systemd-resolved's settings for the TUN link, as this daemon last made them.

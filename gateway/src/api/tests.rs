@@ -148,6 +148,7 @@ pub(crate) fn full_status() -> Status {
                 transport: "quic".into(),
                 since: 1_700_000_000,
                 sessions: 1,
+                relayed: true,
             }],
             clients: vec![HubClientStatus {
                 identity: "ops-alice".into(),
@@ -156,6 +157,7 @@ pub(crate) fn full_status() -> Status {
                 transport: "tcp".into(),
                 since: 1_700_000_100,
                 bytes_relayed: 4096,
+                relayed: false,
             }],
         }),
         via_hub: Some("198.18.0.10:7844".into()),

@@ -27,7 +27,7 @@ fn render_tables(out: &mut String, h: &HubStatus, now: u64) {
                 vec![
                     esc(&c.identity),
                     esc(&c.group),
-                    esc(&c.transport),
+                    transport(&c.transport, c.relayed),
                     esc(&c.remote),
                     human_duration(now.saturating_sub(c.since)),
                     c.sessions.to_string(),
@@ -60,7 +60,7 @@ fn render_tables(out: &mut String, h: &HubStatus, now: u64) {
                 vec![
                     esc(&c.identity),
                     esc(&c.connector),
-                    esc(&c.transport),
+                    transport(&c.transport, c.relayed),
                     esc(&c.remote),
                     human_duration(now.saturating_sub(c.since)),
                     c.bytes_relayed.to_string(),
@@ -83,6 +83,15 @@ fn render_tables(out: &mut String, h: &HubStatus, now: u64) {
     }
 }
 
+/// The outer link's transport, and whether packets travel beside it.
+fn transport(t: &str, relayed: bool) -> String {
+    if relayed {
+        format!("{} (relayed)", esc(t))
+    } else {
+        esc(t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +108,7 @@ mod tests {
                 transport: "quic".into(),
                 since: 1000,
                 sessions: 1,
+                relayed: true,
             }],
             clients: vec![HubClientStatus {
                 identity: "ops-\u{1b}alice".into(),
@@ -107,6 +117,7 @@ mod tests {
                 transport: "tcp".into(),
                 since: 1060,
                 bytes_relayed: 4096,
+                relayed: false,
             }],
         };
         let mut out = String::new();
@@ -116,12 +127,13 @@ mod tests {
         assert!(
             lines[1].contains("gw-a")
                 && lines[1].contains("vpc")
+                && lines[1].contains("quic (relayed)")
                 && lines[1].contains("10.128.0.0/16"),
             "{out}"
         );
         assert!(lines[2].starts_with("CLIENT"), "{out}");
         assert!(
-            lines[3].contains("4096") && lines[3].contains("tcp"),
+            lines[3].contains("4096") && lines[3].contains("tcp") && !lines[3].contains("relayed"),
             "{out}"
         );
         assert!(!out.contains('\u{1b}'), "peer text is escaped: {out:?}");

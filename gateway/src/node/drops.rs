@@ -54,6 +54,10 @@ reasons! {
     MalformedBadOptions = 18 => "malformed_bad_options", "IPv4 options whose lengths do not add up.";
     MalformedRoutingHeader = 19 => "malformed_routing_header", "An IPv6 Routing header anywhere in the extension headers.";
     MalformedExtensionChain = 20 => "malformed_extension_chain", "More IPv6 extension headers than are ever walked.";
+    RelayMalformed = 21 => "relay_malformed", "A relayed packet (hub path, outside the outer QUIC) with a bad header.";
+    RelayUnknownFlow = 22 => "relay_unknown_flow", "A relayed packet for a flow that is not open.";
+    RelayBadToken = 23 => "relay_bad_token", "A relayed packet whose token is not its flow's: forged or stale.";
+    RelayWrongSource = 24 => "relay_wrong_source", "A relayed packet from an address that is not its flow's end.";
     }
 }
 

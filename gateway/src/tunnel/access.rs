@@ -194,6 +194,7 @@ async fn open_via_hub(
         // An unprivileged user's stream: any source port, as a direct access stream has.
         source_port: 0,
         fallback_port: cfg.fallback_port,
+        raw: None,
     };
     let mut errors = Vec::new();
     let mut plan = Vec::new();

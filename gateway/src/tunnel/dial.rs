@@ -26,6 +26,8 @@ pub struct Dialer {
     pub limits: Arc<Limits>,
     /// Set when the targets are hubs: the session runs through them (`[tunnel] group`).
     pub hub: Option<Arc<super::hub_dial::ViaHub>>,
+    /// The endpoint's relayed sessions, when its socket carries relayed packets (through hubs).
+    pub raw: Option<Arc<super::hub_dial::RawEnd>>,
 }
 
 /// The first address `target` (`host:port`) resolves to.
@@ -54,6 +56,7 @@ impl Dialer {
                         server_name: &self.server_name,
                         source_port: self.source_port,
                         fallback_port: self.fallback_port,
+                        raw: self.raw.as_ref(),
                     };
                     hub.open(&from, target, addr, kind).await
                 }

@@ -3,18 +3,22 @@
 //! same end-to-end QUIC session a direct link has, run over a [`VirtualSocket`] whose
 //! datagrams ride the outer link. What the client driver gets is an ordinary QUIC [`Link`].
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
 
 use super::hub_wire::{self, HubMsg, In, OuterTx};
 use super::link::{Opened, Side};
-use super::net::tcp_connect;
+use super::net::{canonical, tcp_connect};
+use super::raw::{self, DemuxSocket, Divert, RawFlow};
 use super::tls;
 use super::vsock::{Route, VirtualSocket};
 use crate::node::LinkKind;
+use crate::node::drops::{Drop, Drops};
 use crate::pki::{CertInfo, Profile};
 
 /// What a client needs to go through hubs.
@@ -34,6 +38,99 @@ pub struct From<'a> {
     pub server_name: &'a str,
     pub source_port: u16,
     pub fallback_port: Option<u16>,
+    /// The endpoint's socket and its relayed sessions, when it carries relayed packets.
+    pub raw: Option<&'a Arc<RawEnd>>,
+}
+
+/// A client's relayed sessions: the hub's address and the flow name a session, the token
+/// must match, and what arrives goes into that session's virtual socket.
+pub struct RawEnd {
+    pub socket: Arc<DemuxSocket>,
+    sessions: RwLock<HashMap<(SocketAddr, u32), Session>>,
+    drops: Arc<Drops>,
+}
+
+struct Session {
+    token: u64,
+    /// The address the inner endpoint knows the hub by.
+    remote: SocketAddr,
+    inner: Weak<VirtualSocket>,
+}
+
+impl RawEnd {
+    /// The relayed sessions of the endpoint over `socket`; it hands them what arrives.
+    pub fn attach(socket: Arc<DemuxSocket>, drops: Arc<Drops>) -> Arc<RawEnd> {
+        let end = Arc::new(RawEnd {
+            socket: socket.clone(),
+            sessions: RwLock::new(HashMap::new()),
+            drops,
+        });
+        socket.set_divert(Arc::new(Arc::downgrade(&end)));
+        end
+    }
+}
+
+impl Divert for Weak<RawEnd> {
+    fn divert(&self, _: &DemuxSocket, from: SocketAddr, stride: usize, run: &[u8]) {
+        let Some(end) = self.upgrade() else {
+            return;
+        };
+        let Ok(sessions) = end.sessions.read() else {
+            return;
+        };
+        let from = canonical(from);
+        for seg in raw::segments(run, stride) {
+            let Some((f, d)) = seg else {
+                end.drops.count(Drop::RelayMalformed);
+                continue;
+            };
+            match sessions.get(&(from, f.flow)) {
+                None => end.drops.count(Drop::RelayUnknownFlow),
+                Some(s) if s.token != f.token => end.drops.count(Drop::RelayBadToken),
+                Some(s) => {
+                    if let Some(inner) = s.inner.upgrade() {
+                        inner.push(s.remote, Bytes::copy_from_slice(d));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes a session out of [`RawEnd`] when it ends.
+struct Unregister(Weak<RawEnd>, (SocketAddr, u32));
+
+impl std::ops::Drop for Unregister {
+    fn drop(&mut self) {
+        if let Some(end) = self.0.upgrade()
+            && let Ok(mut s) = end.sessions.write()
+        {
+            s.remove(&self.1);
+        }
+    }
+}
+
+/// A relayed session's packets: straight to the hub's address on the endpoint's socket.
+struct RawToHub {
+    socket: Arc<DemuxSocket>,
+    to: SocketAddr,
+    flow: RawFlow,
+}
+
+impl Route for RawToHub {
+    fn send(&self, to: SocketAddr, datagram: &[u8]) -> bool {
+        self.send_batch(to, datagram, datagram.len()) == 0
+    }
+
+    fn send_batch(&self, _to: SocketAddr, contents: &[u8], segment: usize) -> u64 {
+        raw::send_inner(&self.socket, self.to, self.flow, contents, segment)
+    }
+
+    fn max_segments(&self) -> usize {
+        self.socket
+            .max_transmit_segments()
+            .clamp(1, raw::END_SEGMENTS)
+    }
 }
 
 /// Every datagram of the inner session goes to the one outer link.
@@ -136,13 +233,17 @@ impl ViaHub {
                 hub_wire::start_tcp(stream, addr)
             }
         };
+        // Relayed packets only beside an outer QUIC link: they take its 5-tuple.
+        let relay = d.raw.filter(|_| kind == LinkKind::Quic);
         tx.send_control(&HubMsg::Client {
             group: self.group.clone(),
+            raw: relay.is_some(),
         })
         .await?;
-        match hub_wire::first_control(&mut rx, Duration::from_secs(5)).await {
-            Ok(HubMsg::Assigned { connector }) => {
-                tracing::info!(hub = %addr, %connector, transport = kind.name(), "the hub relays this session");
+        let flow = match hub_wire::first_control(&mut rx, Duration::from_secs(5)).await {
+            Ok(HubMsg::Assigned { connector, raw }) => {
+                tracing::info!(hub = %addr, %connector, transport = kind.name(), relayed = raw.is_some(), "the hub relays this session");
+                raw
             }
             Ok(HubMsg::Refused { reason }) => {
                 tx.close("refused");
@@ -159,7 +260,7 @@ impl ViaHub {
                 tx.close("no answer");
                 bail!("the hub: {e}");
             }
-        }
+        };
         // The inner session sees the hub's address as its peer's: status shows through which
         // hub, and the routes learned never cover it.
         let remote = tx.remote;
@@ -167,7 +268,34 @@ impl ViaHub {
             SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
-        let socket = VirtualSocket::new(SocketAddr::new(local, 0), Box::new(ToHub(tx.clone())));
+        let relayed = match (relay, flow, tx.quic_remote()) {
+            (Some(end), Some(flow), Some(to)) => Some((end, flow, to)),
+            _ => None,
+        };
+        let route: Box<dyn Route> = match relayed {
+            Some((end, flow, to)) => Box::new(RawToHub {
+                socket: end.socket.clone(),
+                to,
+                flow,
+            }),
+            None => Box::new(ToHub(tx.clone())),
+        };
+        let socket = VirtualSocket::new(SocketAddr::new(local, 0), route);
+        // Registered for as long as this function's session lives (the guard below).
+        let registered = relayed.map(|(end, flow, to)| {
+            let key = (canonical(to), flow.flow);
+            if let Ok(mut s) = end.sessions.write() {
+                s.insert(
+                    key,
+                    Session {
+                        token: flow.token,
+                        remote,
+                        inner: Arc::downgrade(&socket),
+                    },
+                );
+            }
+            Unregister(Arc::downgrade(end), key)
+        });
         let mut config = quinn::EndpointConfig::default();
         config
             .max_udp_payload_size(hub_wire::INNER_MAX_UDP)
@@ -217,6 +345,7 @@ impl ViaHub {
         let watch = conn.clone();
         tokio::spawn(async move {
             let _keep = endpoint;
+            let _registered = registered;
             tokio::select! {
                 _ = watch.closed() => {}
                 _ = pump => {

@@ -6,13 +6,15 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
 use tokio::task::JoinSet;
 
+use super::hub_raw::{End, Switch};
 use super::hub_wire::{self, Counter, FLOW_ID, HubMsg, In, OuterRx, OuterTx};
+use super::raw::{DemuxSocket, RawFlow};
 use super::status::Shared;
 use super::tls;
 use crate::core::text::{PEER_NAME, PEER_TEXT, clean, is_clean};
@@ -33,6 +35,7 @@ pub struct Relayed {
     pub kind: LinkKind,
     pub since: Instant,
     pub bytes: Counter,
+    pub relayed: bool,
 }
 
 /// A live outer link's certificate, kept so a reload can check it against a new CRL.
@@ -46,10 +49,10 @@ pub struct HubServer {
     pub shared: Arc<Shared>,
     state: Mutex<Hub>,
     live: Mutex<HashMap<LinkId, Live>>,
-    connectors: Mutex<HashMap<LinkId, OuterTx>>,
+    connectors: Mutex<HashMap<LinkId, End>>,
     clients: Mutex<HashMap<LinkId, OuterTx>>,
-    /// Flow id → the client's link and its byte counter: the connector→client direction.
-    flows: RwLock<HashMap<u32, (OuterTx, Counter)>>,
+    /// Each open flow's two ends: where a packet of it goes.
+    switch: Arc<Switch>,
     pub relayed: Mutex<HashMap<LinkId, Relayed>>,
     next_link: AtomicU64,
     pending: Arc<tokio::sync::Semaphore>,
@@ -61,14 +64,19 @@ fn profile_of(chain: &[CertificateDer<'_>]) -> Option<Profile> {
 }
 
 impl HubServer {
-    pub fn new(shared: Arc<Shared>) -> Arc<HubServer> {
+    /// A hub; with `socket` (its QUIC socket) it offers relayed packets to ends that ask.
+    pub fn new(shared: Arc<Shared>, socket: Option<&Arc<DemuxSocket>>) -> Arc<HubServer> {
+        let switch = Switch::new(shared.drops.clone());
+        if let Some(s) = socket {
+            switch.attach(s);
+        }
         Arc::new(HubServer {
             shared,
             state: Mutex::new(Hub::new()),
             live: Mutex::new(HashMap::new()),
             connectors: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
-            flows: RwLock::new(HashMap::new()),
+            switch,
             relayed: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
             pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING)),
@@ -93,11 +101,17 @@ impl HubServer {
                             .connectors
                             .lock()
                             .ok()
-                            .and_then(|l| l.get(&link).map(|t| t.remote.to_string()))
+                            .and_then(|l| l.get(&link).map(|e| e.tx.remote.to_string()))
                             .unwrap_or_default(),
                         transport: c.kind.name().into(),
                         since: at(c.since),
                         sessions: n as u64,
+                        relayed: self
+                            .connectors
+                            .lock()
+                            .ok()
+                            .and_then(|l| l.get(&link).map(|e| e.raw))
+                            .unwrap_or(false),
                     })
                     .collect()
             })
@@ -115,6 +129,7 @@ impl HubServer {
                         transport: c.kind.name().into(),
                         since: at(c.since),
                         bytes_relayed: c.bytes.load(Ordering::Relaxed),
+                        relayed: c.relayed,
                     })
                     .collect();
                 v.sort_by(|a, b| (a.since, &a.identity).cmp(&(b.since, &b.identity)));
@@ -305,14 +320,16 @@ impl HubServer {
             }
         };
         match (profile_of(chain), first) {
-            (Some(Profile::Connector), HubMsg::Connector { group, routes }) => {
+            (Some(Profile::Connector), HubMsg::Connector { group, routes, raw }) => {
                 let group = clean(&group, 64);
                 let routes: Vec<String> = routes.iter().take(64).map(|r| clean(r, 64)).collect();
-                self.connector(id, identity, group, routes, tx, rx).await
+                let end = self.end(tx, raw);
+                self.connector(id, identity, group, routes, end, rx).await
             }
-            (Some(Profile::Client), HubMsg::Client { group }) => {
+            (Some(Profile::Client), HubMsg::Client { group, raw }) => {
                 let group = group.map(|g| clean(&g, 64));
-                self.client(id, identity, group, tx, rx).await
+                let end = self.end(tx, raw);
+                self.client(id, identity, group, end, rx).await
             }
             (profile, _) => {
                 let as_what = profile.map_or("no profile", Profile::name);
@@ -324,15 +341,22 @@ impl HubServer {
         }
     }
 
+    /// An end takes relayed packets when it asked, its link is QUIC and the hub has a socket.
+    fn end(&self, tx: OuterTx, asked: bool) -> End {
+        let raw = asked && tx.kind == LinkKind::Quic && self.switch.relays();
+        End { tx, raw }
+    }
+
     async fn connector(
         &self,
         id: LinkId,
         identity: String,
         group: String,
         routes: Vec<String>,
-        tx: OuterTx,
+        end: End,
         mut rx: OuterRx,
     ) {
+        let tx = end.tx.clone();
         let info = ConnectorInfo {
             identity: identity.clone(),
             group: group.clone(),
@@ -349,10 +373,10 @@ impl HubServer {
             return self.refuse(&tx, Some(&identity), reason);
         }
         if let Ok(mut c) = self.connectors.lock() {
-            c.insert(id, tx.clone());
+            c.insert(id, end.clone());
         }
-        let _ = tx.send_control(&HubMsg::Welcome {}).await;
-        tracing::info!(%identity, %group, remote = %tx.remote, transport = tx.kind.name(), "connector up");
+        let _ = tx.send_control(&HubMsg::Welcome { raw: end.raw }).await;
+        tracing::info!(%identity, %group, remote = %tx.remote, transport = tx.kind.name(), relayed = end.raw, "connector up");
         while let Some(item) = rx.recv().await {
             let In::Datagram(d) = item else {
                 continue;
@@ -361,12 +385,7 @@ impl HubServer {
                 continue;
             }
             let flow = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-            let to = self.flows.read().ok().and_then(|f| f.get(&flow).cloned());
-            if let Some((client, bytes)) = to
-                && client.send_bytes(d.slice(FLOW_ID..))
-            {
-                bytes.fetch_add((d.len() - FLOW_ID) as u64, Ordering::Relaxed);
-            }
+            self.switch.to_client(flow, d.slice(FLOW_ID..));
         }
         tracing::info!(%identity, %group, "connector gone");
         if let Ok(mut c) = self.connectors.lock() {
@@ -383,9 +402,10 @@ impl HubServer {
         id: LinkId,
         identity: String,
         group: Option<String>,
-        tx: OuterTx,
+        end: End,
         mut rx: OuterRx,
     ) {
+        let tx = end.tx.clone();
         let assigned = self
             .state
             .lock()
@@ -421,8 +441,11 @@ impl HubServer {
             return self.refuse(&tx, Some(&identity), "the connector went away".into());
         };
         let bytes: Counter = Arc::new(AtomicU64::new(0));
-        if let Ok(mut f) = self.flows.write() {
-            f.insert(flow, (tx.clone(), bytes.clone()));
+        let rf = RawFlow::new(flow);
+        self.switch.open(rf, end.clone(), to.clone(), bytes.clone());
+        // The connector knows the flow before its client can send a relayed packet of it.
+        if to.raw {
+            let _ = to.tx.send_control(&HubMsg::FlowOpened { flow: rf }).await;
         }
         if let Ok(mut c) = self.clients.lock() {
             c.insert(id, tx.clone());
@@ -437,26 +460,23 @@ impl HubServer {
                     kind: tx.kind,
                     since: Instant::now(),
                     bytes: bytes.clone(),
+                    relayed: end.raw,
                 },
             );
         }
         let _ = tx
             .send_control(&HubMsg::Assigned {
                 connector: name.clone(),
+                raw: end.raw.then_some(rf),
             })
             .await;
-        tracing::info!(%identity, connector = %name, flow, transport = tx.kind.name(), "client relayed");
-        let prefix = flow.to_be_bytes();
+        tracing::info!(%identity, connector = %name, flow, transport = tx.kind.name(), relayed = end.raw, "client relayed");
         while let Some(item) = rx.recv().await {
-            if let In::Datagram(d) = item
-                && to.send_datagram(&prefix, &d)
-            {
-                bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            if let In::Datagram(d) = item {
+                self.switch.to_connector(flow, d);
             }
         }
-        if let Ok(mut f) = self.flows.write() {
-            f.remove(&flow);
-        }
+        self.switch.close(flow);
         if let Ok(mut c) = self.clients.lock() {
             c.remove(&id);
         }
@@ -494,7 +514,7 @@ impl HubServer {
                         .connectors
                         .lock()
                         .ok()
-                        .and_then(|c| c.get(&connector).cloned());
+                        .and_then(|c| c.get(&connector).map(|e| e.tx.clone()));
                     if let Some(tx) = tx {
                         tokio::spawn(async move {
                             let _ = tx.send_control(&HubMsg::FlowClosed { flow }).await;

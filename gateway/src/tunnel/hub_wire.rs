@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+use super::raw::RawFlow;
 use crate::node::LinkKind;
 
 /// ALPN of a hub's outer links; a tunnel peer (`gateway/1`) never mistakes one for its own.
@@ -49,14 +50,34 @@ const KIND_DATAGRAM: u8 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case", deny_unknown_fields)]
 pub enum HubMsg {
-    /// Connector → hub, first: its replica group and what it serves (for status).
-    Connector { group: String, routes: Vec<String> },
-    /// Client → hub, first: the group it wants (any when absent).
-    Client { group: Option<String> },
-    /// Hub → connector: relaying starts.
-    Welcome {},
-    /// Hub → client: the replica its session goes to.
-    Assigned { connector: String },
+    /// Connector → hub, first: its replica group and what it serves (for status); `raw`: it
+    /// takes relayed packets (tunnel/raw.rs) on this link's QUIC 5-tuple.
+    Connector {
+        group: String,
+        routes: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
+    },
+    /// Client → hub, first: the group it wants (any when absent); `raw` as for a connector.
+    Client {
+        group: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
+    },
+    /// Hub → connector: relaying starts; `raw`: relayed packets too.
+    Welcome {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        raw: bool,
+    },
+    /// Hub → client: the replica its session goes to, and its relayed flow when it asked.
+    Assigned {
+        connector: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        raw: Option<RawFlow>,
+    },
+    /// Hub → a connector that asked for relayed packets: a flow opens, sent before its
+    /// client can send anything.
+    FlowOpened { flow: RawFlow },
     /// Hub → either: why nothing is relayed; the link closes after it.
     Refused { reason: String },
     /// Hub → connector: the session on this flow ended.
@@ -193,6 +214,15 @@ impl OuterTx {
             Tx::Tcp { close, .. } => {
                 let _ = close.send(true);
             }
+        }
+    }
+
+    /// The peer's address as this link's QUIC socket spells it now (QUIC follows a NAT's
+    /// rebinding); `None` on TCP.
+    pub fn quic_remote(&self) -> Option<SocketAddr> {
+        match &self.tx {
+            Tx::Quic { conn, .. } => Some(conn.remote_address()),
+            Tx::Tcp { .. } => None,
         }
     }
 
@@ -453,12 +483,13 @@ mod tests {
         let (tb, mut rb) = start_tcp(b, addr());
         ta.send_control(&HubMsg::Client {
             group: Some("vpc".into()),
+            raw: false,
         })
         .await
         .expect("send");
         assert!(ta.send_datagram(&7u32.to_be_bytes(), b"sealed"));
         match first_control(&mut rb, Duration::from_secs(2)).await {
-            Ok(HubMsg::Client { group }) => assert_eq!(group.as_deref(), Some("vpc")),
+            Ok(HubMsg::Client { group, .. }) => assert_eq!(group.as_deref(), Some("vpc")),
             other => panic!("{other:?}"),
         }
         match rb.recv().await {

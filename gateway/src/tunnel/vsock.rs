@@ -28,6 +28,22 @@ const INBOX: usize = 4096;
 pub trait Route: Send + Sync + 'static {
     /// Sends `datagram` towards `to`; `false` when it had to be dropped.
     fn send(&self, to: SocketAddr, datagram: &[u8]) -> bool;
+
+    /// Sends datagrams of `segment` bytes (the last may be shorter) towards `to`; how many
+    /// were dropped. One at a time unless the route can do better (relayed packets: one
+    /// system call for the batch).
+    fn send_batch(&self, to: SocketAddr, contents: &[u8], segment: usize) -> u64 {
+        let dropped = contents
+            .chunks(segment.max(1))
+            .filter(|d| !self.send(to, d))
+            .count();
+        dropped as u64
+    }
+
+    /// The most datagrams quinn may hand over in one transmit.
+    fn max_segments(&self) -> usize {
+        1
+    }
 }
 
 #[derive(Default)]
@@ -96,16 +112,15 @@ impl AsyncUdpSocket for VirtualSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        // One datagram per transmit (max_transmit_segments is 1), but split by segment size
-        // anyway should quinn ever hand several.
         let size = transmit
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
-        for d in transmit.contents.chunks(size) {
-            if !self.route.send(transmit.destination, d) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        let dropped = self
+            .route
+            .send_batch(transmit.destination, transmit.contents, size);
+        if dropped > 0 {
+            self.dropped.fetch_add(dropped, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -147,6 +162,10 @@ impl AsyncUdpSocket for VirtualSocket {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.route.max_segments()
     }
 
     /// The outer link carries each datagram whole or not at all, so path MTU discovery inside

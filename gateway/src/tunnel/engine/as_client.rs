@@ -48,12 +48,20 @@ pub(super) async fn start(
             // Dual stack: connectors with IPv4 and IPv6 addresses alike, from one pinned port.
             let socket = net::udp_dual_stack_std(source_port)
                 .with_context(|| format!("binding UDP source port {source_port}"))?;
-            let mut endpoint = quic_endpoint(socket, None)
-                .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?;
+            // Through hubs, the socket also carries relayed packets (tunnel/raw.rs).
+            let (mut endpoint, demux) = if cfg.group.is_some() {
+                let (ep, demux) = demux_endpoint(socket, None)
+                    .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?;
+                (ep, Some(demux))
+            } else {
+                let ep = quic_endpoint(socket, None)
+                    .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?;
+                (ep, None)
+            };
             endpoint.set_default_client_config(client);
-            Some(endpoint)
+            (Some(endpoint), demux)
         } else {
-            None
+            (None, None)
         };
         let (tun, index, handle) = create_tun(&cfg.tun).await?;
         let stub = match stub_at {
@@ -84,6 +92,7 @@ pub(super) async fn start(
             return Err(e);
         }
     };
+    let (endpoint, demux) = endpoint;
     let shared = Shared::new(StatusRole::Client, &cfg.tun, "connecting");
     if let Ok(mut f) = shared.firewall.lock() {
         *f = client_filter;
@@ -121,6 +130,7 @@ pub(super) async fn start(
         fallback_port: cfg.fallback_port,
         limits: shared.limits.clone(),
         hub: via_hub,
+        raw: demux.map(|s| super::super::hub_dial::RawEnd::attach(s, shared.drops.clone())),
     });
     let (inbox, inputs) = mpsc::channel(INBOX);
     let (events_tx, events) = mpsc::channel(INBOX);

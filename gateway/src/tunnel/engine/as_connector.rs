@@ -120,6 +120,7 @@ pub(super) async fn start(
         let socket = super::super::hub_uplink::start(
             super::super::hub_uplink::Uplinks {
                 routes: advertised,
+                drops: shared.drops.clone(),
                 ..u
             },
             &mut tasks,
@@ -271,7 +272,7 @@ fn uplink(
         let socket = net::udp_dual_stack_std(source_port)
             .with_context(|| format!("binding UDP source port {source_port}"))?;
         Some(
-            quic_endpoint(socket, None)
+            demux_endpoint(socket, None)
                 .with_context(|| format!("a QUIC endpoint on UDP source port {source_port}"))?,
         )
     } else {
@@ -286,6 +287,7 @@ fn uplink(
         source_port,
         fallback_port: cfg.fallback_port,
         endpoint,
+        drops: Default::default(),
         quic,
         tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),
     };

@@ -24,7 +24,7 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
         Some(
             // Big socket buffers as on the tunnel's ends: every relayed packet crosses twice.
             std::net::UdpSocket::bind(listen)
-                .and_then(|socket| quic_endpoint(socket, Some(server)))
+                .and_then(|socket| demux_endpoint(socket, Some(server)))
                 .with_context(|| format!("listening on UDP {listen}"))?,
         )
     } else {
@@ -45,7 +45,8 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     drop(entered);
     let listening = crate::tunnel::hub_server::describe(listen, tcp_listen);
     let shared = Shared::new(StatusRole::Hub, "", &listening);
-    let hub = HubServer::new(shared.clone());
+    let hub = HubServer::new(shared.clone(), endpoint.as_ref().map(|(_, s)| s));
+    let endpoint = endpoint.map(|(ep, _)| ep);
     if let Ok(mut h) = shared.hub.lock() {
         // Weak: the hub's tables hold `shared`, which must not hold them back.
         let view = Arc::downgrade(&hub);

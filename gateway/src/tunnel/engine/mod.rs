@@ -295,6 +295,15 @@ fn quic_endpoint(
     )
 }
 
+/// An endpoint whose socket also carries a hub's relayed packets (tunnel/raw.rs).
+fn demux_endpoint(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<(Endpoint, Arc<crate::tunnel::raw::DemuxSocket>)> {
+    size_udp_buffers(&socket);
+    crate::tunnel::raw::endpoint(socket, server)
+}
+
 async fn create_tun(name: &str) -> anyhow::Result<(Arc<AsyncDevice>, u32, rtnetlink::Handle)> {
     // Offload (IFF_VNET_HDR, TSO/USO): the kernel hands over super-packets and takes coalesced
     // ones, so the stacks on both sides of the TUN handle one 64 KB packet where they would
