@@ -229,10 +229,47 @@ fn forged_relayed_packets_go_nowhere_and_the_session_carries_on() {
     h.lab
         .run_ok(Host::Operator, &ping)
         .expect("ping through the hub after the forgeries");
+
+    // A flood of them (at most 3 s and 2 million packets, as fast as one sender goes) while
+    // the session pings 5 times a second: the hub keeps relaying and keeps its outer links.
+    let flood = std::thread::spawn({
+        let lab_ns = format!("/var/run/netns/{}", h.lab.ns(Host::Underlay));
+        move || flood_hub(&lab_ns, hub)
+    });
+    let pings = ["ping", "-c", "15", "-i", "0.2", "-W", "1", addr::VPC_HOST];
+    let out = h.lab.run(Host::Operator, &pings).expect("ping");
+    let flooded = flood.join().expect("flood thread");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received")?.parse::<u32>().ok())
+        .unwrap_or(0);
+    assert!(received >= 13, "{flooded} forged packets sent; {text}");
+    assert!(flooded > 10_000, "a flood: {flooded}");
     let after = status_json(&h.lab, Host::Operator, &h.client_socket).tunnel;
     assert_eq!(
         after.map(|t| t.peers[0].connected_since),
         since,
         "the same session"
     );
+}
+
+/// Sends forged relayed packets to `hub` from the namespace at `ns` (another host than the
+/// client's) for at most 3 s or 2 million packets; how many went out.
+fn flood_hub(ns: &str, hub: std::net::SocketAddr) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(ns).expect("namespace");
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    let mut d = vec![0x2a, 0, 0, 0, 1];
+    d.extend_from_slice(&[0x55; 1208]);
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    let mut sent = 0u64;
+    while sent < 2_000_000 && std::time::Instant::now() < end {
+        for _ in 0..256 {
+            sent += u64::from(s.send_to(&d, hub).is_ok());
+        }
+    }
+    sent
 }
