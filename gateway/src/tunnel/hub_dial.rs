@@ -65,16 +65,15 @@ impl RawEnd {
             sessions: RwLock::new(HashMap::new()),
             drops,
         });
-        socket.set_divert(Arc::new(Arc::downgrade(&end)));
+        let divert: Weak<dyn Divert> = Arc::downgrade(&end) as Weak<RawEnd>;
+        socket.set_divert(divert);
         end
     }
 }
 
-impl Divert for Weak<RawEnd> {
+impl Divert for RawEnd {
     fn divert(&self, _: &DemuxSocket, from: SocketAddr, stride: usize, run: &[u8]) {
-        let Some(end) = self.upgrade() else {
-            return;
-        };
+        let end = self;
         let Ok(sessions) = end.sessions.read() else {
             return;
         };

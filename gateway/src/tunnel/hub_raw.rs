@@ -94,7 +94,8 @@ impl Switch {
     /// The hub's UDP socket: relayed packets arrive on it and leave by it.
     pub fn attach(self: &Arc<Self>, socket: &Arc<DemuxSocket>) {
         let _ = self.socket.set(Arc::downgrade(socket));
-        socket.set_divert(self.clone());
+        let me: Weak<dyn Divert> = Arc::downgrade(self) as Weak<Switch>;
+        socket.set_divert(me);
     }
 
     /// Whether relayed packets can be offered at all (the hub listens on QUIC).

@@ -114,7 +114,7 @@ impl Route for Arc<ToHubs> {
     }
 }
 
-impl Divert for Arc<ToHubs> {
+impl Divert for ToHubs {
     fn divert(&self, _: &DemuxSocket, from: SocketAddr, stride: usize, run: &[u8]) {
         let Some(inner) = self.inner.get().and_then(std::sync::Weak::upgrade) else {
             return;
@@ -175,8 +175,10 @@ pub fn start(u: Uplinks, tasks: &mut tokio::task::JoinSet<()>) -> Arc<VirtualSoc
     });
     let socket = VirtualSocket::new(local, Box::new(route.clone()));
     let _ = route.inner.set(Arc::downgrade(&socket));
+    // The inner endpoint holds `route` (in its virtual socket) for as long as the tunnel runs.
     if let Some((_, s)) = &u.endpoint {
-        s.set_divert(Arc::new(route));
+        let divert: std::sync::Weak<dyn Divert> = Arc::downgrade(&route) as std::sync::Weak<ToHubs>;
+        s.set_divert(divert);
     }
     let u = Arc::new(u);
     for (i, hub) in u.hubs.iter().enumerate() {

@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 
 use quinn::udp::{RecvMeta, Transmit};
@@ -114,7 +114,8 @@ pub trait Divert: Send + Sync + 'static {
 /// reads, and lets their owner send them on the same socket.
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    divert: OnceLock<Arc<dyn Divert>>,
+    /// Weak: what it diverts to may hold quinn connections, which hold this socket.
+    divert: OnceLock<Weak<dyn Divert>>,
 }
 
 impl fmt::Debug for DemuxSocket {
@@ -133,8 +134,9 @@ impl DemuxSocket {
         })
     }
 
-    /// Who gets the relayed packets; set once. Until then they are dropped.
-    pub fn set_divert(&self, d: Arc<dyn Divert>) {
+    /// Who gets the relayed packets, for as long as its owner keeps it; set once. Until then,
+    /// and after, they are dropped.
+    pub fn set_divert(&self, d: Weak<dyn Divert>) {
         let _ = self.divert.set(d);
     }
 
@@ -178,7 +180,7 @@ impl DemuxSocket {
                 while end < len && is_raw(data[end]) {
                     end = seg_end(end);
                 }
-                if let Some(d) = self.divert.get() {
+                if let Some(d) = self.divert.get().and_then(Weak::upgrade) {
                     d.divert(self, from, stride, &data[start..end]);
                 }
                 start = end;
@@ -338,7 +340,7 @@ mod tests {
     fn a_mixed_batch_is_split_by_segment() {
         let s = DemuxSocket::new(Arc::new(Nothing));
         let seen = Arc::new(Seen(Mutex::new(Vec::new())));
-        s.set_divert(seen.clone());
+        s.set_divert(Arc::downgrade(&seen) as Weak<dyn Divert>);
         let from: SocketAddr = "192.0.2.1:7844".parse().expect("addr");
         let seg = |first: u8, fill: u8| {
             let mut v = vec![fill; 4];
@@ -434,7 +436,7 @@ mod tests {
         ) {
             let s = DemuxSocket::new(Arc::new(Nothing));
             let seen = Arc::new(Seen(Mutex::new(Vec::new())));
-            s.set_divert(seen.clone());
+            s.set_divert(Arc::downgrade(&seen) as Weak<dyn Divert>);
             let mut data = Vec::new();
             let (mut quic, mut relayed) = (Vec::new(), Vec::new());
             for (i, raw) in kinds.iter().enumerate() {
