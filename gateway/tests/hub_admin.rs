@@ -254,6 +254,34 @@ fn forged_relayed_packets_go_nowhere_and_the_session_carries_on() {
     );
 }
 
+/// `relay = false` on a connector (a network that passes QUIC and nothing else on its flow):
+/// its side of every session rides its outer QUIC link, the client's stays relayed, the hub
+/// converts between the two, and ssh and ping work.
+#[test]
+fn with_relay_off_on_the_connector_its_packets_ride_its_outer_link() {
+    let mut h = start_hub();
+    h.start_connector(Host::VpcGateway, GW_A, "relay = false\n");
+    h.start_client("");
+    let out = crate::pair::ssh(
+        &h.lab,
+        Host::Operator,
+        addr::VPC_HOST,
+        "echo mixed-$((6*7))",
+    )
+    .expect("ssh through the hub");
+    assert_eq!(out.trim(), "mixed-42");
+    let ping = ["ping", "-c", "5", "-i", "0.2", "-W", "2", addr::VPC_HOST];
+    h.lab.run_ok(Host::Operator, &ping).expect("ping");
+    let relay = status_json(&h.lab, Host::Hub, &h.hub_socket)
+        .tunnel
+        .and_then(|t| t.hub)
+        .expect("hub tables");
+    assert_eq!(relay.connectors[0].transport, "quic", "{relay:?}");
+    assert!(!relay.connectors[0].relayed, "{relay:?}");
+    assert!(relay.clients[0].relayed, "{relay:?}");
+    assert!(relay.clients[0].bytes_relayed > 1_000, "{relay:?}");
+}
+
 /// Sends forged relayed packets to `hub` from the namespace at `ns` (another host than the
 /// client's) for at most 3 s or 2 million packets; how many went out.
 fn flood_hub(ns: &str, hub: std::net::SocketAddr) -> u64 {

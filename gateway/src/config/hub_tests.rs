@@ -72,6 +72,23 @@ fn a_connector_may_dial_hubs_from_its_pinned_port_with_or_without_listening() {
 }
 
 #[test]
+fn relay_is_on_by_default_and_only_for_what_goes_through_hubs() {
+    let t = tunnel("connect = [\"198.18.0.10:7844\"]\ngroup = \"vpc\"").expect("valid");
+    assert!(t.relay);
+    let t =
+        tunnel("connect = [\"198.18.0.10:7844\"]\ngroup = \"vpc\"\nrelay = false").expect("valid");
+    assert!(!t.relay);
+    tunnel("role = \"hub\"\nlisten = \"0.0.0.0:7844\"\nrelay = false").expect("a hub");
+    tunnel("role = \"connector\"\nconnect = [\"hub:7844\"]\nsource_port = 7844\nrelay = false")
+        .expect("a connector behind hubs");
+    let e = tunnel("connect = [\"gw:7844\"]\nrelay = false").expect_err("a direct client");
+    assert_eq!(keys(e), ["tunnel.relay"]);
+    let e = tunnel("role = \"connector\"\nlisten = \"0.0.0.0:7844\"\nrelay = true")
+        .expect_err("a connector that only listens");
+    assert_eq!(keys(e), ["tunnel.relay"]);
+}
+
+#[test]
 fn a_client_with_a_group_goes_through_hubs_and_checks_the_groups_name() {
     let t = tunnel("connect = [\"198.18.0.10:7844\"]\ngroup = \"vpc\"").expect("valid");
     let Role::Client { server_name, .. } = &t.role else {

@@ -127,6 +127,11 @@ pub struct Tunnel {
     /// `[tunnel] group`. Connector with hubs: the replica group it announces. Client: its
     /// `connect` targets are hubs, and it asks them for a connector of this group.
     pub group: Option<String>,
+    /// `[tunnel] relay` (default on): through hubs over QUIC, a session's packets travel
+    /// beside the outer link as relayed UDP (docs/hub.md). Off, for a network that passes
+    /// QUIC but drops other UDP on the same flow: they ride inside the outer link. A hub with
+    /// it off offers relaying to nobody.
+    pub relay: bool,
 }
 
 /// `[client] dns`: how the host's own resolver learns the connector's zones.

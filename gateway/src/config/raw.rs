@@ -80,6 +80,8 @@ pub(super) struct RawTunnel {
     pub(super) transport: Option<String>,
     pub(super) fallback_port: Option<u16>,
     pub(super) quic_timeout_ms: Option<u64>,
+    /// Through hubs over QUIC: session packets beside the outer link as relayed UDP.
+    pub(super) relay: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

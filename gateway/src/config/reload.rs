@@ -61,6 +61,7 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<ReloadChanges, Vec<&
             differs("tunnel.transport", a.transport != b.transport);
             differs("tunnel.fallback_port", a.fallback_port != b.fallback_port);
             differs("tunnel.quic_timeout_ms", a.quic_timeout != b.quic_timeout);
+            differs("tunnel.relay", a.relay != b.relay);
         }
         _ => differs("tunnel", true),
     }

@@ -115,6 +115,21 @@ pub(super) fn validate_tunnel(
             bad("tunnel.connect", "is empty".into(), &mut ok);
         }
     }
+    // Only what goes through hubs relays: a hub, a connector that dials hubs, a client with a
+    // group.
+    let through_hubs = match role_name {
+        Some("hub") => true,
+        Some("connector") => t.connect.is_some(),
+        _ => t.group.is_some(),
+    };
+    if t.relay.is_some() && !through_hubs {
+        bad(
+            "tunnel.relay",
+            "only for hubs, connectors that dial hubs (connect) and clients through hubs (group)"
+                .into(),
+            &mut ok,
+        );
+    }
     if let Some(g) = &t.group
         && !crate::core::text::is_clean(g, 64)
     {
@@ -546,6 +561,7 @@ pub(super) fn validate_tunnel(
         fallback_port: t.fallback_port,
         quic_timeout: std::time::Duration::from_millis(quic_timeout_ms),
         group: t.group,
+        relay: t.relay.unwrap_or(true),
     })
 }
 

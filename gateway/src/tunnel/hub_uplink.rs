@@ -157,6 +157,8 @@ pub struct Uplinks {
     /// An endpoint on the source port (no server), `None` with `transport = "tcp"`, and its
     /// socket, which also carries relayed packets.
     pub endpoint: Option<(quinn::Endpoint, Arc<DemuxSocket>)>,
+    /// Whether to ask hubs for relayed packets (`[tunnel] relay`).
+    pub relay: bool,
     /// Where relayed packets that fail their checks are counted.
     pub drops: Arc<Drops>,
     pub quic: quinn::ClientConfig,
@@ -354,7 +356,7 @@ async fn dial(u: &Uplinks, hub: &str, plan: &[crate::node::dial::Step]) -> anyho
         tx.send_control(&HubMsg::Connector {
             group: u.group.clone(),
             routes: u.routes.clone(),
-            raw: step.kind == LinkKind::Quic,
+            raw: u.relay && step.kind == LinkKind::Quic,
         })
         .await?;
         match hub_wire::first_control(&mut rx, Duration::from_secs(5)).await? {

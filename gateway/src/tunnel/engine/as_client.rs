@@ -130,7 +130,9 @@ pub(super) async fn start(
         fallback_port: cfg.fallback_port,
         limits: shared.limits.clone(),
         hub: via_hub,
-        raw: demux.map(|s| super::super::hub_dial::RawEnd::attach(s, shared.drops.clone())),
+        raw: demux
+            .filter(|_| cfg.relay)
+            .map(|s| super::super::hub_dial::RawEnd::attach(s, shared.drops.clone())),
     });
     let (inbox, inputs) = mpsc::channel(INBOX);
     let (events_tx, events) = mpsc::channel(INBOX);

@@ -287,6 +287,7 @@ fn uplink(
         source_port,
         fallback_port: cfg.fallback_port,
         endpoint,
+        relay: cfg.relay,
         drops: Default::default(),
         quic,
         tcp: tokio_rustls::TlsConnector::from(trust.client_config(&cfg.tls, HUB_ALPN)?),

@@ -45,7 +45,9 @@ pub(super) async fn start(cfg: &Tunnel, listen: SocketAddr) -> anyhow::Result<Tu
     drop(entered);
     let listening = crate::tunnel::hub_server::describe(listen, tcp_listen);
     let shared = Shared::new(StatusRole::Hub, "", &listening);
-    let hub = HubServer::new(shared.clone(), endpoint.as_ref().map(|(_, s)| s));
+    // `relay = false`: nobody is offered relayed packets; any that come are dropped.
+    let relaying = endpoint.as_ref().map(|(_, s)| s).filter(|_| cfg.relay);
+    let hub = HubServer::new(shared.clone(), relaying);
     let endpoint = endpoint.map(|(ep, _)| ep);
     if let Ok(mut h) = shared.hub.lock() {
         // Weak: the hub's tables hold `shared`, which must not hold them back.
