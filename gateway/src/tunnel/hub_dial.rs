@@ -164,8 +164,11 @@ impl ViaHub {
         let mut outer_quic =
             quinn::ClientConfig::new(Arc::new(trust.quic_client(paths, HUB_ALPN)?));
         outer_quic.transport_config(Arc::new(outer_transport()));
+        // The whole search replaces the tunnel's: its black-hole cooldown is set again, or a
+        // burst of loss through the hub would keep big packets out for quinn's minute.
         let mut mtud = quinn::MtuDiscoveryConfig::default();
         mtud.upper_bound(INNER_MAX_UDP);
+        mtud.black_hole_cooldown(super::engine::BLACK_HOLE_COOLDOWN);
         inner.mtu_discovery_config(Some(mtud));
         let mut inner_quic =
             quinn::ClientConfig::new(Arc::new(trust.quic_client(paths, inner_alpn)?));

@@ -44,7 +44,7 @@ const MTU_CEILING: u16 = 1472;
 /// alone (a UDP flood past the link's rate) trips the detection, and quinn's minute would leave
 /// every packet over ~1160 bytes answered with too-big for that long. Searching again sooner
 /// costs a true black hole a few probes each time.
-const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(5);
+pub(super) const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// A connector that vanished is noticed within this, and the client starts reconnecting.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
