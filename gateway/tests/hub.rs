@@ -108,6 +108,14 @@ fn ssh_ping_dig_and_iperf_through_the_hub_over_quic_with_no_inbound_to_the_conne
         .expect("tunnel");
     assert_eq!(on_connector.peers.len(), 1, "{on_connector:?}");
     assert_eq!(on_connector.peers[0].identity, CLIENT);
+    // A relayed session shows the hub it came through, not its made-up address.
+    assert!(
+        on_connector.peers[0]
+            .remote
+            .starts_with(&format!("{} (hub, flow ", hub_target())),
+        "{:?}",
+        on_connector.peers[0].remote
+    );
 
     // Both documented: the hub's tables and the client's hub fit docs/status.schema.json.
     let v = status_validated(&h.lab, Host::Hub, &h.hub_socket);

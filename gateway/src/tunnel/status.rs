@@ -85,6 +85,9 @@ pub struct Shared {
     pub hub: Mutex<Option<HubView>>,
     /// Client: its targets are hubs.
     pub through_hub: std::sync::atomic::AtomicBool,
+    /// Connector behind hubs: the hubs it dials, in order; a relayed session's synthetic
+    /// address is shown as the hub it came through.
+    pub hubs: std::sync::OnceLock<Vec<String>>,
     /// Client: systemd-resolved's settings for the TUN, as `resolved` last made them.
     pub resolved: Mutex<Option<crate::api::ResolvedStatus>>,
 }
@@ -102,6 +105,13 @@ fn push_ring(ring: &Mutex<VecDeque<Refusal>>, max: usize, entry: Refusal) {
 }
 
 impl Shared {
+    /// A relayed session's synthetic address as the hub it came through.
+    fn through_which_hub(&self, remote: SocketAddr) -> Option<String> {
+        let (index, flow) = super::hub_uplink::parse_synthetic(remote)?;
+        let hub = self.hubs.get()?.get(usize::from(index).checked_sub(1)?)?;
+        Some(format!("{hub} (hub, flow {flow})"))
+    }
+
     pub fn new(role: Role, tun: &str, state: &str) -> Arc<Shared> {
         Arc::new(Shared {
             role,
@@ -126,6 +136,7 @@ impl Shared {
             pings: Mutex::new(HashMap::new()),
             hub: Mutex::new(None),
             through_hub: std::sync::atomic::AtomicBool::new(false),
+            hubs: std::sync::OnceLock::new(),
             resolved: Mutex::new(None),
         })
     }
@@ -204,6 +215,9 @@ impl Shared {
             .map(|p| {
                 let mut s = p.status();
                 s.ping_ms = pings.get(&p.link).map(|d| d.as_secs_f64() * 1000.0);
+                if let Some(through) = self.through_which_hub(p.info.remote) {
+                    s.remote = through;
+                }
                 s
             })
             .collect();
@@ -304,7 +318,10 @@ pub async fn ping_peers(shared: Arc<Shared>) {
             p.retain(|id, _| links.iter().any(|(l, _, _)| l == id));
         }
         for (id, _, link) in links {
-            if last.get(&id).is_some_and(|t| t.elapsed() < EVERY) {
+            // A session through a hub has a made-up address: nothing to ping there.
+            if last.get(&id).is_some_and(|t| t.elapsed() < EVERY)
+                || super::hub_uplink::parse_synthetic(link.remote()).is_some()
+            {
                 continue;
             }
             last.insert(id, Instant::now());
