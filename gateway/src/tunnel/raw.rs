@@ -310,11 +310,15 @@ mod tests {
         }
     }
 
-    /// A socket that never delivers: `split` is what is tested.
-    #[derive(Debug)]
-    struct Nothing;
+    /// A socket under test: it never delivers (`split` is what is tested), or, as a flood,
+    /// always has one more relayed packet; it counts its reads.
+    #[derive(Debug, Default)]
+    struct TestSocket {
+        flood: bool,
+        reads: std::sync::atomic::AtomicUsize,
+    }
 
-    impl AsyncUdpSocket for Nothing {
+    impl AsyncUdpSocket for TestSocket {
         fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
             unreachable!("not polled")
         }
@@ -324,10 +328,24 @@ mod tests {
         fn poll_recv(
             &self,
             _: &mut Context,
-            _: &mut [IoSliceMut<'_>],
-            _: &mut [RecvMeta],
+            bufs: &mut [IoSliceMut<'_>],
+            meta: &mut [RecvMeta],
         ) -> Poll<io::Result<usize>> {
-            Poll::Pending
+            self.reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !self.flood {
+                return Poll::Pending;
+            }
+            bufs[0][..HEADER + 1].fill(0);
+            bufs[0][0] = TAG;
+            meta[0] = RecvMeta {
+                addr: "192.0.2.1:1".parse().expect("addr"),
+                len: HEADER + 1,
+                stride: HEADER + 1,
+                ecn: None,
+                dst_ip: None,
+            };
+            Poll::Ready(Ok(1))
         }
         fn local_addr(&self) -> io::Result<SocketAddr> {
             Err(io::Error::other("none"))
@@ -338,7 +356,7 @@ mod tests {
     /// last segment): the relayed runs go to the divert whole, the QUIC ones stay, in order.
     #[test]
     fn a_mixed_batch_is_split_by_segment() {
-        let s = DemuxSocket::new(Arc::new(Nothing));
+        let s = DemuxSocket::new(Arc::new(TestSocket::default()));
         let seen = Arc::new(Seen(Mutex::new(Vec::new())));
         s.set_divert(Arc::downgrade(&seen) as Weak<dyn Divert>);
         let from: SocketAddr = "192.0.2.1:7844".parse().expect("addr");
@@ -364,40 +382,6 @@ mod tests {
         );
     }
 
-    /// A socket that always has one more relayed packet: a flood.
-    #[derive(Debug, Default)]
-    struct Flood(std::sync::atomic::AtomicUsize);
-
-    impl AsyncUdpSocket for Flood {
-        fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
-            unreachable!("not polled")
-        }
-        fn try_send(&self, _: &Transmit) -> io::Result<()> {
-            Ok(())
-        }
-        fn poll_recv(
-            &self,
-            _: &mut Context,
-            bufs: &mut [IoSliceMut<'_>],
-            meta: &mut [RecvMeta],
-        ) -> Poll<io::Result<usize>> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            bufs[0][..HEADER + 1].fill(0);
-            bufs[0][0] = TAG;
-            meta[0] = RecvMeta {
-                addr: "192.0.2.1:1".parse().expect("addr"),
-                len: HEADER + 1,
-                stride: HEADER + 1,
-                ecn: None,
-                dst_ip: None,
-            };
-            Poll::Ready(Ok(1))
-        }
-        fn local_addr(&self) -> io::Result<SocketAddr> {
-            Err(io::Error::other("none"))
-        }
-    }
-
     struct Woken(std::sync::atomic::AtomicUsize);
 
     impl std::task::Wake for Woken {
@@ -411,7 +395,10 @@ mod tests {
     #[test]
     fn a_flood_of_relayed_packets_hands_quinn_its_turn_back() {
         use std::sync::atomic::Ordering;
-        let flood = Arc::new(Flood::default());
+        let flood = Arc::new(TestSocket {
+            flood: true,
+            ..Default::default()
+        });
         let s = DemuxSocket::new(flood.clone());
         let woken = Arc::new(Woken(Default::default()));
         let waker = std::task::Waker::from(woken.clone());
@@ -420,7 +407,7 @@ mod tests {
         let mut bufs = [IoSliceMut::new(&mut buf)];
         let mut meta = [RecvMeta::default()];
         assert!(s.poll_recv(&mut cx, &mut bufs, &mut meta).is_pending());
-        assert_eq!(flood.0.load(Ordering::Relaxed), RELAYED_READS);
+        assert_eq!(flood.reads.load(Ordering::Relaxed), RELAYED_READS);
         assert_eq!(woken.0.load(Ordering::Relaxed), 1, "polled again at once");
     }
 
@@ -434,7 +421,7 @@ mod tests {
             kinds in proptest::collection::vec(proptest::bool::ANY, 1..20),
             last in 1usize..40,
         ) {
-            let s = DemuxSocket::new(Arc::new(Nothing));
+            let s = DemuxSocket::new(Arc::new(TestSocket::default()));
             let seen = Arc::new(Seen(Mutex::new(Vec::new())));
             s.set_divert(Arc::downgrade(&seen) as Weak<dyn Divert>);
             let mut data = Vec::new();
