@@ -168,7 +168,7 @@ impl ViaHub {
         // burst of loss through the hub would keep big packets out for quinn's minute.
         let mut mtud = quinn::MtuDiscoveryConfig::default();
         mtud.upper_bound(INNER_MAX_UDP);
-        mtud.black_hole_cooldown(super::engine::BLACK_HOLE_COOLDOWN);
+        mtud.black_hole_cooldown(super::link::BLACK_HOLE_COOLDOWN);
         inner.mtu_discovery_config(Some(mtud));
         let mut inner_quic =
             quinn::ClientConfig::new(Arc::new(trust.quic_client(paths, inner_alpn)?));

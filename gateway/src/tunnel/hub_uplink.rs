@@ -9,7 +9,7 @@
 //! authenticated clients), not to all of a hub's clients at once.
 
 use std::collections::HashMap;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use anyhow::{Context, anyhow, bail};
 use bytes::Bytes;
 
 use super::dial::resolve;
-use super::hub_wire::{self, FLOW_ID, HubMsg, In, OuterRx, OuterTx};
+use super::hub_wire::{self, FLOW_ID, HubMsg, In, OuterRx, OuterTx, parse_synthetic, synthetic};
 use super::net::{canonical, tcp_connect};
 use super::raw::{self, DemuxSocket, Divert, RawFlow};
 use super::vsock::{Route, VirtualSocket};
@@ -28,27 +28,8 @@ use crate::node::drops::{Drop, Drops};
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-const SYNTHETIC_PORT: u16 = 1;
 /// Flows one hub may have open on this connector: the hub's own bound.
 const MAX_FLOWS: usize = 65_536;
-
-/// The synthetic address of `flow` through hub number `hub`.
-pub fn synthetic(hub: u16, flow: u32) -> SocketAddr {
-    let ip = Ipv6Addr::new(0xfd68, hub, (flow >> 16) as u16, flow as u16, 0, 0, 0, 1);
-    SocketAddr::new(ip.into(), SYNTHETIC_PORT)
-}
-
-/// The hub and flow a synthetic address stands for.
-pub fn parse_synthetic(a: SocketAddr) -> Option<(u16, u32)> {
-    let SocketAddr::V6(v6) = a else {
-        return None;
-    };
-    let s = v6.ip().segments();
-    if s[0] != 0xfd68 || s[4..] != [0, 0, 0, 1] || v6.port() != SYNTHETIC_PORT {
-        return None;
-    }
-    Some((s[1], (u32::from(s[2]) << 16) | u32::from(s[3])))
-}
 
 /// A live link to a hub and, when the hub relays packets outside it, the flows it opened
 /// (id → token) and its address as the socket spells it.
@@ -381,21 +362,6 @@ async fn dial(u: &Uplinks, hub: &str, plan: &[crate::node::dial::Step]) -> anyho
 mod tests {
     use super::*;
 
-    #[test]
-    fn synthetic_addresses_name_hub_and_flow_and_nothing_else() {
-        for (hub, flow) in [(1, 1), (7, 0x0102_0304), (u16::MAX, u32::MAX)] {
-            assert_eq!(parse_synthetic(synthetic(hub, flow)), Some((hub, flow)));
-        }
-        assert_eq!(parse_synthetic("10.0.0.1:1".parse().expect("addr")), None);
-        assert_eq!(
-            parse_synthetic("[fd68:7562::1:0:1]:2".parse().expect("addr")),
-            None
-        );
-        assert_eq!(
-            parse_synthetic("[fd00::1:0:1]:1".parse().expect("addr")),
-            None
-        );
-    }
 
     /// What arrives relayed reaches the inner endpoint only from a hub's address (however
     /// the socket spells it), for a flow that hub opened, with that flow's token; everything

@@ -8,7 +8,7 @@
 //! session ([`FLOW_ID`]); between a client and the hub it is the inner QUIC packet alone (one
 //! session per client link). What is inside is the client↔connector QUIC, sealed end to end.
 
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -464,6 +464,26 @@ impl RelayThread {
     }
 }
 
+const SYNTHETIC_PORT: u16 = 1;
+
+/// The synthetic address of `flow` through hub number `hub`.
+pub fn synthetic(hub: u16, flow: u32) -> SocketAddr {
+    let ip = Ipv6Addr::new(0xfd68, hub, (flow >> 16) as u16, flow as u16, 0, 0, 0, 1);
+    SocketAddr::new(ip.into(), SYNTHETIC_PORT)
+}
+
+/// The hub and flow a synthetic address stands for.
+pub fn parse_synthetic(a: SocketAddr) -> Option<(u16, u32)> {
+    let SocketAddr::V6(v6) = a else {
+        return None;
+    };
+    let s = v6.ip().segments();
+    if s[0] != 0xfd68 || s[4..] != [0, 0, 0, 1] || v6.port() != SYNTHETIC_PORT {
+        return None;
+    }
+    Some((s[1], (u32::from(s[2]) << 16) | u32::from(s[3])))
+}
+
 /// Shared byte counter for status.
 pub type Counter = Arc<std::sync::atomic::AtomicU64>;
 
@@ -474,6 +494,22 @@ mod tests {
 
     fn addr() -> SocketAddr {
         "192.0.2.1:7844".parse().expect("addr")
+    }
+
+    #[test]
+    fn synthetic_addresses_name_hub_and_flow_and_nothing_else() {
+        for (hub, flow) in [(1, 1), (7, 0x0102_0304), (u16::MAX, u32::MAX)] {
+            assert_eq!(parse_synthetic(synthetic(hub, flow)), Some((hub, flow)));
+        }
+        assert_eq!(parse_synthetic("10.0.0.1:1".parse().expect("addr")), None);
+        assert_eq!(
+            parse_synthetic("[fd68:7562::1:0:1]:2".parse().expect("addr")),
+            None
+        );
+        assert_eq!(
+            parse_synthetic("[fd00::1:0:1]:1".parse().expect("addr")),
+            None
+        );
     }
 
     #[tokio::test]

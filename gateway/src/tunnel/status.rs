@@ -107,7 +107,7 @@ fn push_ring(ring: &Mutex<VecDeque<Refusal>>, max: usize, entry: Refusal) {
 impl Shared {
     /// A relayed session's synthetic address as the hub it came through.
     fn through_which_hub(&self, remote: SocketAddr) -> Option<String> {
-        let (index, flow) = super::hub_uplink::parse_synthetic(remote)?;
+        let (index, flow) = super::hub_wire::parse_synthetic(remote)?;
         let hub = self.hubs.get()?.get(usize::from(index).checked_sub(1)?)?;
         Some(format!("{hub} (hub, flow {flow})"))
     }
@@ -320,7 +320,7 @@ pub async fn ping_peers(shared: Arc<Shared>) {
         for (id, _, link) in links {
             // A session through a hub has a made-up address: nothing to ping there.
             if last.get(&id).is_some_and(|t| t.elapsed() < EVERY)
-                || super::hub_uplink::parse_synthetic(link.remote()).is_some()
+                || super::hub_wire::parse_synthetic(link.remote()).is_some()
             {
                 continue;
             }

@@ -92,7 +92,7 @@ pub(super) async fn start(
         listening = format!("{listening}; dialling hubs {}", hubs.join(", "));
     }
     let shared = Shared::new(StatusRole::Connector, &cfg.tun, &listening);
-    // Hub i+1 of the uplinks is hubs[i] (`hub_uplink::synthetic`).
+    // Hub i+1 of the uplinks is hubs[i] (`hub_wire::synthetic`).
     let _ = shared.hubs.set(hubs.to_vec());
     let mut tasks = JoinSet::new();
     let mut inner_endpoint = None;

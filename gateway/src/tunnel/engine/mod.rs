@@ -40,11 +40,6 @@ mod as_hub;
 const INITIAL_MTU: u16 = 1400;
 /// Ceiling for MTU discovery on a 1500-byte path (1500 - 20 IPv4 - 8 UDP).
 const MTU_CEILING: u16 = 1472;
-/// How long QUIC keeps a path at 1200 bytes after it took losses for a black hole: congestion
-/// alone (a UDP flood past the link's rate) trips the detection, and quinn's minute would leave
-/// every packet over ~1160 bytes answered with too-big for that long. Searching again sooner
-/// costs a true black hole a few probes each time.
-pub(super) const BLACK_HOLE_COOLDOWN: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(1);
 /// A connector that vanished is noticed within this, and the client starts reconnecting.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,7 +220,7 @@ fn transport(side: Side) -> TransportConfig {
     t.initial_mtu(INITIAL_MTU);
     let mut mtud = quinn::MtuDiscoveryConfig::default();
     mtud.upper_bound(MTU_CEILING);
-    mtud.black_hole_cooldown(BLACK_HOLE_COOLDOWN);
+    mtud.black_hole_cooldown(super::link::BLACK_HOLE_COOLDOWN);
     t.mtu_discovery_config(Some(mtud));
     t.keep_alive_interval(Some(KEEPALIVE));
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());

@@ -25,6 +25,13 @@ pub use crate::node::datapath::SendError;
 use crate::node::datapath::{PacketSink, SendWait, Sink};
 use crate::node::drops::{Limit, Limits as Counts};
 
+/// How long QUIC keeps a path at 1200 bytes after it took losses for a black hole, on every
+/// session (direct, or through a hub): congestion alone (a UDP flood past the link's rate)
+/// trips the detection, and quinn's minute would leave every packet over ~1160 bytes answered
+/// with too-big for that long. Searching again sooner costs a true black hole a few probes
+/// each time.
+pub const BLACK_HOLE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Clone)]
 pub enum Link {
     Quic(quinn::Connection),
