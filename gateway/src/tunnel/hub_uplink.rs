@@ -362,7 +362,6 @@ async fn dial(u: &Uplinks, hub: &str, plan: &[crate::node::dial::Step]) -> anyho
 mod tests {
     use super::*;
 
-
     /// What arrives relayed reaches the inner endpoint only from a hub's address (however
     /// the socket spells it), for a flow that hub opened, with that flow's token; everything
     /// else is counted by its reason and goes nowhere.
