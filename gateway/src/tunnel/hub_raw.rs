@@ -70,6 +70,9 @@ fn decide(
     }
 }
 
+/// Where a flow's packets go and the counter of its bytes, or why nowhere.
+type Way = Result<(Out, Counter), Drop>;
+
 /// Where one packet goes.
 enum Out {
     Socket(SocketAddr),
@@ -179,9 +182,10 @@ impl Switch {
         self.forward(flow, Toward::Client, inner)
     }
 
-    /// Where one relayed segment goes, counting its bytes; the drop when it goes nowhere.
-    fn route(&self, flows: &HashMap<u32, Flow>, from: SocketAddr, seg: &[u8]) -> Result<Out, Drop> {
-        let (rf, inner) = raw::parse(seg).ok_or(Drop::RelayMalformed)?;
+    /// Where a relayed segment goes, and its flow's byte counter; the drop when it goes
+    /// nowhere.
+    fn route(&self, flows: &HashMap<u32, Flow>, from: SocketAddr, seg: &[u8]) -> Way {
+        let (rf, _) = raw::parse(seg).ok_or(Drop::RelayMalformed)?;
         let f = flows.get(&rf.flow).ok_or(Drop::RelayUnknownFlow)?;
         let toward = decide(
             f.token,
@@ -190,11 +194,11 @@ impl Switch {
             from,
             rf.token,
         )?;
-        f.bytes.fetch_add(inner.len() as u64, Ordering::Relaxed);
-        Ok(match toward {
+        let out = match toward {
             Toward::Client => Self::out(rf.flow, &f.client, toward),
             Toward::Connector => Self::out(rf.flow, &f.connector, toward),
-        })
+        };
+        Ok((out, f.bytes.clone()))
     }
 }
 
@@ -214,18 +218,41 @@ impl Divert for Switch {
                 self.drops.count(Drop::SendFailed);
             }
         };
+        // A run comes from one sender, and its segments mostly belong to one flow: the way for
+        // a flow and token is worked out once (a lookup and three connection addresses), not
+        // once per segment.
+        let mut last: Option<(&[u8], Way)> = None;
         let mut at = 0;
         while at < run.len() {
             let end = (at + stride).min(run.len());
             let seg = &run[at..end];
-            match self.route(&flows, from, seg) {
-                Ok(Out::Socket(to)) => match &mut batch {
-                    Some((t, _, e)) if *t == to && *e == at => *e = end,
-                    _ => {
-                        flush(&mut batch);
-                        batch = Some((to, at, end));
+            let verdict = if seg.len() <= raw::HEADER {
+                Err(Drop::RelayMalformed)
+            } else {
+                let key = &seg[..raw::HEADER];
+                if last.as_ref().is_none_or(|(k, _)| *k != key) {
+                    last = Some((key, self.route(&flows, from, seg)));
+                }
+                match &last {
+                    Some((_, Ok((out, bytes)))) => {
+                        bytes.fetch_add((seg.len() - raw::HEADER) as u64, Ordering::Relaxed);
+                        Ok(out)
                     }
-                },
+                    Some((_, Err(d))) => Err(*d),
+                    None => Err(Drop::RelayMalformed),
+                }
+            };
+            match verdict {
+                Ok(Out::Socket(to)) => {
+                    let to = *to;
+                    match &mut batch {
+                        Some((t, _, e)) if *t == to && *e == at => *e = end,
+                        _ => {
+                            flush(&mut batch);
+                            batch = Some((to, at, end));
+                        }
+                    }
+                }
                 Ok(Out::Link(tx, prefix)) => {
                     flush(&mut batch);
                     let inner = &seg[raw::HEADER..];

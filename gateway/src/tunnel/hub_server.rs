@@ -92,26 +92,20 @@ impl HubServer {
             .state
             .lock()
             .map(|s| {
+                let ends = self.connectors.lock().ok();
                 s.connectors()
-                    .map(|(link, c, n)| crate::api::HubConnectorStatus {
-                        identity: c.identity.clone(),
-                        group: c.group.clone(),
-                        routes: c.routes.clone(),
-                        remote: self
-                            .connectors
-                            .lock()
-                            .ok()
-                            .and_then(|l| l.get(&link).map(|e| e.tx.remote.to_string()))
-                            .unwrap_or_default(),
-                        transport: c.kind.name().into(),
-                        since: at(c.since),
-                        sessions: n as u64,
-                        relayed: self
-                            .connectors
-                            .lock()
-                            .ok()
-                            .and_then(|l| l.get(&link).map(|e| e.raw))
-                            .unwrap_or(false),
+                    .map(|(link, c, n)| {
+                        let end = ends.as_ref().and_then(|l| l.get(&link));
+                        crate::api::HubConnectorStatus {
+                            identity: c.identity.clone(),
+                            group: c.group.clone(),
+                            routes: c.routes.clone(),
+                            remote: end.map(|e| e.tx.remote.to_string()).unwrap_or_default(),
+                            transport: c.kind.name().into(),
+                            since: at(c.since),
+                            sessions: n as u64,
+                            relayed: end.is_some_and(|e| e.raw),
+                        }
                     })
                     .collect()
             })
