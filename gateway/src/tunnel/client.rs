@@ -116,15 +116,7 @@ impl Task {
                 },
             );
         }
-        let (out, rx) = links::channel();
-        links::spawn(
-            opened,
-            id,
-            self.events.clone(),
-            rx,
-            self.packets.clone(),
-            None,
-        );
+        let out = links::start(opened, id, self.events.clone(), self.packets.clone(), None);
         self.outs.insert(id, out);
         self.node.handle_link_up(now, attempt, id, info);
     }

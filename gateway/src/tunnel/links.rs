@@ -60,6 +60,21 @@ pub fn channel() -> (mpsc::Sender<Outgoing>, mpsc::Receiver<Outgoing>) {
     mpsc::channel(OUT_QUEUE)
 }
 
+/// Starts the task of `opened` (numbered `id`); returns where to send its control. For a
+/// caller that tells its node of the link after this returns (the client: its node and the
+/// link's events share one task).
+pub fn start(
+    opened: Opened,
+    id: LinkId,
+    events: mpsc::Sender<LinkEvent>,
+    packets: Packets,
+    dns: Option<Arc<Forwarder>>,
+) -> mpsc::Sender<Outgoing> {
+    let (tx, rx) = channel();
+    spawn(opened, id, events, rx, packets, dns);
+    tx
+}
+
 /// Starts the task of `opened` (numbered `id`), taking what arrives on `out`.
 pub fn spawn(
     opened: Opened,
